@@ -1,0 +1,125 @@
+"""`caffe-prune` command line: one sub-command per user task, each a thin layer over a module."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from caffe_prune import engine
+
+TABLE1_TOP1 = {"LeNet-5": 69, "ResNet-20": 88}   # published top-1 (%), papers/004 Table 1
+MODELS_ENV = "CAFFE_PRUNE_MODELS"
+WORKPLACE_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "published"
+
+
+def cmd_doctor(args) -> int:
+    """Print what the engine is made of, and what is missing with the command that fixes it."""
+    problems = []
+    if sys.version_info[:2] != (3, 11):
+        problems.append(("Python %d.%d: Debian 12's boost-python (and so pycaffe) is for 3.11"
+                         % sys.version_info[:2], "make setup  (creates .venv with /usr/bin/python3.11)"))
+    for tool, fix in (("cmake", "tools/install-system-deps.sh"), ("protoc", "tools/install-system-deps.sh")):
+        if shutil.which(tool) is None:
+            problems.append((f"{tool} not on PATH (needed only to build Caffe)", fix))
+    try:
+        report = engine.versions()
+    except engine.EngineError as exc:
+        report = {}
+        problems.append((str(exc), "make setup"))
+    if args.json:
+        print(json.dumps({"report": report, "problems": [p for p, _ in problems]}, indent=2))
+    else:
+        width = max((len(k) for k in report), default=0)
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value}")
+        for problem, fix in problems:
+            print(f"missing: {problem}\n  fix: {fix}")
+        if not problems:
+            print("ok: stock pycaffe is ready")
+    return 1 if problems else 0
+
+
+def published_dir() -> Path:
+    """The local mirror of the authors' released models: $CAFFE_PRUNE_MODELS, else ../shared's."""
+    mirror = Path(os.environ.get(MODELS_ENV) or WORKPLACE_MODELS)
+    if not mirror.is_dir():
+        raise engine.EngineError(f"no published models at {mirror}; set {MODELS_ENV} to a directory "
+                                 f"holding LeNet-5-CIFAR10/original.caffemodel")
+    return mirror
+
+
+def run_evaluation(net_file, weights, data, batches, progress=True) -> dict:
+    """Evaluate `weights` with the definition in `net_file` (a prototxt, or a caffemodel whose
+    embedded definition is used) on the CIFAR-10 test split, fed as the original data layer did."""
+    from caffe_prune import evaluate, netdef
+    from caffe_prune.data import cifar10
+    engine.set_mode("auto")
+    source = Path(net_file)
+    net_param = engine.read_caffemodel(source) if source.suffix == ".caffemodel" else engine.read_prototxt(source)
+    form, transform = netdef.evaluation_form(net_param)
+    images, labels = cifar10.read_split("test", data)
+    with tempfile.TemporaryDirectory() as tmp:
+        net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "eval.prototxt"), weights)
+    inputs = cifar10.caffe_input(images, transform.mean_values, transform.scale)
+    return evaluate.evaluate(net, inputs, labels, batches=batches, progress=progress)
+
+
+def print_scores(name, scores) -> None:
+    print(f"{name}: top-1 {100 * scores['top1']:.2f}%  top-5 {100 * scores['top5']:.2f}%  "
+          f"loss {scores['loss']:.4f}  ({scores['images']} test images)")
+
+
+def cmd_evaluate(args) -> int:
+    scores = run_evaluation(args.net, args.weights, args.data, args.batches, progress=not args.json)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print_scores(args.weights, scores)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's first command: check the engine, then evaluate the published LeNet-5."""
+    if cmd_doctor(argparse.Namespace(json=False)) != 0:
+        return 1
+    weights = published_dir() / "LeNet-5-CIFAR10" / "original.caffemodel"
+    scores = run_evaluation(weights, weights, args.data, None)
+    print_scores("published LeNet-5", scores)
+    print(f"paper (Table 1): top-1 {TABLE1_TOP1['LeNet-5']}% on the full 10,000-image test set")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caffe-prune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("doctor", help="report Caffe's build, BLAS, mode, Python and protobuf versions")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("evaluate", help="top-1, top-5 and loss on the CIFAR-10 test split")
+    p.add_argument("net", help="prototxt, or a caffemodel whose embedded definition is used")
+    p.add_argument("weights", help="caffemodel")
+    p.add_argument("--batches", type=int, default=None, help="only the first N batches of 128")
+    p.add_argument("--data", default=None, help="CIFAR-10 directory (default: $CAFFE_PRUNE_DATA, ../shared, cache)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("demo", help="check the engine, then evaluate the published LeNet-5")
+    p.add_argument("--data", default=None, help="CIFAR-10 directory")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (engine.EngineError, ValueError) as exc:   # DataError is a ValueError
+        print(f"caffe-prune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

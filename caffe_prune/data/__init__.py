@@ -1,0 +1,1 @@
+"""Datasets as the original experiments fed them to Caffe."""

@@ -1,0 +1,41 @@
+"""Top-1, top-5 and loss of a Caffe net, computed by Caffe's own Accuracy and SoftmaxWithLoss layers.
+
+The net is an evaluation form (caffe_prune.netdef): images are fed into its ``data`` Input blob in
+batches, already transformed the way the original data layer did it. The batch means Caffe reports
+are combined weighted by batch size, so a short last batch counts for what it holds.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from caffe_prune import engine
+
+
+def evaluate(net, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128,
+             batches: int | None = None, progress: bool = True) -> dict:
+    """Run `inputs` (N, C, H, W float32, already transformed) through `net` and score them."""
+    if len(inputs) != len(labels):
+        raise engine.EngineError(f"{len(inputs)} inputs but {len(labels)} labels")
+    if batches is not None:
+        if batches < 1:
+            raise engine.EngineError(f"--batches must be at least 1, got {batches}")
+        inputs, labels = inputs[:batches * batch_size], labels[:batches * batch_size]
+    if len(inputs) == 0:
+        raise engine.EngineError("no images to evaluate")
+    totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0}
+    starts = range(0, len(inputs), batch_size)
+    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
+        if net.blobs["data"].data.shape[0] != len(x):
+            net.blobs["data"].reshape(*((len(x),) + x.shape[1:]))
+            net.blobs["label"].reshape(len(x))
+            net.reshape()
+        net.blobs["data"].data[...] = x
+        net.blobs["label"].data[...] = y
+        out = net.forward()
+        for key in totals:
+            totals[key] += float(out[key]) * len(x)
+    result = {key: value / len(inputs) for key, value in totals.items()}
+    result["images"] = int(len(inputs))
+    return result
