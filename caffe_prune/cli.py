@@ -52,14 +52,22 @@ def published_dir() -> Path:
     return mirror
 
 
-def run_evaluation(net_file, weights, data, batches, progress=True) -> dict:
-    """Evaluate `weights` with the definition in `net_file` (a prototxt, or a caffemodel whose
-    embedded definition is used) on the CIFAR-10 test split, fed as the original data layer did."""
+def net_definition(net):
+    """A network name (one of the six), a prototxt, or a caffemodel whose embedded definition is used."""
+    from caffe_prune import networks
+    if net in networks.NETWORKS:
+        return networks.train_test(net)
+    source = Path(net)
+    return engine.read_caffemodel(source) if source.suffix == ".caffemodel" else engine.read_prototxt(source)
+
+
+def run_evaluation(net, weights, data, batches, progress=True) -> dict:
+    """Evaluate `weights` with the definition `net` (see net_definition) on the CIFAR-10 test
+    split, fed as the original data layer did."""
     from caffe_prune import evaluate, netdef
     from caffe_prune.data import cifar10
     engine.set_mode("auto")
-    source = Path(net_file)
-    net_param = engine.read_caffemodel(source) if source.suffix == ".caffemodel" else engine.read_prototxt(source)
+    net_param = net_definition(net)
     form, transform = netdef.evaluation_form(net_param)
     images, labels = cifar10.read_split("test", data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +90,31 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    import warnings
+    from caffe_prune import importer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = importer.import_published(args.src, args.out)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    print(json.dumps(done, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from caffe_prune import train
+    from caffe_prune.data import cifar10
+    prepared = cifar10.prepare(args.data, args.data_out)
+    done = train.train(args.net, prepared["train_lmdb"], prepared["test_lmdb"], args.out or f"runs/train-{args.net}",
+                       n_test=prepared["counts"]["test"], max_iter=args.iters, resume=args.resume,
+                       mode="gpu" if args.gpu else ("cpu" if args.cpu else "auto"))
+    scores = run_evaluation(args.net, done["weights"], args.data, None)
+    print_scores(done["weights"], scores)
+    print(json.dumps({**done, "test": scores}, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The README's first command: check the engine, then evaluate the published LeNet-5."""
     if cmd_doctor(argparse.Namespace(json=False)) != 0:
@@ -100,12 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("evaluate", help="top-1, top-5 and loss on the CIFAR-10 test split")
-    p.add_argument("net", help="prototxt, or a caffemodel whose embedded definition is used")
+    p.add_argument("net", help="network name, prototxt, or a caffemodel whose embedded definition is used")
     p.add_argument("weights", help="caffemodel")
     p.add_argument("--batches", type=int, default=None, help="only the first N batches of 128")
     p.add_argument("--data", default=None, help="CIFAR-10 directory (default: $CAFFE_PRUNE_DATA, ../shared, cache)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("import", help="published model in the authors' format -> stock prototxt + caffemodel")
+    p.add_argument("src", help="directory like ../shared/models/published/ResNet-20-CIFAR10")
+    p.add_argument("--out", default="models/imported", help="output directory (default models/imported)")
+    p.set_defaults(func=cmd_import)
+    p = sub.add_parser("train", help="train a network with Caffe's SGD solver")
+    p.add_argument("net", help="one of the six networks")
+    p.add_argument("--data", default=None, help="CIFAR-10 source (directory, archive or URL)")
+    p.add_argument("--data-out", default=None, help="where the LMDBs go (default: the data cache)")
+    p.add_argument("--out", default=None, help="run directory (default runs/train-NET)")
+    p.add_argument("--iters", type=int, default=None, help="override the solver's max_iter")
+    p.add_argument("--resume", default=None, help="a .solverstate, or 'latest'")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true", help="require GPU mode")
+    mode.add_argument("--cpu", action="store_true", help="force CPU mode")
+    p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="check the engine, then evaluate the published LeNet-5")
     p.add_argument("--data", default=None, help="CIFAR-10 directory")
     p.set_defaults(func=cmd_demo)

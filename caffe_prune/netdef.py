@@ -68,6 +68,7 @@ def evaluation_form(net_param, batch_size: int = 128, channels: int = 3, size: i
         del copy.blobs[:]
         copy.ClearField("include")
         copy.ClearField("exclude")
+        copy.ClearField("phase")   # a definition saved from the TRAIN net pins phase: TRAIN on every layer
         copy.bottom[:] = [split_alias.get(b, b) for b in layer.bottom]
     logits = split_alias.get(logits, logits)
     out.layer.add(name="loss", type="SoftmaxWithLoss", bottom=[logits, "label"], top=["loss"])

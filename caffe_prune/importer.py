@@ -1,0 +1,171 @@
+"""Import a published model in the authors' format into stock Caffe files.
+
+The myopic-oracle release was made with the authors' Caffe fork: its prototxt carries fields stock
+Caffe rejects (``convolution_mask_param``, extra mask ``param {}`` entries per convolution) and
+``ImageData`` layers reading their PNG lists; a caffemodel of that fork may hold mask blobs after
+the weights and bias. Import turns such a model into a stock prototxt + caffemodel:
+
+- fields unknown to stock Caffe are dropped and listed in one warning;
+- mask blobs, when present, are applied (weights x mask) and removed;
+- weights are loaded *by layer name* into the project's own definition of that network
+  (caffe_prune.networks) when it is one of the six, so every later step runs on the same prototxt;
+  otherwise the cleaned authors' prototxt is used as it is.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from caffe_prune import engine, netdef
+
+UNKNOWN_FIELD = re.compile(r'has no field named "(\w+)"')
+
+
+def _skip_value(text: str, i: int) -> int:
+    """Index just past the value that starts at text[i]: a {...} block, a quoted string or a token."""
+    if text[i] == "{":
+        depth, quote = 0, None
+        while i < len(text):
+            ch = text[i]
+            if quote:
+                quote = None if ch == quote and text[i - 1] != "\\" else quote
+            elif ch in "\"'":
+                quote = ch
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return i
+    if text[i] in "\"'":
+        end = text.index(text[i], i + 1)
+        return end + 1
+    match = re.compile(r"[^\s}]+").match(text, i)
+    return match.end() if match else i
+
+
+def parse_tolerant(path, message):
+    """Parse a text prototxt, dropping every field stock Caffe does not know; returns the names dropped."""
+    from google.protobuf import text_format
+    path = Path(path)
+    text = path.read_text()
+    dropped = []
+    while True:
+        try:
+            text_format.Parse(text, message)
+            return dropped
+        except text_format.ParseError as exc:
+            field = UNKNOWN_FIELD.search(str(exc))
+            if not field or not hasattr(exc, "GetLine"):
+                raise engine.EngineError(f"{path}:{getattr(exc, 'GetLine', lambda: '?')()}: "
+                                         f"{str(exc).split(' : ', 1)[-1]}") from None
+            lines = text.split("\n")
+            start = sum(len(l) + 1 for l in lines[:exc.GetLine() - 1])
+            start = text.index(field.group(1), start)
+            i = start + len(field.group(1))
+            while text[i] in " \t\n:":
+                i += 1
+            text = text[:start] + text[_skip_value(text, i):]
+            dropped.append(field.group(1))
+            message.Clear()
+
+
+def published_files(src) -> tuple[Path, Path]:
+    """The prototxt and caffemodel of a published model directory (masked.prototxt preferred)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise engine.EngineError(f"{src} is not a directory holding a published model")
+    prototxts = [src / n for n in ("masked.prototxt", "original.prototxt") if (src / n).is_file()]
+    models = sorted(src.glob("*.caffemodel"))
+    if not prototxts or not models:
+        raise engine.EngineError(f"{src} must hold a prototxt (masked.prototxt or original.prototxt) and a "
+                                 f"caffemodel; found {sorted(p.name for p in src.iterdir())}")
+    return prototxts[0], models[0]
+
+
+def _blob_array(blob) -> np.ndarray:
+    shape = tuple(blob.shape.dim) if blob.HasField("shape") else (blob.num, blob.channels, blob.height, blob.width)
+    return np.asarray(blob.data, dtype=np.float32).reshape(shape)
+
+
+def unmasked_weights(model_param) -> dict:
+    """Layer name -> list of arrays, with any mask blobs applied and removed.
+
+    The fork stores a layer's parameter blobs first (weights, bias) and then one binary mask per
+    parameter, shaped like the blob it masks: a blob that has the shape of an earlier one and holds
+    only 0 and 1 is that blob's mask. Only Convolution and InnerProduct layers carry masks (a Scale
+    layer's beta, shaped like its gamma, may legitimately be all zeros)."""
+    weights = {}
+    for layer in model_param.layer:
+        params = []
+        maskable = layer.type in ("Convolution", "InnerProduct")
+        for array in (_blob_array(b) for b in layer.blobs):
+            target = next((i for i, p in enumerate(params) if p.shape == array.shape), None)
+            if maskable and target is not None and np.isin(array, (0.0, 1.0)).all():
+                params[target] = params[target] * array
+            else:
+                params.append(array)
+        if params:
+            weights[layer.name] = params
+    return weights
+
+
+def network_of(src: Path) -> str | None:
+    """The project network a published directory holds ('ResNet-20-CIFAR10' -> 'ResNet-20')."""
+    from caffe_prune import networks
+    name = src.name.removesuffix("-CIFAR10")
+    return name if name in networks.NETWORKS else None
+
+
+def import_published(src, out_dir) -> dict:
+    """Write <out_dir>/<name>.prototxt (stock, train/test) and <name>.caffemodel; return what was done."""
+    from caffe_prune import networks
+    src, out_dir = Path(src), Path(out_dir)
+    prototxt, caffemodel = published_files(src)
+    authors = engine.caffe_pb2().NetParameter()
+    dropped = parse_tolerant(prototxt, authors)
+    model = engine.read_caffemodel(caffemodel)
+    weights = unmasked_weights(model)
+    masked = sum(len(l.blobs) for l in model.layer) - sum(len(w) for w in weights.values())
+    if dropped:
+        warnings.warn(f"{prototxt}: dropped fields unknown to stock Caffe: "
+                      f"{', '.join(sorted(set(dropped)))} ({len(dropped)} occurrences)", stacklevel=2)
+
+    name = network_of(src)
+    if name is not None:
+        stock = networks.train_test(name)
+        deploy = networks.deploy(name)
+    else:   # not one of the six: the authors' own definition, cleaned
+        stock = authors
+        for layer in stock.layer:
+            n_blobs = len(weights.get(layer.name, []))
+            del layer.param[n_blobs:]
+        deploy, _ = netdef.evaluation_form(stock)
+        name = src.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stock_path = netdef.write_prototxt(stock, out_dir / f"{name}.prototxt")
+    deploy_path = netdef.write_prototxt(deploy, out_dir / f"{name}.deploy.prototxt")
+    net = engine.load_net(deploy_path)
+    missing = [layer for layer in net.params if layer not in weights]
+    if missing:
+        raise engine.EngineError(f"{caffemodel}: no weights for layer(s) {', '.join(missing)} of {name}; "
+                                 f"is this the {name} model?")
+    for layer, blobs in net.params.items():
+        if len(blobs) != len(weights[layer]):
+            raise engine.EngineError(f"{caffemodel}: layer {layer!r} has {len(weights[layer])} blobs, "
+                                     f"{name} expects {len(blobs)}")
+        for i, (blob, array) in enumerate(zip(blobs, weights[layer])):
+            if blob.data.shape != array.shape:
+                raise engine.EngineError(f"{caffemodel}: layer {layer!r} blob {i} has shape {array.shape}, "
+                                         f"{name} expects {blob.data.shape}")
+            blob.data[...] = array
+    model_path = out_dir / f"{name}.caffemodel"
+    net.save(str(model_path))
+    return {"network": name, "prototxt": str(stock_path), "deploy": str(deploy_path),
+            "caffemodel": str(model_path), "dropped_fields": sorted(set(dropped)),
+            "mask_blobs_applied": masked, "layers": len(net.params)}

@@ -1,0 +1,50 @@
+"""Import of the authors' published format into stock files."""
+import numpy as np
+import pytest
+
+from caffe_prune import engine, importer
+from conftest import PUBLISHED
+
+FORK_PROTOTXT = """
+name: "fork"
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param { lr_mult: 1 } param { lr_mult: 2 } param { lr_mult: 0 } param { lr_mult: 0 }
+  convolution_mask_param { mask_term: true note: "a } in a string" }
+  convolution_param { num_output: 20 kernel_size: 5 }
+  saliency_param { saliency: TAYLOR }
+}
+"""
+
+
+def test_parse_tolerant_drops_and_lists_unknown_fields(caffe, tmp_path):
+    path = tmp_path / "fork.prototxt"
+    path.write_text(FORK_PROTOTXT)
+    net = engine.caffe_pb2().NetParameter()
+    dropped = importer.parse_tolerant(path, net)
+    assert dropped == ["convolution_mask_param", "saliency_param"]
+    assert net.layer[0].convolution_param.num_output == 20 and len(net.layer[0].param) == 4
+
+
+def test_mask_blobs_are_applied_and_removed(caffe):
+    pb2 = engine.caffe_pb2()
+    model = engine.read_caffemodel(PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel")
+    conv1 = next(l for l in model.layer if l.name == "conv1")
+    w = np.asarray(conv1.blobs[0].data, dtype=np.float32).reshape(20, 3, 5, 5)
+    rng = np.random.default_rng(0)
+    mask = (rng.random(w.shape) > 0.3).astype(np.float32)
+    bias_mask = np.ones(20, dtype=np.float32)
+    bias_mask[[2, 7]] = 0
+    for array in (mask, bias_mask):
+        blob = conv1.blobs.add()
+        blob.shape.dim.extend(array.shape)
+        blob.data.extend(array.ravel().tolist())
+    weights = importer.unmasked_weights(model)
+    assert len(weights["conv1"]) == 2
+    np.testing.assert_array_equal(weights["conv1"][0], w * mask)
+    b = np.asarray(conv1.blobs[1].data, dtype=np.float32)
+    np.testing.assert_array_equal(weights["conv1"][1], b * bias_mask)
+
+
+def test_not_a_published_directory(caffe, tmp_path):
+    with pytest.raises(engine.EngineError, match="must hold a prototxt"):
+        importer.import_published(tmp_path, tmp_path / "out")
