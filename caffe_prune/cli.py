@@ -9,11 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from caffe_prune import engine
+from caffe_prune import engine, published
+from caffe_prune.data import commands as data_commands
 
 TABLE1_TOP1 = {"LeNet-5": 69, "ResNet-20": 88}   # published top-1 (%), papers/004 Table 1
-MODELS_ENV = "CAFFE_PRUNE_MODELS"
-WORKPLACE_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "published"
 
 
 def cmd_doctor(args) -> int:
@@ -41,15 +40,6 @@ def cmd_doctor(args) -> int:
         if not problems:
             print("ok: stock pycaffe is ready")
     return 1 if problems else 0
-
-
-def published_dir() -> Path:
-    """The local mirror of the authors' released models: $CAFFE_PRUNE_MODELS, else ../shared's."""
-    mirror = Path(os.environ.get(MODELS_ENV) or WORKPLACE_MODELS)
-    if not mirror.is_dir():
-        raise engine.EngineError(f"no published models at {mirror}; set {MODELS_ENV} to a directory "
-                                 f"holding LeNet-5-CIFAR10/original.caffemodel")
-    return mirror
 
 
 def net_definition(net):
@@ -95,7 +85,10 @@ def cmd_import(args) -> int:
     from caffe_prune import importer
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        done = importer.import_published(args.src, args.out)
+        src = args.src
+        if not Path(src).exists() and src in published.manifest()["models"]:   # a name: fetch it
+            src, args.net = published.caffemodel(src), args.net or src
+        done = importer.import_published(src, args.out, args.net)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     print(json.dumps(done, indent=2))
@@ -106,7 +99,7 @@ def cmd_train(args) -> int:
     from caffe_prune import train
     from caffe_prune.data import cifar10
     prepared = cifar10.prepare(args.data, args.data_out)
-    done = train.train(args.net, prepared["train_lmdb"], prepared["test_lmdb"], args.out or f"runs/train-{args.net}",
+    done = train.train(args.net, prepared["paths"]["train"], prepared["paths"]["test"], args.out or f"runs/train-{args.net}",
                        n_test=prepared["counts"]["test"], max_iter=args.iters, resume=args.resume,
                        mode="gpu" if args.gpu else ("cpu" if args.cpu else "auto"))
     scores = run_evaluation(args.net, done["weights"], args.data, None)
@@ -119,7 +112,7 @@ def cmd_demo(args) -> int:
     """The README's first command: check the engine, then evaluate the published LeNet-5."""
     if cmd_doctor(argparse.Namespace(json=False)) != 0:
         return 1
-    weights = published_dir() / "LeNet-5-CIFAR10" / "original.caffemodel"
+    weights = published.caffemodel("LeNet-5")
     scores = run_evaluation(weights, weights, args.data, None)
     print_scores("published LeNet-5", scores)
     print(f"paper (Table 1): top-1 {TABLE1_TOP1['LeNet-5']}% on the full 10,000-image test set")
@@ -140,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("import", help="published model in the authors' format -> stock prototxt + caffemodel")
-    p.add_argument("src", help="directory like ../shared/models/published/ResNet-20-CIFAR10")
+    p.add_argument("src", help="directory like ../shared/models/published/ResNet-20-CIFAR10, a caffemodel, "
+                               "or a network name whose published weights are fetched (models/published.json)")
     p.add_argument("--out", default="models/imported", help="output directory (default models/imported)")
+    p.add_argument("--net", default=None, help="which of the six networks it is (default: from the names)")
     p.set_defaults(func=cmd_import)
     p = sub.add_parser("train", help="train a network with Caffe's SGD solver")
     p.add_argument("net", help="one of the six networks")
@@ -154,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--gpu", action="store_true", help="require GPU mode")
     mode.add_argument("--cpu", action="store_true", help="force CPU mode")
     p.set_defaults(func=cmd_train)
+    data_commands.register(sub)
     p = sub.add_parser("demo", help="check the engine, then evaluate the published LeNet-5")
     p.add_argument("--data", default=None, help="CIFAR-10 directory")
     p.set_defaults(func=cmd_demo)

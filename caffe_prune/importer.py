@@ -14,6 +14,7 @@ the weights and bias. Import turns such a model into a stock prototxt + caffemod
 from __future__ import annotations
 
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -75,17 +76,20 @@ def parse_tolerant(path, message):
             message.Clear()
 
 
-def published_files(src) -> tuple[Path, Path]:
-    """The prototxt and caffemodel of a published model directory (masked.prototxt preferred)."""
+def published_files(src) -> tuple[Path | None, Path]:
+    """The authors' prototxt (masked.prototxt preferred; None if absent) and caffemodel of `src`,
+    a published model directory or a caffemodel file."""
     src = Path(src)
+    if src.is_file() and src.suffix == ".caffemodel":
+        return None, src
     if not src.is_dir():
-        raise engine.EngineError(f"{src} is not a directory holding a published model")
+        raise engine.EngineError(f"{src} is neither a caffemodel nor a directory holding a published model")
     prototxts = [src / n for n in ("masked.prototxt", "original.prototxt") if (src / n).is_file()]
     models = sorted(src.glob("*.caffemodel"))
-    if not prototxts or not models:
-        raise engine.EngineError(f"{src} must hold a prototxt (masked.prototxt or original.prototxt) and a "
-                                 f"caffemodel; found {sorted(p.name for p in src.iterdir())}")
-    return prototxts[0], models[0]
+    if len(models) != 1:
+        raise engine.EngineError(f"{src} must hold exactly one caffemodel (and optionally masked.prototxt "
+                                 f"or original.prototxt); found {sorted(p.name for p in src.iterdir())}")
+    return (prototxts[0] if prototxts else None), models[0]
 
 
 def _blob_array(blob) -> np.ndarray:
@@ -115,57 +119,90 @@ def unmasked_weights(model_param) -> dict:
     return weights
 
 
-def network_of(src: Path) -> str | None:
-    """The project network a published directory holds ('ResNet-20-CIFAR10' -> 'ResNet-20')."""
+def network_of(src: Path, model_param, net: str | None) -> str | None:
+    """Which of the six networks a model is: `net` if given, else the directory's name
+    ('ResNet-20-CIFAR10' -> 'ResNet-20'), else the name embedded in the caffemodel (ours)."""
     from caffe_prune import networks
-    name = src.name.removesuffix("-CIFAR10")
-    return name if name in networks.NETWORKS else None
+    if net is not None:
+        networks.train_test(net)   # raises on an unknown name
+        return net
+    for candidate in (src.name.removesuffix("-CIFAR10"), model_param.name):
+        if candidate in networks.NETWORKS:
+            return candidate
+    return None
 
 
-def import_published(src, out_dir) -> dict:
-    """Write <out_dir>/<name>.prototxt (stock, train/test) and <name>.caffemodel; return what was done."""
+def weights_mismatch(net_param, weights: dict) -> str | None:
+    """Why `weights` do not load by name into `net_param` (built in Caffe), or None if they do."""
+    with tempfile.TemporaryDirectory() as tmp:
+        net = engine.load_net(netdef.write_prototxt(net_param, Path(tmp) / "deploy.prototxt"), probe=False)
+    for layer, blobs in net.params.items():
+        arrays = weights.get(layer)
+        if arrays is None:
+            return f"no weights for layer {layer!r}"
+        if [b.data.shape for b in blobs] != [a.shape for a in arrays]:
+            return (f"layer {layer!r} has blob shapes {[a.shape for a in arrays]}, "
+                    f"the net expects {[b.data.shape for b in blobs]}")
+    return None
+
+
+def stock_definition(authors, model_param, weights: dict):
+    """The authors' own definition made stock: their cleaned prototxt if given, else the one
+    embedded in the caffemodel; param specs trimmed to the blobs each layer really has."""
+    stock = engine.caffe_pb2().NetParameter()
+    stock.CopyFrom(authors if authors is not None else model_param)
+    for layer in stock.layer:
+        del layer.blobs[:]
+        layer.ClearField("phase")
+        del layer.param[len(weights.get(layer.name, [])):]
+    return stock
+
+
+def import_published(src, out_dir, net: str | None = None) -> dict:
+    """Write <out_dir>/<name>.prototxt (stock, train/test), <name>.deploy.prototxt and
+    <name>.caffemodel from a published model; return what was done.
+
+    The project's own definition of the network is used when the weights fit it by layer name and
+    shape; otherwise the authors' definition (made stock) is, with a warning saying why."""
     from caffe_prune import networks
     src, out_dir = Path(src), Path(out_dir)
     prototxt, caffemodel = published_files(src)
-    authors = engine.caffe_pb2().NetParameter()
-    dropped = parse_tolerant(prototxt, authors)
     model = engine.read_caffemodel(caffemodel)
+    name = network_of(src, model, net)
+    authors, dropped = None, []
+    if prototxt is not None:
+        authors = engine.caffe_pb2().NetParameter()
+        dropped = parse_tolerant(prototxt, authors)
     weights = unmasked_weights(model)
     masked = sum(len(l.blobs) for l in model.layer) - sum(len(w) for w in weights.values())
     if dropped:
         warnings.warn(f"{prototxt}: dropped fields unknown to stock Caffe: "
                       f"{', '.join(sorted(set(dropped)))} ({len(dropped)} occurrences)", stacklevel=2)
 
-    name = network_of(src)
+    definition = "caffe_prune.networks"
     if name is not None:
-        stock = networks.train_test(name)
-        deploy = networks.deploy(name)
-    else:   # not one of the six: the authors' own definition, cleaned
-        stock = authors
-        for layer in stock.layer:
-            n_blobs = len(weights.get(layer.name, []))
-            del layer.param[n_blobs:]
+        stock, deploy = networks.train_test(name), networks.deploy(name)
+        why = weights_mismatch(deploy, weights)
+        if why is not None:
+            warnings.warn(f"{caffemodel} does not fit caffe_prune's {name} ({why}); "
+                          f"using the model's own definition", stacklevel=2)
+    if name is None or why is not None:
+        stock = stock_definition(authors, model, weights)
         deploy, _ = netdef.evaluation_form(stock)
-        name = src.name
+        name = name or caffemodel.parent.name
+        definition = str(prototxt or caffemodel)
+        why = weights_mismatch(deploy, weights)
+        if why is not None:
+            raise engine.EngineError(f"{caffemodel}: {why} in its own definition: the caffemodel is damaged")
     out_dir.mkdir(parents=True, exist_ok=True)
     stock_path = netdef.write_prototxt(stock, out_dir / f"{name}.prototxt")
     deploy_path = netdef.write_prototxt(deploy, out_dir / f"{name}.deploy.prototxt")
-    net = engine.load_net(deploy_path)
-    missing = [layer for layer in net.params if layer not in weights]
-    if missing:
-        raise engine.EngineError(f"{caffemodel}: no weights for layer(s) {', '.join(missing)} of {name}; "
-                                 f"is this the {name} model?")
-    for layer, blobs in net.params.items():
-        if len(blobs) != len(weights[layer]):
-            raise engine.EngineError(f"{caffemodel}: layer {layer!r} has {len(weights[layer])} blobs, "
-                                     f"{name} expects {len(blobs)}")
-        for i, (blob, array) in enumerate(zip(blobs, weights[layer])):
-            if blob.data.shape != array.shape:
-                raise engine.EngineError(f"{caffemodel}: layer {layer!r} blob {i} has shape {array.shape}, "
-                                         f"{name} expects {blob.data.shape}")
+    net_ = engine.load_net(deploy_path, probe=False)
+    for layer, blobs in net_.params.items():
+        for blob, array in zip(blobs, weights[layer]):
             blob.data[...] = array
     model_path = out_dir / f"{name}.caffemodel"
-    net.save(str(model_path))
-    return {"network": name, "prototxt": str(stock_path), "deploy": str(deploy_path),
-            "caffemodel": str(model_path), "dropped_fields": sorted(set(dropped)),
-            "mask_blobs_applied": masked, "layers": len(net.params)}
+    net_.save(str(model_path))
+    return {"network": name, "definition": definition, "prototxt": str(stock_path),
+            "deploy": str(deploy_path), "caffemodel": str(model_path), "dropped_fields": sorted(set(dropped)),
+            "mask_blobs_applied": masked, "layers": len(net_.params)}

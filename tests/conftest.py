@@ -1,4 +1,5 @@
 """Shared fixtures: the engine's pycaffe, and a tiny net written from prototxt text."""
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PUBLISHED = SHARED / "models" / "published"
 SUBSET = SHARED / "data" / "cifar10-subset"
+# papers/004 Table 1, as transcribed in ../shared/reference/published.json
+TABLE1 = json.loads((SHARED / "reference" / "published.json").read_text())["table1_trained_networks"]
 
 
 @pytest.fixture(scope="session")

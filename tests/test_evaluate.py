@@ -1,12 +1,8 @@
 """The published models, fed as the original experiments fed them, reproduce papers/004 Table 1."""
-import json
-
 import pytest
 
 from caffe_prune import cli
-from conftest import PUBLISHED, SHARED, SUBSET
-
-TABLE1 = json.loads((SHARED / "reference" / "published.json").read_text())["table1_trained_networks"]
+from conftest import PUBLISHED, SUBSET, TABLE1
 
 
 @pytest.mark.parametrize("name", ["LeNet-5", "ResNet-20"])

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from caffe_prune import engine, importer
-from conftest import PUBLISHED
+from caffe_prune import cli, engine, importer
+from conftest import PUBLISHED, SUBSET, TABLE1
 
 FORK_PROTOTXT = """
 name: "fork"
@@ -46,5 +46,43 @@ def test_mask_blobs_are_applied_and_removed(caffe):
 
 
 def test_not_a_published_directory(caffe, tmp_path):
-    with pytest.raises(engine.EngineError, match="must hold a prototxt"):
+    with pytest.raises(engine.EngineError, match="must hold exactly one caffemodel"):
         importer.import_published(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["LeNet-5", "ResNet-20"])
+def test_import_published_scores_like_the_original(caffe, tmp_path, name):
+    """Imported into the project's own definition, the weights score exactly as the original
+    caffemodel with its embedded definition, and within 3 points of Table 1."""
+    src = PUBLISHED / f"{name}-CIFAR10"
+    with pytest.warns(UserWarning, match="dropped fields unknown to stock Caffe: convolution_mask_param"):
+        done = importer.import_published(src, tmp_path)
+    assert done["network"] == name and done["definition"] == "caffe_prune.networks"
+    imported = cli.run_evaluation(name, done["caffemodel"], SUBSET, None, progress=False)
+    original = cli.run_evaluation(src / "original.caffemodel", src / "original.caffemodel", SUBSET, None,
+                                  progress=False)
+    assert imported == pytest.approx(original, rel=1e-6)
+    assert abs(100 * imported["top1"] - TABLE1[name]["top1_percent"]) <= 3
+
+
+def test_import_falls_back_to_the_models_own_definition(caffe, tmp_path):
+    """A caffemodel whose layer names do not fit caffe_prune's LeNet-5 is imported with its own
+    (embedded) definition, with a warning naming the first mismatch, and still scores the same."""
+    model = engine.read_caffemodel(PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel")
+    for layer in model.layer:
+        if layer.name == "conv2":
+            layer.name = "conv_b"
+    (tmp_path / "LeNet-5-CIFAR10").mkdir()
+    renamed = tmp_path / "LeNet-5-CIFAR10" / "original.caffemodel"
+    renamed.write_bytes(model.SerializeToString())
+    with pytest.warns(UserWarning, match=r"does not fit caffe_prune's LeNet-5 \(no weights for layer 'conv2'\)"):
+        done = importer.import_published(renamed.parent, tmp_path / "out")
+    assert done["definition"] == str(renamed)
+    scores = cli.run_evaluation(done["prototxt"], done["caffemodel"], SUBSET, 2, progress=False)
+    reference = cli.run_evaluation(renamed, renamed, SUBSET, 2, progress=False)
+    assert scores == pytest.approx(reference, rel=1e-6)
+
+
+def test_import_unknown_network_name(caffe, tmp_path):
+    with pytest.raises(engine.EngineError, match="unknown network 'LeNet-6'"):
+        importer.import_published(PUBLISHED / "LeNet-5-CIFAR10", tmp_path, net="LeNet-6")

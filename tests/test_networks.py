@@ -1,7 +1,6 @@
 """The six networks: they build in Caffe, count the convolution weights papers/004 Table 1 gives,
 copy the published prototxts layer for layer, load the published weights by name and reproduce
 their logits, and the committed prototxt/ files are what networks.py generates."""
-import json
 import re
 
 import numpy as np
@@ -10,9 +9,7 @@ from google.protobuf import text_format
 
 from caffe_prune import engine, netdef, networks
 from caffe_prune.data import cifar10
-from conftest import PUBLISHED, REPO, SHARED, SUBSET
-
-TABLE1 = json.loads((SHARED / "reference" / "published.json").read_text())["table1_trained_networks"]
+from conftest import PUBLISHED, REPO, SUBSET, TABLE1
 
 # Counted by hand from the layer shapes: out x in/group x kh x kw, summed over Convolution layers.
 HAND_COUNTS = {

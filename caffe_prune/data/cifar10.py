@@ -6,23 +6,59 @@ with OpenCV's ``imread``: pixels arrive in **BGR** order, then Caffe's DataTrans
 byte followed by the R, G and B planes (32x32 each), so the conversion below reverses the plane order.
 Feeding RGB instead costs the published models 9 to 25 points of top-1 (measured): the order is
 load-bearing and pinned by a test.
+
+Everything downstream reads the binary layout. ``fetch`` gets it from a local directory (binary or
+python-pickle batches), a local ``.tar.gz`` or the official download; ``prepare`` turns it into the
+LMDBs Caffe's own Data layer reads (``caffe_prune.data.caffe_db``) plus the paper's validation split.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import os
-from pathlib import Path
+import pickle
+import re
+import shutil
+import tarfile
+import urllib.parse
+import zlib
+from pathlib import Path, PurePosixPath
 
 import numpy as np
+from tqdm import tqdm
+
+from caffe_prune.download import DownloadError, digest, download
 
 RECORD_BYTES = 1 + 3 * 32 * 32
 SPLIT_FILES = {
     "train": [f"data_batch_{i}.bin" for i in range(1, 6)],
     "test": ["test_batch.bin"],
 }
+PY_FILES = {split: [name[:-len(".bin")] for name in names] for split, names in SPLIT_FILES.items()}
+OFFICIAL_COUNTS = {"train": 50_000, "test": 10_000}
 BIN_DIR = "cifar-10-batches-bin"
+PY_DIR = "cifar-10-batches-py"          # the python release: the same records, pickled
 DATA_ENV = "CAFFE_PRUNE_DATA"
+CACHE_DIR = Path.home() / ".cache" / "caffe-prune" / "data" / "cifar10"
 # this workplace's real subset of CIFAR-10 (5085 train / 1017 test), used when present
 WORKPLACE_SUBSET = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-subset"
+
+# The official binary release (https://www.cs.toronto.edu/~kriz/cifar.html). Module constants, read
+# at call time, so that tests can point the download at a local file.
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"     # 170,052,171 bytes
+ARCHIVE_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+# cifar-10-python.tar.gz is accepted too, so that a good python archive is never moved aside as corrupt
+PY_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE_MEMBERS = (
+    {f"{BIN_DIR}/{name}" for name in sum(SPLIT_FILES.values(), ["batches.meta.txt", "readme.html"])}
+    | {f"{PY_DIR}/{name}" for name in sum(PY_FILES.values(), ["batches.meta", "readme.html"])}
+)
+FETCHED = "fetched.json"                # in the cache: the md5 of the archive its batches came from
+
+# The paper judges every pruning decision on 10,000 random training images of the 50,000.
+VALIDATION_IMAGES = 10_000
+VAL_FILE = "val-indices.txt"
 
 
 class DataError(ValueError):
@@ -36,7 +72,7 @@ def default_location() -> Path | None:
         return Path(os.environ[DATA_ENV])
     if (WORKPLACE_SUBSET / BIN_DIR).is_dir():
         return WORKPLACE_SUBSET
-    return Path.home() / ".cache" / "caffe-prune" / "data" / "cifar10"
+    return CACHE_DIR
 
 
 def binary_dir(location=None) -> Path:
@@ -49,29 +85,51 @@ def binary_dir(location=None) -> Path:
                     f"pass --data DIR, set {DATA_ENV}, or fetch it with `caffe-prune data cifar10`")
 
 
+def _split_paths(split: str, directory: Path) -> list[Path]:
+    if split not in SPLIT_FILES:
+        raise DataError(f"split {split!r} is not one of {sorted(SPLIT_FILES)}")
+    paths = [directory / name for name in SPLIT_FILES[split]]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path} is missing from the CIFAR-10 directory {directory}")
+    return paths
+
+
+def _record_count(path: Path, size: int) -> int:
+    if size == 0 or size % RECORD_BYTES:
+        raise DataError(f"{path} has {size} bytes, not a whole number of {RECORD_BYTES}-byte "
+                        f"records: the file is truncated or corrupt; fetch it again")
+    return size // RECORD_BYTES
+
+
 def read_split(split: str, location=None):
     """Read all records of a split: images as uint8 (N, 3, 32, 32) in the file's RGB order, labels int64.
 
     A directory may hold fewer records than the official release; a file whose size is not a whole
     number of records is corrupt and rejected."""
-    if split not in SPLIT_FILES:
-        raise DataError(f"split {split!r} is not one of {sorted(SPLIT_FILES)}")
     directory = binary_dir(location)
     chunks = []
-    for name in SPLIT_FILES[split]:
-        path = directory / name
-        if not path.is_file():
-            raise DataError(f"{path} is missing from the CIFAR-10 directory {directory}")
+    for path in _split_paths(split, directory):
         raw = np.fromfile(path, dtype=np.uint8)
-        if raw.size == 0 or raw.size % RECORD_BYTES:
-            raise DataError(f"{path} has {raw.size} bytes, not a whole number of {RECORD_BYTES}-byte "
-                            f"records: the file is truncated or corrupt; fetch it again")
-        chunks.append(raw.reshape(-1, RECORD_BYTES))
+        chunks.append(raw.reshape(_record_count(path, raw.size), RECORD_BYTES))
     records = np.concatenate(chunks)
     labels = records[:, 0].astype(np.int64)
     if labels.max() > 9:
         raise DataError(f"{directory}: label {labels.max()} out of range 0..9: not CIFAR-10 binary records")
     return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def summary(location=None) -> dict:
+    """Images per split at `location` (from the record files' sizes). A partial copy, such as this
+    workplace's 5085 / 1017 subset, is fine: callers report it against OFFICIAL_COUNTS and go on."""
+    directory = binary_dir(location)
+    return {split: sum(_record_count(p, p.stat().st_size) for p in _split_paths(split, directory))
+            for split in SPLIT_FILES}
+
+
+def record_sha256(split: str, location=None) -> dict:
+    """sha256 of each record file of a split, by file name: what a converted LMDB was made from."""
+    return {path.name: digest(path, "sha256") for path in _split_paths(split, binary_dir(location))}
 
 
 def caffe_input(images_rgb: np.ndarray, mean_values=(), scale: float = 1.0) -> np.ndarray:
@@ -85,3 +143,318 @@ def caffe_input(images_rgb: np.ndarray, mean_values=(), scale: float = 1.0) -> n
     if mean.size:
         bgr -= mean.reshape(1, -1, 1, 1) if mean.size == 3 else mean
     return bgr * np.float32(scale)
+
+
+# ---- getting the records: directory, archive or download -----------------------------------------
+
+def fetch(source=None, cache_dir=None, expected_md5="official", progress=True) -> Path:
+    """A directory holding ``cifar-10-batches-bin/`` (or the batches themselves), from `source`:
+
+    - a directory with ``cifar-10-batches-bin/`` (used in place) or ``cifar-10-batches-py/``
+      (converted into the cache);
+    - a ``.tar.gz`` file: md5-checked, then its expected members extracted into the cache;
+    - a URL (http, https, file): downloaded into the cache, then as an archive;
+    - None: ``default_location()`` when it holds data, else the official download (``URL``).
+
+    ``expected_md5`` is "official" (the binary or python release, ARCHIVE_MD5 / PY_ARCHIVE_MD5),
+    another hex digest, or None to accept any archive (a test's small one). An archive that fails
+    the check is renamed ``*.corrupt`` so that it is never used by mistake."""
+    cache = Path(cache_dir) if cache_dir is not None else CACHE_DIR
+    if source is None:
+        local = default_location()
+        if _holds_batches(local):
+            return _from_directory(local, cache)
+        source = URL
+    source = str(source)
+    if "://" in source:
+        return _from_url(source, cache, expected_md5, progress)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_directory(path, cache)
+    if path.is_file():
+        if not tarfile.is_tarfile(path):   # a wrong file named by hand: say so, leave it where it is
+            raise DataError(f"{path} is not a .tar.gz archive; pass the CIFAR-10 archive, its directory, or a URL")
+        return _from_archive(path, cache, expected_md5)
+    raise DataError(f"{path} does not exist; pass a CIFAR-10 directory, a .tar.gz or a URL as --source")
+
+
+def _holds_batches(path: Path) -> bool:
+    return any((path / sub / name).is_file() for sub, name in
+               ((BIN_DIR, "test_batch.bin"), (".", "test_batch.bin"), (PY_DIR, "test_batch"), (".", "test_batch")))
+
+
+def _from_directory(path: Path, cache: Path) -> Path:
+    if (path / BIN_DIR / "test_batch.bin").is_file() or (path / "test_batch.bin").is_file():
+        return path.parent if path.name == BIN_DIR else path
+    for py_dir in (path / PY_DIR, path):
+        if (py_dir / "test_batch").is_file():
+            return convert_py(py_dir, cache)
+    raise DataError(f"{path} holds neither {BIN_DIR}/ nor {PY_DIR}/; pass the directory that contains "
+                    f"one, the .tar.gz, or a URL as --source")
+
+
+def _from_url(url: str, cache: Path, expected_md5, progress: bool) -> Path:
+    archive = cache / (PurePosixPath(urllib.parse.urlparse(url).path).name or "cifar-10-binary.tar.gz")
+    if not archive.is_file():
+        if _fetched_md5(cache) in _accepted_md5(expected_md5) and _holds_batches(cache):
+            return _from_directory(cache, cache)     # extracted before, archive since deleted
+        try:
+            download(url, archive, progress, instead="download it elsewhere and pass the .tar.gz as --source")
+        except DownloadError as exc:
+            raise DataError(str(exc)) from None
+    return _from_archive(archive, cache, expected_md5)
+
+
+def _from_archive(archive: Path, cache: Path, expected_md5) -> Path:
+    md5 = verify_md5(archive, expected_md5)
+    if _fetched_md5(cache) != md5 or not _holds_batches(cache):
+        extract_archive(archive, cache)
+        (cache / FETCHED).write_text(json.dumps({"archive": archive.name, "md5": md5}) + "\n")
+    return _from_directory(cache, cache)
+
+
+def _fetched_md5(cache: Path) -> str | None:
+    try:
+        return json.loads((cache / FETCHED).read_text()).get("md5")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _accepted_md5(expected_md5) -> set:
+    if expected_md5 == "official":
+        return {ARCHIVE_MD5, PY_ARCHIVE_MD5}
+    return {expected_md5} if expected_md5 else set()
+
+
+def verify_md5(archive, expected_md5="official") -> str:
+    """The archive's md5, after checking it (see fetch); a mismatch moves the file to ``*.corrupt``."""
+    archive = Path(archive)
+    md5 = digest(archive, "md5")
+    accepted = _accepted_md5(expected_md5)
+    if not accepted or md5 in accepted:
+        return md5
+    corrupt = archive.with_name(archive.name + ".corrupt")
+    try:
+        archive.replace(corrupt)
+        moved = f"moved it aside to {corrupt}"
+    except OSError as exc:
+        moved = f"could not move it aside ({exc.strerror})"
+    want = "the official CIFAR-10 archive's " + ARCHIVE_MD5 if expected_md5 == "official" else expected_md5
+    raise DataError(f"{archive}: md5 {md5} is not {want} (corrupt or incomplete); {moved}; "
+                    f"download it again with `caffe-prune data cifar10` or pass another --source")
+
+
+def _unsafe(member: tarfile.TarInfo) -> str | None:
+    path = PurePosixPath(member.name)
+    if member.name.startswith("/") or path.is_absolute():
+        return "an absolute path"
+    if ".." in path.parts:
+        return "a path with '..'"
+    if member.issym() or member.islnk():
+        return "a link"
+    if not (member.isfile() or member.isdir()):
+        return "a device or fifo"
+    return None
+
+
+def extract_archive(archive, dest) -> list[str]:
+    """Extract the CIFAR-10 batches of `archive` into `dest` (replacing any there) and return their
+    names. Every member is checked before anything is written: an absolute path, a '..' component,
+    a link or a device refuses the whole archive (the official one holds none); members other than
+    ARCHIVE_MEMBERS are skipped, so nothing else lands on disk."""
+    archive, dest = Path(archive), Path(dest)
+    partial = dest / ".extract.partial"
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                why = _unsafe(member)
+                if why:
+                    raise DataError(f"{archive}: member {member.name!r} is {why}; refusing the archive "
+                                    f"(the official CIFAR-10 release holds none); get it from {URL}")
+            wanted = [m for m in members if m.isfile() and str(PurePosixPath(m.name)) in ARCHIVE_MEMBERS]
+            names = {str(PurePosixPath(m.name)) for m in wanted}
+            if not names & {f"{BIN_DIR}/test_batch.bin", f"{PY_DIR}/test_batch"}:
+                raise DataError(f"{archive} holds no {BIN_DIR}/test_batch.bin: not a CIFAR-10 archive")
+            shutil.rmtree(partial, ignore_errors=True)
+            for member in wanted:
+                target = partial / PurePosixPath(member.name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"{archive} is not a readable .tar.gz ({exc}); fetch it again") from None
+    for top in (BIN_DIR, PY_DIR):
+        shutil.rmtree(dest / top, ignore_errors=True)
+    for top in partial.iterdir():
+        top.rename(dest / top.name)
+    partial.rmdir()
+    return sorted(names)
+
+
+# ---- the python release: pickles, read without running arbitrary code ---------------------------
+
+# numpy 2 renamed numpy.core to numpy._core; old pickles (the official ones) name the old module
+_NUMPY_CORE = "numpy._core" if importlib.util.find_spec("numpy._core") else "numpy.core"
+_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+                   ("numpy", "ndarray"), ("numpy", "dtype"),
+                   ("_codecs", "encode")}   # how Python 3 writes bytes at protocol 2
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch (a dict of bytes, lists and one uint8 array) and nothing else:
+    a pickle may name any callable, so only the numpy pieces an array needs are resolved."""
+
+    def find_class(self, module, name):
+        canonical = module.replace("numpy._core", "numpy.core")
+        if (canonical, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never "
+                                         f"does; refusing to unpickle it")
+        return super().find_class(canonical.replace("numpy.core", _NUMPY_CORE), name)
+
+
+def read_py_batch(path):
+    """One batch of the python release: images uint8 (N, 3, 32, 32) in RGB order, labels int64.
+    Its rows are the binary records without the label byte (R, G, B planes, row-major)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as stream:
+            batch = _BatchUnpickler(stream, encoding="bytes").load()
+    except Exception as exc:   # a pickle can fail in many ways; each means "not a CIFAR-10 batch"
+        raise DataError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR-10 batch dict")
+    data, labels = (batch.get(key.encode(), batch.get(key)) for key in ("data", "labels"))
+    data, labels = np.asarray(data), np.asarray(labels)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != RECORD_BYTES - 1 \
+            or labels.shape != (len(data),) or len(data) == 0 or labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{path}: data {data.dtype}{data.shape}, labels {labels.shape}: "
+                        f"not a CIFAR-10 batch (uint8 (N, 3072) and N labels 0..9)")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def label_names(py_dir) -> list[str]:
+    """The class names in a python release's batches.meta (airplane, automobile, ...)."""
+    path = Path(py_dir) / "batches.meta"
+    try:
+        with open(path, "rb") as stream:
+            meta = _BatchUnpickler(stream, encoding="bytes").load()
+        names = meta.get(b"label_names", meta.get("label_names"))
+        return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+    except Exception as exc:
+        raise DataError(f"{path} is not a CIFAR-10 batches.meta: {exc}") from None
+
+
+def convert_py(py_dir, cache_dir=None) -> Path:
+    """Write the python batches in `py_dir` as binary batches under the cache and return the
+    directory holding them. It is named by the pickles' content, so a second call reuses it."""
+    py_dir, cache = Path(py_dir), Path(cache_dir) if cache_dir is not None else CACHE_DIR
+    names = sum(PY_FILES.values(), [])
+    missing = [name for name in names if not (py_dir / name).is_file()]
+    if missing:
+        raise DataError(f"{py_dir} lacks {', '.join(missing)}: an incomplete {PY_DIR}; fetch it again")
+    content = hashlib.sha256("".join(digest(py_dir / name, "sha256") for name in names).encode()).hexdigest()
+    root = cache / f"from-py-{content[:12]}"
+    if (root / BIN_DIR / "test_batch.bin").is_file():
+        return root
+    partial = cache / f".from-py-{content[:12]}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / BIN_DIR).mkdir(parents=True)
+    for name in tqdm(names, desc="convert python batches", leave=False):
+        images, labels = read_py_batch(py_dir / name)
+        records = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1)
+        records.tofile(partial / BIN_DIR / f"{name}.bin")
+    if (py_dir / "batches.meta").is_file():
+        (partial / BIN_DIR / "batches.meta.txt").write_text("".join(f"{name}\n" for name in label_names(py_dir)))
+    shutil.rmtree(root, ignore_errors=True)
+    partial.rename(root)
+    return root
+
+
+# ---- the validation split ------------------------------------------------------------------------
+
+def validation_indices(n_train: int, seed: int = 0) -> np.ndarray:
+    """The training images every pruning decision is judged on: the paper draws 10,000 of the
+    50,000 at random; a partial copy gets the same fraction (1017 of the subset's 5085). Sorted, so
+    that the file reads in dataset order. The saved file, not the seed, is the record: numpy may
+    change its generator."""
+    if n_train < 1:
+        raise DataError(f"cannot draw a validation split from {n_train} training images")
+    n_val = round(n_train * VALIDATION_IMAGES / OFFICIAL_COUNTS["train"])
+    return np.sort(np.random.default_rng(seed).choice(n_train, size=n_val, replace=False))
+
+
+_VAL_HEADER = re.compile(r"seed=(-?\d+) n_train=(\d+) n_val=(\d+)")
+
+
+def save_validation_indices(path, indices, n_train: int, seed: int) -> Path:
+    """Write one index per line under a header comment giving seed and counts."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# caffe-prune CIFAR-10 validation split: seed={seed} n_train={n_train} n_val={len(indices)} "
+              f"(the paper: 10,000 random training images of 50,000)\n")
+    path.write_text(header + "".join(f"{int(i)}\n" for i in indices))
+    return path
+
+
+def load_validation_indices(path, seed: int | None = None, n_train: int | None = None) -> np.ndarray:
+    """Read a file written by save_validation_indices, checking it against its header (count,
+    range, no repeats) and against `seed` and `n_train` when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; create it with `caffe-prune data cifar10`")
+    lines = path.read_text().splitlines()
+    found = _VAL_HEADER.search(lines[0]) if lines and lines[0].startswith("#") else None
+    if not found:
+        raise DataError(f"{path}:1: no 'seed=S n_train=N n_val=V' header; recreate it with `caffe-prune data cifar10`")
+    have_seed, have_train, n_val = map(int, found.groups())
+    for what, want, have in (("seed", seed, have_seed), ("n_train", n_train, have_train)):
+        if want is not None and want != have:
+            raise DataError(f"{path}: drawn with {what}={have}, not {want}; rerun `caffe-prune data cifar10`")
+    try:
+        indices = np.array([int(line) for line in lines[1:] if line.strip()], dtype=np.int64)
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}; recreate it with `caffe-prune data cifar10`") from None
+    if len(indices) != n_val or len(np.unique(indices)) != n_val or \
+            (n_val and (indices.min() < 0 or indices.max() >= have_train)):
+        raise DataError(f"{path}: the indices are not {n_val} distinct values in 0..{have_train - 1} as its "
+                        f"header says; recreate it with `caffe-prune data cifar10`")
+    return indices
+
+
+# ---- everything the experiments need, in one call ------------------------------------------------
+
+def prepare(source=None, out_dir=None, seed: int = 0, cache_dir=None, progress: bool = True) -> dict:
+    """Fetch CIFAR-10 (see fetch) and write, in `out_dir` (default: the cache), what training and
+    pruning read: ``cifar10-train-lmdb`` and ``cifar10-test-lmdb`` for Caffe's Data layer, and
+    ``val-indices.txt``. Whatever is already there and checks out against the records found is
+    kept, so a second run only hashes the record files."""
+    from caffe_prune.data import caffe_db   # it builds on this module, so it is imported late
+    out = Path(out_dir) if out_dir is not None else CACHE_DIR
+    root = fetch(source, cache_dir, progress=progress)
+    counts = summary(root)
+    result = {"source": str(binary_dir(root)), "counts": counts, "official": dict(OFFICIAL_COUNTS),
+              "paths": {}, "actions": {}}
+    for split in SPLIT_FILES:
+        path = out / f"cifar10-{split}-lmdb"
+        sources = record_sha256(split, root)
+        try:
+            caffe_db.check_lmdb(path, split=split, images=counts[split], sources=sources)
+            action = "kept"
+        except DataError:
+            images, labels = read_split(split, root)
+            caffe_db.write_lmdb(path, images, labels, split, sources, progress)
+            action = "written"
+        result["paths"][split], result["actions"][split] = str(path), action
+    val_path = out / VAL_FILE
+    try:
+        indices = load_validation_indices(val_path, seed=seed, n_train=counts["train"])
+        action = "kept"
+    except DataError:
+        indices = validation_indices(counts["train"], seed)
+        save_validation_indices(val_path, indices, counts["train"], seed)
+        action = "written"
+    result["paths"]["validation"], result["actions"]["validation"] = str(val_path), action
+    result.update(validation=len(indices), seed=seed)
+    return result
