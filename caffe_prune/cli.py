@@ -59,7 +59,7 @@ def run_evaluation(net, weights, data, batches, progress=True) -> dict:
     engine.set_mode("auto")
     net_param = net_definition(net)
     form, transform = netdef.evaluation_form(net_param)
-    images, labels = cifar10.read_split("test", data)
+    images, labels = cifar10.read_split("test", cifar10.fetch(data, progress=progress))
     with tempfile.TemporaryDirectory() as tmp:
         net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "eval.prototxt"), weights)
     inputs = cifar10.caffe_input(images, transform.mean_values, transform.scale)
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("net", help="network name, prototxt, or a caffemodel whose embedded definition is used")
     p.add_argument("weights", help="caffemodel")
     p.add_argument("--batches", type=int, default=None, help="only the first N batches of 128")
-    p.add_argument("--data", default=None, help="CIFAR-10 directory (default: $CAFFE_PRUNE_DATA, ../shared, cache)")
+    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL "
+                   "(default: $CAFFE_PRUNE_DATA, ../shared's subset, else the official download)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("import", help="published model in the authors' format -> stock prototxt + caffemodel")
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     data_commands.register(sub)
     p = sub.add_parser("demo", help="check the engine, then evaluate the published LeNet-5")
-    p.add_argument("--data", default=None, help="CIFAR-10 directory")
+    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL")
     p.set_defaults(func=cmd_demo)
     return parser
 

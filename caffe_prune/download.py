@@ -1,4 +1,5 @@
-"""Downloads and checksums shared by the data (CIFAR-10 archive) and the published weights.
+"""Downloads, checksums and the cache they land in, shared by the data (CIFAR-10 archive) and
+the published weights.
 
 A download goes through ``<dest>.part`` and is renamed only when complete, so an interrupted one
 never looks finished; the caller verifies the checksum it expects before using the file.
@@ -6,11 +7,17 @@ never looks finished; the caller verifies the checksum it expects before using t
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+# One cache for everything fetched or built: the Caffe build (tools/caffe/build.sh reads the same
+# variable), the CIFAR-10 download and LMDBs, and the published weights.
+CACHE_ROOT = Path(os.environ.get("CAFFE_PRUNE_CACHE") or Path.home() / ".cache" / "caffe-prune")
 
 
 class DownloadError(ValueError):

@@ -1,9 +1,10 @@
 """The authors' trained caffemodels, fetched on demand and verified against models/published.json.
 
-The manifest pins each file to the authors' repository at one commit, with its size and sha256. A
-local mirror is used first (``$CAFFE_PRUNE_MODELS``, else this workplace's ../shared/models/published),
-then the user cache (~/.cache/caffe-prune/models), then a download into that cache. A file whose
-size or sha256 differs is never used: a bad download is moved aside as ``*.corrupt``.
+The manifest pins each file to the authors' repository at one commit, with its size and sha256.
+A local mirror is used first (``$CAFFE_PRUNE_MODELS``, else this workplace's
+../shared/models/published), then the cache ($CAFFE_PRUNE_CACHE/models), then a download into that
+cache. A file whose size or sha256 differs is never used: a bad download is moved aside as
+``*.corrupt``.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import os
 from pathlib import Path
 
 from caffe_prune import engine
-from caffe_prune.download import DownloadError, digest, download
+from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
 
 MANIFEST = Path(__file__).resolve().parents[1] / "models" / "published.json"
 MODELS_ENV = "CAFFE_PRUNE_MODELS"
 WORKPLACE_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "published"
-CACHE_DIR = Path.home() / ".cache" / "caffe-prune" / "models"
+CACHE_DIR = CACHE_ROOT / "models"
 
 
 def manifest() -> dict:

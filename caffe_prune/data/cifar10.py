@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune.download import DownloadError, digest, download
+from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
 
 RECORD_BYTES = 1 + 3 * 32 * 32
 SPLIT_FILES = {
@@ -40,7 +40,7 @@ OFFICIAL_COUNTS = {"train": 50_000, "test": 10_000}
 BIN_DIR = "cifar-10-batches-bin"
 PY_DIR = "cifar-10-batches-py"          # the python release: the same records, pickled
 DATA_ENV = "CAFFE_PRUNE_DATA"
-CACHE_DIR = Path.home() / ".cache" / "caffe-prune" / "data" / "cifar10"
+CACHE_DIR = CACHE_ROOT / "data" / "cifar10"
 # this workplace's real subset of CIFAR-10 (5085 train / 1017 test), used when present
 WORKPLACE_SUBSET = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-subset"
 
