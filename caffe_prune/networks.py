@@ -47,25 +47,15 @@ TRAIN_TRANSFORMS = {
 # SGD schedules as plain data. The authors published only their retraining solvers
 # (solver-gpu.prototxt beside each reference prototxt); no schedule for training from scratch exists.
 # test_iter 100 x batch 128 reads 12,800 test images: Caffe's Data layer wraps around, as it did for them.
+_PUBLISHED_SOLVER = dict(base_lr=0.001, momentum=0.9, weight_decay=5e-4, lr_policy="fixed", max_iter=20000,
+                         test_interval=400, test_iter=100)
 SOLVERS = {
-    # LeNet-5-CIFAR10/solver-gpu.prototxt
-    "LeNet-5": dict(base_lr=0.001, momentum=0.9, weight_decay=5e-4, lr_policy="fixed", max_iter=20000,
-                    test_interval=400, test_iter=100),
-    # no published solver: the same as the others (our choice)
-    "CIFAR10": dict(base_lr=0.001, momentum=0.9, weight_decay=5e-4, lr_policy="fixed", max_iter=20000,
-                    test_interval=400, test_iter=100),
-    # ResNet-20-CIFAR10/solver-gpu.prototxt (the only one with weight_decay 1e-4)
-    "ResNet-20": dict(base_lr=0.001, momentum=0.9, weight_decay=1e-4, lr_policy="fixed", max_iter=20000,
-                      test_interval=400, test_iter=100),
-    # no published solver: the same as the others (our choice)
-    "NIN": dict(base_lr=0.001, momentum=0.9, weight_decay=5e-4, lr_policy="fixed", max_iter=20000,
-                test_interval=400, test_iter=100),
-    # AlexNet-CIFAR10/solver-gpu.prototxt
-    "AlexNet": dict(base_lr=0.001, momentum=0.9, weight_decay=5e-4, lr_policy="fixed", max_iter=20000,
-                    test_interval=400, test_iter=100),
-    # SqueezeNet-CIFAR10/solver-gpu.prototxt
-    "SqueezeNet": dict(base_lr=0.001, momentum=0.9, weight_decay=5e-4, lr_policy="fixed", max_iter=20000,
-                       test_interval=400, test_iter=100),
+    "LeNet-5": _PUBLISHED_SOLVER,                           # LeNet-5-CIFAR10/solver-gpu.prototxt
+    "CIFAR10": _PUBLISHED_SOLVER,                           # no published solver: the same (our choice)
+    "ResNet-20": dict(_PUBLISHED_SOLVER, weight_decay=1e-4),  # ResNet-20-CIFAR10/solver-gpu.prototxt
+    "NIN": _PUBLISHED_SOLVER,                               # no published solver: the same (our choice)
+    "AlexNet": _PUBLISHED_SOLVER,                           # AlexNet-CIFAR10/solver-gpu.prototxt
+    "SqueezeNet": _PUBLISHED_SOLVER,                        # SqueezeNet-CIFAR10/solver-gpu.prototxt
 }
 # What every published solver-gpu.prototxt also sets, except solver_mode: GPU (engine.set_mode decides)
 # and their snapshot_prefix (ours is snapshots/<NET>, in solver()).
