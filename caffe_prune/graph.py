@@ -1,0 +1,509 @@
+"""The channel dependency graph of a Caffe network: prunable groups and the weights they remove.
+
+Papers/004 §3 ("Pruning and Non-Linear Data Dependence") and the Domino paper: removing output
+channel c of a convolution removes its filter and bias (the *producer* side), the input slices of
+every layer that reads that feature map (the *consumer* side: convolutions, InnerProducts), and the
+per-channel parameters riding on it (BatchNorm mean/variance, Scale gamma/beta, Bias). Branches tie
+channels together, so the unit of pruning is a **group**: every producer channel that must go with
+it to keep every tensor dense, and Θ_C, every parameter removed with the group.
+
+Building
+--------
+``ChannelGraph.build(net_param, shapes)`` walks the layers Caffe instantiates in the TEST phase
+(``engine.layers_in_phase``; the TRAIN phase for a definition saved from the TRAIN net, as
+``netdef.evaluation_form`` does) in net order. ``shapes`` maps every blob name to its shape as
+Caffe computed it (``{name: blob.data.shape for name, blob in net.blobs.items()}``): no shape
+inference is re-implemented here. Each blob name holds the *current* tensor, so an in-place layer
+(top == bottom) writes a new version under the same name and later readers see it; auto-inserted
+Split layers never appear in a NetParameter (Caffe adds them in ``Net::Init``), explicit Split layers
+pass channels through, and data/Input layers start the graph. ``build_graph(net_param)`` gets the
+shapes by building ``netdef.evaluation_form(net_param)`` once in Caffe.
+
+A *unit* is ``Channel(layer, index)``: output channel ``index`` of Convolution ``layer``. Channel c
+of a tensor is the set of units it comes from (empty for a channel no convolution produces: the
+image, an InnerProduct output, whatever leaves a barrier). How layers move channels:
+
+- ReLU, Pooling, Dropout, LRN, BatchNorm, Scale, Bias, Split, TanH, Sigmoid, AbsVal, Power pass
+  them through unchanged; across-channel LRN is noted in ``lrn_across`` (pruning a channel changes
+  its neighbours' normalisation, a data dependence that is not a weight dependence). BatchNorm,
+  Scale and Bias record *riders*: their per-channel parameters fall with the channel.
+- Eltwise (SUM, PROD, MAX) ties the units of channel c of all inputs (papers/004 §3.2: the
+  transitive closure, by union-find). Concat on axis 1 offsets channels.
+- Convolution consumes its input (channel i owns the weight slice [:, i % (M/g)]) and produces new
+  units. Grouped convolution (papers/004 §3.1, AlexNet): a consumer with ``group`` g and M input
+  channels ties input channels i and j when i % (M/g) == j % (M/g); a grouped producer with N
+  outputs ties output channels i and j when i % (N/g) == j % (N/g) (Caffe needs every group to
+  keep the same width: num_output % group == 0).
+- InnerProduct consumes: channel c of a (N, C, H, W) input owns the weight columns
+  [c*H*W, (c+1)*H*W) (Caffe flattens C, H, W in that order); a Flatten/Reshape in between keeps the
+  mapping when it only flattens C, H, W.
+- Softmax/SoftmaxWithLoss/Accuracy after an InnerProduct see classes, not channels. Units that
+  reach one directly (NIN's cccp6: its 10 channels ARE the classes) are unprunable.
+- Any other layer type, Concat on another axis, Eltwise with inputs of different channel counts,
+  InnerProduct/Convolution on an axis other than 1, or a Flatten/Reshape that is not a pure
+  flattening is a **barrier**: every unit reaching it is unprunable (``barriers`` {layer: reason},
+  ``unprunable`` {Channel: reason}), and what leaves it carries no units.
+
+Unprunability spreads over ties: a unit tied to an unprunable one (or, through an Eltwise or a
+grouped consumer, to a channel no convolution produces) is unprunable too.
+
+Groups and counts
+-----------------
+``graph.groups`` (a tuple: the graph is immutable) holds every prunable unit in exactly one
+``Group``: frozen, with ``id`` (stable order: by first producer layer in net order, then smallest
+channel), ``channels`` (sorted the same way), ``consumers`` (``ConsumerSlice(layer, kind,
+input_channel)``, kind "conv" or "fc", input_channel the index in the consumer's input tensor),
+``riders`` (``Rider(layer, type, channel)``) and ``layers`` (the producer layers it touches);
+``group.details()`` prints it. ``graph.producers`` {conv: ProducerInfo(num_output, group,
+kernel_area, in_channels, bias)}; ``graph.fc`` {InnerProduct: FcInfo(num_output, in_channels,
+block)}, in_channels the channel count of the feeding tensor and block = H*W per channel (1 after
+global pooling); for an InnerProduct fed by another InnerProduct in_channels is None and block is
+its whole input size.
+
+The caller holds the pruning state, a set ``pruned`` of group ids. A tensor channel is active while
+none of its units' groups is pruned (an Eltwise output channel: its tied units fall together).
+
+- ``active(layer, pruned)``: output channels of conv ``layer`` still present.
+- ``conv_weights(pruned)``: sum over convs of active_out * (active_in / g) * kernel_area.
+- ``fc_weights(pruned)``: sum over InnerProducts of num_output * active_in * block.
+- ``weights_removed(gid, pruned)`` = conv_weights(pruned) - conv_weights(pruned | {gid}), and
+  ``fc_weights_removed`` the same for fc: Θ_C counted transitively in the current state (removing
+  conv2 channel 0 after conv1 channel 0 removes one input slice fewer).
+- ``percent_conv_removed(pruned)`` = 100 * (1 - conv_weights(pruned) / conv_weights(set())),
+  papers/004 Figure 6's x-axis.
+- ``prunable(pruned)``: ids of groups not yet pruned whose removal leaves every producer layer
+  they touch (and, for a grouped producer, every one of its groups) at least one active channel.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
+
+import numpy as np
+
+from caffe_prune import engine, netdef
+
+PASS_THROUGH = {"ReLU", "Pooling", "Dropout", "LRN", "BatchNorm", "Scale", "Bias", "Split", "TanH",
+                "Sigmoid", "AbsVal", "Power"}
+FLATTEN_TYPES = {"Flatten", "Reshape"}
+NO_UNITS = frozenset()
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A unit: output channel ``index`` of Convolution ``layer`` (papers/004 §3: A_i, made by W_i)."""
+    layer: str
+    index: int
+
+    def __str__(self):
+        return f"{self.layer}:{self.index}"
+
+
+@dataclass(frozen=True)
+class ConsumerSlice:
+    """Input channel ``input_channel`` of ``layer``: a [:, c] weight slice ("conv") or a block of
+    H*W weight columns ("fc"); removed with the channel."""
+    layer: str
+    kind: str
+    input_channel: int
+
+
+@dataclass(frozen=True)
+class Rider:
+    """Channel ``channel`` of a BatchNorm/Scale/Bias layer's per-channel parameters."""
+    layer: str
+    type: str
+    channel: int
+
+
+@dataclass(frozen=True)
+class ProducerInfo:
+    """A Convolution's weight shape: num_output x (in_channels / group) x kernel_area."""
+    num_output: int
+    group: int
+    kernel_area: int
+    in_channels: int
+    bias: bool
+
+
+class FcInfo(NamedTuple):
+    """An InnerProduct's weights: num_output x (in_channels * block) columns."""
+    num_output: int
+    in_channels: int | None
+    block: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """The units that must be pruned together, with what falls with them (Θ_C's structure)."""
+    id: int
+    channels: tuple
+    consumers: tuple
+    riders: tuple
+    layers: tuple
+
+    def details(self) -> str:
+        def by_layer(items, layer, index):
+            rows = defaultdict(list)
+            for item in items:
+                rows[layer(item)].append(str(index(item)))
+            return [f"    {name}: {', '.join(indices)}" for name, indices in rows.items()] or ["    -"]
+        return "\n".join(
+            [f"group {self.id}: {len(self.channels)} channel(s) in {', '.join(self.layers)}", "  channels:"]
+            + by_layer(self.channels, lambda c: c.layer, lambda c: c.index)
+            + ["  consumer input channels:"]
+            + by_layer(self.consumers, lambda s: f"{s.layer} ({s.kind})", lambda s: s.input_channel)
+            + ["  riders:"]
+            + by_layer(self.riders, lambda r: f"{r.layer} ({r.type})", lambda r: r.channel))
+
+
+class _Tensor(NamedTuple):
+    channels: tuple      # one frozenset of units per channel
+    block: int | None    # elements per channel (H*W); None for an InnerProduct's output
+
+
+def _tensor_of(shape) -> _Tensor:
+    """A tensor no convolution's units reach (data, or whatever leaves a barrier)."""
+    if shape is None or len(shape) < 2:
+        return _Tensor((), None)
+    return _Tensor((NO_UNITS,) * shape[1], math.prod(shape[2:]))
+
+
+class _Builder:
+    """One pass over the layers in net order, recording ties (union-find), consumers and riders."""
+
+    def __init__(self, shapes):
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        self.tensors = {}
+        self.parent = {}                  # union-find over units, in net order
+        self.order = {}                   # conv layer -> position in the net
+        self.reasons = {}                 # unit -> why it cannot be pruned (first reason kept)
+        self.producers, self.conv_io = {}, {}
+        self.fc, self.fc_input = {}, {}
+        self.consumers, self.riders = [], []   # (ConsumerSlice | Rider, units of that channel)
+        self.barriers, self.lrn_across = {}, {}
+
+    # ---- union-find and unprunable units ----
+
+    def key(self, unit):
+        return self.order[unit.layer], unit.index
+
+    def axis(self, axis, blob):
+        """A Caffe axis parameter made non-negative (-3 of a 4-D blob is 1)."""
+        return axis + len(self.shapes.get(blob, ())) if axis < 0 else axis
+
+    def find(self, unit):
+        root = unit
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[unit] != root:
+            self.parent[unit], unit = root, self.parent[unit]
+        return root
+
+    def tie(self, channel_sets, why):
+        """Tensor channels that must fall together; a set with no unit can never fall, so units
+        tied to one are unprunable."""
+        units = [u for s in channel_sets for u in s]
+        self.union(units)
+        if units and any(not s for s in channel_sets):
+            self.pin(units, why)
+
+    def union(self, units):
+        for unit in units[1:]:
+            self.parent[self.find(unit)] = self.find(units[0])
+
+    def pin(self, units, why):
+        for unit in units:
+            self.reasons.setdefault(unit, why)
+
+    def shape(self, blob, layer):
+        if blob not in self.shapes:
+            raise engine.EngineError(f"layer {layer.name!r}: the shapes given hold no blob {blob!r}")
+        return self.shapes[blob]
+
+    def check_width(self, blob, tensor, layer):
+        shape = self.shapes.get(blob)
+        if shape is not None and len(shape) >= 2 and shape[1] != len(tensor.channels):
+            raise engine.EngineError(f"layer {layer.name!r}: shapes give {blob!r} {shape[1]} channels, "
+                                     f"the graph traced {len(tensor.channels)}; shapes from another net?")
+
+    # ---- layers ----
+
+    def visit(self, layer):
+        for blob in layer.bottom:
+            if blob not in self.tensors:
+                raise engine.EngineError(f"layer {layer.name!r} reads blob {blob!r} that no earlier layer produces")
+        bottoms = [self.tensors[b] for b in layer.bottom]
+        if layer.type in netdef.DATA_TYPES:
+            outs = [_tensor_of(self.shapes.get(top)) for top in layer.top]
+        elif layer.type in netdef.HEAD_TYPES:
+            self.pin([u for t in bottoms for s in t.channels for u in s],
+                     f"reaches {layer.type} {layer.name!r} with no InnerProduct in between: "
+                     f"its channels are the classes")
+            outs = [_tensor_of(self.shapes.get(top)) for top in layer.top]
+        else:
+            handler = {"Convolution": self.convolution, "InnerProduct": self.inner_product,
+                       "Eltwise": self.eltwise, "Concat": self.concat}.get(layer.type)
+            if handler is None and layer.type in PASS_THROUGH:
+                handler = self.pass_through
+            elif handler is None and layer.type in FLATTEN_TYPES:
+                handler = self.flatten
+            outs = handler(layer, bottoms) if handler else \
+                self.barrier(layer, bottoms, f"layer type {layer.type!r} is not one the channel graph follows")
+        self.tensors.update(zip(layer.top, outs))
+
+    def barrier(self, layer, bottoms, why):
+        self.barriers[layer.name] = why
+        self.pin([u for t in bottoms for s in t.channels for u in s], f"reaches barrier {layer.name!r}: {why}")
+        return [_tensor_of(self.shapes.get(top)) for top in layer.top]
+
+    def pass_through(self, layer, bottoms):
+        x = bottoms[0]
+        if layer.type in ("Scale", "Bias"):
+            param = layer.scale_param if layer.type == "Scale" else layer.bias_param
+            if len(bottoms) > 1 or self.axis(param.axis, layer.bottom[0]) != 1:
+                return self.barrier(layer, bottoms, f"{layer.type} with a second bottom or on an axis other "
+                                                    f"than channels")
+            riding = param.num_axes != 0
+        else:
+            riding = layer.type == "BatchNorm"
+        if riding:
+            self.riders += [(Rider(layer.name, layer.type, c), s) for c, s in enumerate(x.channels)]
+        if layer.type == "LRN" and layer.lrn_param.norm_region == layer.lrn_param.ACROSS_CHANNELS:
+            self.lrn_across[layer.name] = tuple(u for s in x.channels for u in sorted(s, key=self.key))
+        outs = []
+        for top in layer.top:
+            shape = self.shapes.get(top)
+            block = x.block if x.block is None or shape is None else math.prod(shape[2:])
+            outs.append(_Tensor(x.channels, block))
+        return outs
+
+    def flatten(self, layer, bottoms):
+        """Keep the channels when the top is (N, C*H*W), or the shape is unchanged: an InnerProduct
+        after it sees the same columns as without it (Caffe blobs are row-major N, C, H, W)."""
+        x = bottoms[0]
+        top = self.shape(layer.top[0], layer)
+        if top == self.shapes.get(layer.bottom[0]) or top[1:] == (len(x.channels) * (x.block or 1),):
+            return [x]
+        return self.barrier(layer, bottoms, f"{layer.type} to {top} is not a pure flattening of C, H, W")
+
+    def eltwise(self, layer, bottoms):
+        widths = [len(t.channels) for t in bottoms]
+        if len(set(widths)) > 1:
+            return self.barrier(layer, bottoms, f"Eltwise inputs have {widths} channels")
+        why = f"is added by Eltwise {layer.name!r} to a channel no convolution produces"
+        for c in range(widths[0]):
+            self.tie([t.channels[c] for t in bottoms], why)
+        channels = tuple(NO_UNITS.union(*(t.channels[c] for t in bottoms)) for c in range(widths[0]))
+        shape = self.shapes.get(layer.top[0])
+        block = None if bottoms[0].block is None or shape is None else math.prod(shape[2:])
+        return [_Tensor(channels, block)]
+
+    def concat(self, layer, bottoms):
+        cp = layer.concat_param
+        axis = cp.concat_dim if cp.HasField("concat_dim") else self.axis(cp.axis, layer.top[0])
+        if axis != 1:
+            return self.barrier(layer, bottoms, f"Concat on axis {axis}, not channels")
+        shape = self.shape(layer.top[0], layer)
+        return [_Tensor(sum((t.channels for t in bottoms), ()), math.prod(shape[2:]))]
+
+    def convolution(self, layer, bottoms):
+        cp = layer.convolution_param
+        if len(layer.bottom) != 1 or len(layer.top) != 1 or self.axis(cp.axis, layer.bottom[0]) != 1:
+            return self.barrier(layer, bottoms, "Convolution with several bottoms or not on axis 1")
+        x, out_shape = bottoms[0], self.shape(layer.top[0], layer)
+        self.check_width(layer.bottom[0], x, layer)
+        m, n, g = len(x.channels), out_shape[1], cp.group
+        if n != cp.num_output or m % g or n % g:
+            raise engine.EngineError(f"layer {layer.name!r}: {m} inputs, {n} outputs in shapes "
+                                     f"(num_output {cp.num_output}), group {g} do not fit")
+        # consumer side, papers/004 §3.1: input channels i, i + M/g, ... share a weight slice
+        per_in = m // g
+        for i in range(per_in):
+            self.tie([x.channels[i + k * per_in] for k in range(g)],
+                     f"is tied by grouped Convolution {layer.name!r} to a channel no convolution produces")
+        self.consumers += [(ConsumerSlice(layer.name, "conv", i), s) for i, s in enumerate(x.channels) if s]
+        # producer side: one unit per output channel; a grouped producer keeps its groups equal
+        units = tuple(Channel(layer.name, i) for i in range(n))
+        self.parent.update((u, u) for u in units)
+        self.order[layer.name] = len(self.order)
+        for i in range(n // g):
+            self.union(units[i::n // g])
+        if cp.kernel_h or cp.kernel_w:
+            kernel_area = cp.kernel_h * cp.kernel_w
+        else:
+            sizes = list(cp.kernel_size)
+            kernel_area = math.prod(sizes * (len(out_shape) - 2) if len(sizes) == 1 else sizes)
+        self.producers[layer.name] = ProducerInfo(n, g, kernel_area, m, cp.bias_term)
+        self.conv_io[layer.name] = (x, units)
+        return [_Tensor(tuple(frozenset([u]) for u in units), math.prod(out_shape[2:]))]
+
+    def inner_product(self, layer, bottoms):
+        ip = layer.inner_product_param
+        if self.axis(ip.axis, layer.bottom[0]) != 1:
+            return self.barrier(layer, bottoms, "InnerProduct on an axis other than channels")
+        x, size = bottoms[0], math.prod(self.shape(layer.bottom[0], layer)[1:])
+        if x.block is None:       # fed by an InnerProduct: no channels, one block that never falls
+            self.fc[layer.name] = FcInfo(ip.num_output, None, size)
+        else:
+            if len(x.channels) * x.block != size:
+                raise engine.EngineError(f"layer {layer.name!r}: {len(x.channels)} channels of {x.block} "
+                                         f"do not make its {size} inputs; shapes from another net?")
+            self.fc[layer.name] = FcInfo(ip.num_output, len(x.channels), x.block)
+            self.consumers += [(ConsumerSlice(layer.name, "fc", c), s) for c, s in enumerate(x.channels) if s]
+        self.fc_input[layer.name] = x
+        return [_Tensor((NO_UNITS,) * ip.num_output, None)]
+
+
+class ChannelGraph:
+    """Groups of units, the consumers and riders they take along, and weight counts for any
+    pruning state. Immutable after ``build``; the caller keeps the set of pruned group ids."""
+
+    def __init__(self, builder: _Builder):
+        """From a finished traversal; use ``ChannelGraph.build`` or ``build_graph``."""
+        b = builder
+        # unprunability spreads over ties: one reason per class, named on every unit
+        class_reason = {}
+        for unit, why in b.reasons.items():
+            class_reason.setdefault(b.find(unit), (unit, why))
+        unprunable, classes = {}, defaultdict(list)
+        for unit in b.parent:
+            root = b.find(unit)
+            if root in class_reason:
+                source, why = class_reason[root]
+                unprunable[unit] = b.reasons.get(unit) or f"tied to {source}, which {why}"
+            else:
+                classes[root].append(unit)
+        members = sorted((sorted(units, key=b.key) for units in classes.values()), key=lambda us: b.key(us[0]))
+        gid_of = {unit: gid for gid, units in enumerate(members) for unit in units}
+        self._never = len(members)        # index of the mask entry that is never set
+
+        def gid(channel_set):             # every unit of one tensor channel is in one class
+            return gid_of.get(next(iter(channel_set)), self._never) if channel_set else self._never
+
+        attached = defaultdict(lambda: ([], []))
+        for item, s in b.consumers:
+            attached[gid(s)][0].append(item)
+        for item, s in b.riders:
+            attached[gid(s)][1].append(item)
+        self.groups = tuple(
+            Group(id=i, channels=tuple(units), consumers=tuple(attached[i][0]), riders=tuple(attached[i][1]),
+                  layers=tuple(dict.fromkeys(u.layer for u in units)))
+            for i, units in enumerate(members))
+        self.producers = MappingProxyType(dict(b.producers))
+        self.fc = MappingProxyType(dict(b.fc))
+        self.barriers = MappingProxyType(dict(b.barriers))
+        self.unprunable = MappingProxyType(unprunable)
+        self.lrn_across = MappingProxyType(dict(b.lrn_across))
+        self._gid_of = MappingProxyType(gid_of)
+
+        # per-tensor-channel group ids, so that every count is a few numpy gathers
+        def gids(channel_sets):
+            return np.array([gid(s) for s in channel_sets], dtype=np.intp)
+        self._conv = {name: (gids(x.channels), gids([{u} for u in units]))
+                      for name, (x, units) in b.conv_io.items()}
+        self._fc_in = {name: gids(x.channels) for name, x in b.fc_input.items()
+                       if b.fc[name].in_channels is not None}
+
+        # what each group takes from each (producer layer, conv group): prunable() keeps one of each
+        def conv_group(unit):
+            info = self.producers[unit.layer]
+            return unit.layer, unit.index // (info.num_output // info.group)
+        self._takes = [Counter(map(conv_group, g.channels)) for g in self.groups]
+
+    @classmethod
+    def build(cls, net_param, shapes) -> "ChannelGraph":
+        """The graph of ``net_param`` (TEST phase), with blob shapes as Caffe computed them."""
+        if net_param.layers:
+            raise engine.EngineError(f"net {net_param.name!r} uses the V1 'layers' field; upgrade it with "
+                                     f"Caffe's upgrade_net_proto_text")
+        layers = engine.layers_in_phase(net_param, "test")
+        if not any(l.type in netdef.DATA_TYPES for l in layers):   # a definition saved from the TRAIN net
+            layers = engine.layers_in_phase(net_param, "train") or layers
+        builder = _Builder(shapes)
+        builder.tensors.update((name, _tensor_of(builder.shapes.get(name))) for name in net_param.input)
+        for layer in layers:
+            builder.visit(layer)
+        return cls(builder)
+
+    # ---- counts for a pruning state (a set of group ids) ----
+
+    def _mask(self, pruned):
+        mask = np.zeros(self._never + 1, dtype=bool)
+        if pruned:
+            ids = np.fromiter(pruned, dtype=np.intp, count=len(pruned))
+            if ids.min() < 0 or ids.max() >= self._never:
+                raise engine.EngineError(f"pruned holds group ids outside 0..{self._never - 1}")
+            mask[ids] = True
+        return mask
+
+    def group_of(self, layer: str, index: int) -> Group | None:
+        """The group holding output channel ``index`` of conv ``layer`` (None if unprunable)."""
+        gid = self._gid_of.get(Channel(layer, index))
+        return None if gid is None else self.groups[gid]
+
+    def active(self, layer: str, pruned) -> int:
+        """Output channels of conv ``layer`` still present."""
+        if layer not in self._conv:
+            raise engine.EngineError(f"{layer!r} is not a Convolution of this graph")
+        return int(np.count_nonzero(~self._mask(pruned)[self._conv[layer][1]]))
+
+    def conv_weights(self, pruned) -> int:
+        """Convolution weights left: sum of active_out * (active_in / group) * kernel_area."""
+        mask, total = self._mask(pruned), 0
+        for name, (in_gids, out_gids) in self._conv.items():
+            info = self.producers[name]
+            active_in = np.count_nonzero(~mask[in_gids])
+            total += int(np.count_nonzero(~mask[out_gids])) * (int(active_in) // info.group) * info.kernel_area
+        return total
+
+    def fc_weights(self, pruned) -> int:
+        """InnerProduct weights left: sum of num_output * active_in * block."""
+        mask, total = self._mask(pruned), 0
+        for name, info in self.fc.items():
+            active_in = np.count_nonzero(~mask[self._fc_in[name]]) if name in self._fc_in else 1
+            total += info.num_output * int(active_in) * info.block
+        return total
+
+    def weights_removed(self, group_id: int, pruned) -> int:
+        """Θ_C's convolution weights for ``group_id`` in the current state (papers/004 §3)."""
+        return self.conv_weights(pruned) - self.conv_weights(set(pruned) | {group_id})
+
+    def fc_weights_removed(self, group_id: int, pruned) -> int:
+        """Θ_C's InnerProduct weights for ``group_id`` in the current state."""
+        return self.fc_weights(pruned) - self.fc_weights(set(pruned) | {group_id})
+
+    def percent_conv_removed(self, pruned) -> float:
+        """100 * (1 - conv_weights(pruned) / conv_weights(set())): papers/004 Figure 6's x-axis."""
+        return 100.0 * (1.0 - self.conv_weights(pruned) / self.conv_weights(set()))
+
+    def prunable(self, pruned) -> list:
+        """Ids of groups not yet pruned whose removal leaves every producer layer they touch, and
+        every group of a grouped producer, at least one active channel."""
+        mask = self._mask(pruned)
+        left = {}
+        for name, (_, out_gids) in self._conv.items():
+            per_group = (~mask[out_gids]).reshape(self.producers[name].group, -1).sum(axis=1)
+            left.update(((name, k), int(count)) for k, count in enumerate(per_group))
+        return [g.id for g in self.groups if not mask[g.id]
+                and all(left[where] > count for where, count in self._takes[g.id].items())]
+
+
+def build_graph(net_param) -> ChannelGraph:
+    """Build ``netdef.evaluation_form(net_param)`` once in Caffe (batch 1: the graph reads only
+    per-image shapes) to read its blob shapes, then the graph of ``net_param`` (the evaluation
+    form's blob names equal the original's, data layers aside)."""
+    form, _ = netdef.evaluation_form(net_param, batch_size=1)
+    for layer in form.layer:   # Caffe's default constant filler: AlexNet's 68M fc weights fill in 0.1 s, not 0.5
+        for param in (layer.convolution_param, layer.inner_product_param):
+            param.ClearField("weight_filler")
+            param.ClearField("bias_filler")
+    with tempfile.TemporaryDirectory(prefix="caffe-prune-graph-") as tmp:
+        net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "net.prototxt"), probe=False)
+        shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
+    return ChannelGraph.build(net_param, shapes)
