@@ -108,6 +108,83 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_graph(args) -> int:
+    from caffe_prune import graph, graph_view
+    net_param = net_definition(args.net)
+    g = graph.build_graph(net_param)
+    print(graph_view.summary(g, net_param.name or str(args.net), args.list))
+    if args.picture:
+        print(f"picture: {graph_view.draw(g, net_param, args.picture)}")
+    return 0
+
+
+def chosen_groups(g, args) -> set:
+    """The pruning state to export: --groups ids, or a seeded random fraction of the groups, each
+    drawn from what is still prunable (never the last channel of a layer)."""
+    import numpy as np
+    if args.groups:
+        ids = {int(x) for x in args.groups.split(",")}
+        bad = sorted(i for i in ids if not 0 <= i < len(g.groups))
+        if bad:
+            raise engine.EngineError(f"--groups: no group {bad[0]}; the net has groups 0..{len(g.groups) - 1}")
+        return ids
+    if not 0 < args.random_fraction < 1:
+        raise engine.EngineError(f"--random-fraction must be in (0, 1), got {args.random_fraction}")
+    rng, pruned = np.random.default_rng(args.seed), set()
+    for _ in range(int(args.random_fraction * len(g.groups))):
+        offered = g.prunable(pruned)
+        if not offered:
+            break
+        pruned.add(int(rng.choice(offered)))
+    return pruned
+
+
+def cmd_export(args) -> int:
+    """Prune the chosen groups (masks), write the compact net, and measure both on test images."""
+    import numpy as np
+    from caffe_prune import export, graph, masking, netdef
+    from caffe_prune.data import cifar10
+    engine.set_mode("auto")
+    net_param = net_definition(args.net)
+    g = graph.build_graph(net_param)
+    pruned = chosen_groups(g, args)
+    images, labels = cifar10.read_split("test", cifar10.fetch(args.data))
+    n = min(args.images, len(images))
+    form, transform = netdef.evaluation_form(net_param, batch_size=n)
+    with tempfile.TemporaryDirectory() as tmp:
+        full = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "full.prototxt"), args.weights)
+    masker = masking.Masker(g, [full], args.semantics)
+    for group_id in sorted(pruned):
+        masker.commit(group_id)
+    done = export.export(net_param, g, pruned, full, args.out, net_param.name or "net")
+    x = cifar10.caffe_input(images[:n], transform.mean_values, transform.scale)
+    logits = form.layer[-1].bottom[0]
+    outputs = []
+    for net in (full, done["net"]):
+        net.blobs["data"].reshape(*x.shape)
+        net.blobs["label"].reshape(n)
+        net.reshape()
+        net.blobs["data"].data[...] = x
+        net.blobs["label"].data[...] = labels[:n]
+        net.forward()
+        outputs.append(net.blobs[logits].data.copy())
+    deviation = float(np.abs(outputs[0] - outputs[1]).max() / max(np.abs(outputs[0]).max(), 1e-12))
+    report = {"groups_pruned": len(pruned), "semantics": args.semantics,
+              "conv_weights": g.conv_weights(pruned), "conv_weights_original": g.conv_weights(set()),
+              "percent_conv_removed": round(g.percent_conv_removed(pruned), 3),
+              "prototxt": done["prototxt"], "caffemodel": done["caffemodel"], "widths": done["widths"],
+              "max_relative_logit_deviation": deviation, "images_compared": n,
+              "lrn_across_touched": done["lrn_across"]}
+    print(json.dumps(report, indent=2))
+    if done["lrn_across"]:
+        print(f"note: across-channel LRN {', '.join(done['lrn_across'])} normalises over neighbouring channels, so "
+              f"the compact net is not exactly the masked one; measured deviation {deviation:.3g}", file=sys.stderr)
+    elif args.semantics == "zero-downstream" and deviation > 1e-4:
+        raise engine.EngineError(f"compact export deviates from the masked net by {deviation:.3g} (relative); "
+                                 f"please report this as a bug")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The README's first command: check the engine, then evaluate the published LeNet-5."""
     if cmd_doctor(argparse.Namespace(json=False)) != 0:
@@ -150,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--gpu", action="store_true", help="require GPU mode")
     mode.add_argument("--cpu", action="store_true", help="force CPU mode")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("graph", help="channel groups, weights removed, barriers; optional picture")
+    p.add_argument("net", help="network name, prototxt, or caffemodel")
+    p.add_argument("--picture", default=None, help="write the layer graph to this .png or .svg")
+    p.add_argument("--list", type=int, default=3, help="how many groups to print in detail (default 3)")
+    p.set_defaults(func=cmd_graph)
+    p = sub.add_parser("export", help="prune chosen groups and write the physically smaller network")
+    p.add_argument("net", help="network name, prototxt, or caffemodel")
+    p.add_argument("weights", help="caffemodel")
+    chosen = p.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--groups", help="comma-separated group ids (see `caffe-prune graph`)")
+    chosen.add_argument("--random-fraction", type=float, help="prune this fraction of the groups at random")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-fraction")
+    p.add_argument("--semantics", choices=("zero-downstream", "authors"), default="zero-downstream")
+    p.add_argument("--images", type=int, default=16, help="test images to compare masked and compact nets on")
+    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL")
+    p.add_argument("--out", default="models/exported", help="output directory (default models/exported)")
+    p.set_defaults(func=cmd_export)
     data_commands.register(sub)
     p = sub.add_parser("demo", help="check the engine, then evaluate the published LeNet-5")
     p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL")

@@ -14,6 +14,8 @@ PACKAGES=(
   # OpenCV: Caffe's ImageData reads images through imread; libopencv-dev is the only package that
   # ships OpenCVConfig.cmake, and highgui (which Caffe's io.cpp includes) is what pulls Qt anyway.
   libopencv-dev
+  # `caffe-prune graph` draws with Graphviz (through pydot)
+  graphviz
   # the interpreter boost-python is built for, with headers and venv
   python3 python3-dev python3-venv
 )
