@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from caffe_prune import engine, published
+from caffe_prune import engine, networks, published
 from caffe_prune.data import commands as data_commands
 
 TABLE1_TOP1 = {"LeNet-5": 69, "ResNet-20": 88}   # published top-1 (%), papers/004 Table 1
@@ -42,22 +42,13 @@ def cmd_doctor(args) -> int:
     return 1 if problems else 0
 
 
-def net_definition(net):
-    """A network name (one of the six), a prototxt, or a caffemodel whose embedded definition is used."""
-    from caffe_prune import networks
-    if net in networks.NETWORKS:
-        return networks.train_test(net)
-    source = Path(net)
-    return engine.read_caffemodel(source) if source.suffix == ".caffemodel" else engine.read_prototxt(source)
-
-
 def run_evaluation(net, weights, data, batches, progress=True) -> dict:
-    """Evaluate `weights` with the definition `net` (see net_definition) on the CIFAR-10 test
+    """Evaluate `weights` with the definition `net` (see networks.definition) on the CIFAR-10 test
     split, fed as the original data layer did."""
     from caffe_prune import evaluate, netdef
     from caffe_prune.data import cifar10
     engine.set_mode("auto")
-    net_param = net_definition(net)
+    net_param = networks.definition(net)
     form, transform = netdef.evaluation_form(net_param)
     images, labels = cifar10.read_split("test", cifar10.fetch(data, progress=progress))
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +101,7 @@ def cmd_train(args) -> int:
 
 def cmd_graph(args) -> int:
     from caffe_prune import graph, graph_view
-    net_param = net_definition(args.net)
+    net_param = networks.definition(args.net)
     g = graph.build_graph(net_param)
     print(graph_view.summary(g, net_param.name or str(args.net), args.list))
     if args.picture:
@@ -145,7 +136,7 @@ def cmd_export(args) -> int:
     from caffe_prune import export, graph, masking, netdef
     from caffe_prune.data import cifar10
     engine.set_mode("auto")
-    net_param = net_definition(args.net)
+    net_param = networks.definition(args.net)
     g = graph.build_graph(net_param)
     pruned = chosen_groups(g, args)
     images, labels = cifar10.read_split("test", cifar10.fetch(args.data))

@@ -504,6 +504,6 @@ def build_graph(net_param) -> ChannelGraph:
             param.ClearField("weight_filler")
             param.ClearField("bias_filler")
     with tempfile.TemporaryDirectory(prefix="caffe-prune-graph-") as tmp:
-        net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "net.prototxt"), probe=False)
+        net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "net.prototxt"), probe=True)
         shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
     return ChannelGraph.build(net_param, shapes)

@@ -36,7 +36,21 @@ class Transform:
         return cls(scale=tp.scale if tp.HasField("scale") else 1.0, mean_values=tuple(tp.mean_value))
 
 
-def evaluation_form(net_param, batch_size: int = 128, channels: int = 3, size: int = 32):
+def input_shape(layer) -> tuple:
+    """(C, H, W) a data layer hands the net: an Input layer's own shape, an ImageData layer's
+    new_height/new_width or crop, else CIFAR-10's 3x32x32 (what the six networks read)."""
+    if layer.type == "Input" and layer.input_param.shape and len(layer.input_param.shape[0].dim) == 4:
+        return tuple(layer.input_param.shape[0].dim[1:])
+    crop = layer.transform_param.crop_size
+    if crop:
+        return (3, crop, crop)
+    if layer.type == "ImageData" and layer.image_data_param.new_height:
+        p = layer.image_data_param
+        return (1 if p.HasField("is_color") and not p.is_color else 3, p.new_height, p.new_width)
+    return (3, 32, 32)
+
+
+def evaluation_form(net_param, batch_size: int = 128):
     """Return (NetParameter, Transform): the net fed by Input layers, scored by Caffe's own layers."""
     pb2 = engine.caffe_pb2()
     layers = engine.layers_in_phase(net_param, "test")
@@ -54,7 +68,7 @@ def evaluation_form(net_param, batch_size: int = 128, channels: int = 3, size: i
 
     out = pb2.NetParameter(name=net_param.name)
     data = out.layer.add(name="data", type="Input", top=["data", "label"])
-    data.input_param.shape.add(dim=[batch_size, channels, size, size])
+    data.input_param.shape.add(dim=[batch_size, *input_shape(data_layers[0])])
     data.input_param.shape.add(dim=[batch_size])
     split_alias = {}  # auto-inserted Split tops -> the blob they copy
     for layer in layers:
@@ -74,8 +88,21 @@ def evaluation_form(net_param, batch_size: int = 128, channels: int = 3, size: i
     out.layer.add(name="loss", type="SoftmaxWithLoss", bottom=[logits, "label"], top=["loss"])
     out.layer.add(name="top1", type="Accuracy", bottom=[logits, "label"], top=["top1"])
     top5 = out.layer.add(name="top5", type="Accuracy", bottom=[logits, "label"], top=["top5"])
-    top5.accuracy_param.top_k = 5
+    top5.accuracy_param.top_k = min(5, _classes(out, logits))   # Caffe CHECK-aborts on top_k > classes
     return out, transform
+
+
+def _classes(net_param, logits: str) -> int:
+    """How many classes the logits hold: num_output of the last layer writing them (5 if unknown)."""
+    for layer in reversed(net_param.layer):
+        if logits in layer.top:
+            if layer.type == "InnerProduct":
+                return layer.inner_product_param.num_output
+            if layer.type == "Convolution":
+                return layer.convolution_param.num_output
+            if layer.bottom:
+                logits = layer.bottom[0]
+    return 5
 
 
 def write_prototxt(net_param, path) -> Path:

@@ -15,6 +15,8 @@ Network in Network for CIFAR-10 (gist mavenlin/e56253735ef32c3c296d).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf import text_format
 
 from caffe_prune import engine
@@ -313,6 +315,15 @@ def deploy(name, batch_size: int = 1):
     net = n.to_proto()
     net.name = name
     return net
+
+
+def definition(net):
+    """A network name (one of the six), a prototxt, or a caffemodel whose embedded definition is
+    used: what every command accepts as NET."""
+    if net in NETWORKS:
+        return train_test(net)
+    path = Path(net)
+    return engine.read_caffemodel(path) if path.suffix == ".caffemodel" else engine.read_prototxt(path)
 
 
 def transform(name) -> Transform:
