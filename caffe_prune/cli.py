@@ -11,6 +11,7 @@ from pathlib import Path
 
 from caffe_prune import engine, networks, published
 from caffe_prune.data import commands as data_commands
+from caffe_prune.metrics import commands as metric_commands
 
 TABLE1_TOP1 = {"LeNet-5": 69, "ResNet-20": 88}   # published top-1 (%), papers/004 Table 1
 
@@ -176,15 +177,95 @@ def cmd_export(args) -> int:
     return 0
 
 
+PAPER_METRICS = ("mean_activations", "taylor", "fisher", "mean_gradients", "mean_sq_weights")
+
+
+def prune_config(args, net, weights, metric=None, oracle=None, seed=None):
+    from caffe_prune import pruning
+    return pruning.Config(net=str(net), weights=str(weights), metric=metric, oracle=list(oracle or []),
+                          k=args.k, eval_size=args.eval_size, oracle_eval_size=args.oracle_eval_size,
+                          test_size=args.test_size, test_interval=args.test_interval, max_drop=args.max_drop,
+                          floor=args.floor, seed=args.seed if seed is None else seed,
+                          semantics=args.semantics, reading=args.reading, max_steps=args.max_steps)
+
+
+def oracle_list(value):
+    return list(PAPER_METRICS) if value in (None, "paper") else [m for m in value.split(",") if m]
+
+
+def run_one(config, out, args) -> list:
+    from caffe_prune import pruning
+    run = pruning.Run(config, out, data=args.data, force=args.force, progress=not args.quiet)
+    steps = run.run()
+    removed = pruning.removed_at_drop(steps, config.max_drop)
+    last = steps[-1]
+    print(f"{out}: {len(steps) - 1} steps, {last['percent_conv_removed']:.1f}% conv weights removed at the end; "
+          f"{removed:.1f}% within {config.max_drop:g} points of the initial top-1 "
+          f"{100 * steps[0]['test']['top1']:.2f}%")
+    return steps
+
+
+def cmd_prune(args) -> int:
+    config = prune_config(args, args.net, args.weights, args.metric,
+                          oracle_list(args.oracle) if args.metric is None else None)
+    run_one(config, args.out, args)
+    return 0
+
+
+def reproduce(args, nets, methods, seeds, out) -> Path:
+    """The run matrix (net x method x seed), each run resumable in its own directory, then the report."""
+    from caffe_prune import report
+    run_dirs = []
+    for net in nets:
+        weights = published.caffemodel(net)
+        for method in methods:
+            for seed in seeds:
+                metric, constituents = (None, oracle_list(args.oracle)) if method == "oracle" else (method, None)
+                run_dir = Path(out) / "runs" / net / method / f"seed{seed}"
+                run_one(prune_config(args, net, weights, metric, constituents, seed), run_dir, args)
+                run_dirs.append(run_dir)
+    path = report.write_report(run_dirs, Path(out) / "report")
+    print(f"report: {path}")
+    return path
+
+
+def cmd_reproduce(args) -> int:
+    nets = args.nets.split(",")
+    methods = [m for m in args.methods.split(",") if m]
+    reproduce(args, nets, methods, range(args.seed, args.seed + args.runs), args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
-    """The README's first command: check the engine, then evaluate the published LeNet-5."""
+    """The README's first command: check the engine, then a short pruning run of the published
+    LeNet-5 with the oracle and one single metric, ending in the report with its plot."""
     if cmd_doctor(argparse.Namespace(json=False)) != 0:
         return 1
     weights = published.caffemodel("LeNet-5")
     scores = run_evaluation(weights, weights, args.data, None)
     print_scores("published LeNet-5", scores)
     print(f"paper (Table 1): top-1 {TABLE1_TOP1['LeNet-5']}% on the full 10,000-image test set")
+    reproduce(args, ["LeNet-5"], ["mean_sq_weights", "oracle"], [args.seed], args.out)
     return 0
+
+
+def add_prune_options(p) -> None:
+    """Algorithm 1's knobs, with the paper's defaults (papers/004 §5)."""
+    p.add_argument("--k", type=int, default=16, help="oracle shortlist size (default 16)")
+    p.add_argument("--eval-size", type=int, default=2, help="validation batches per saliency (default 2)")
+    p.add_argument("--oracle-eval-size", type=int, default=2, help="validation batches per sensitivity (default 2)")
+    p.add_argument("--test-size", type=int, default=80, help="test batches per measurement (default 80, or all)")
+    p.add_argument("--test-interval", type=int, default=1, help="measure test top-1 every N steps (default 1)")
+    p.add_argument("--max-drop", type=float, default=5.0, help="stop past this many points below the start")
+    p.add_argument("--floor", type=float, default=None, help="also stop below this absolute top-1 (%%)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch draws (default 0)")
+    p.add_argument("--semantics", choices=("zero-downstream", "authors"), default="zero-downstream")
+    p.add_argument("--reading", choices=("authors", "conv-output"), default="authors",
+                   help="which tensors activation metrics read (default: the authors' blob data/diff)")
+    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL")
+    p.add_argument("--force", action="store_true", help="replace a run with another configuration in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,8 +317,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models/exported", help="output directory (default models/exported)")
     p.set_defaults(func=cmd_export)
     data_commands.register(sub)
-    p = sub.add_parser("demo", help="check the engine, then evaluate the published LeNet-5")
-    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL")
+    metric_commands.register(sub)
+    p = sub.add_parser("prune", help="Algorithm 1 with one saliency metric or the myopic oracle")
+    p.add_argument("net", help="network name, prototxt, or caffemodel")
+    p.add_argument("weights", help="caffemodel")
+    method = p.add_mutually_exclusive_group(required=True)
+    method.add_argument("--metric", help="a saliency metric (see `caffe-prune metrics list`)")
+    method.add_argument("--oracle", nargs="?", const="paper",
+                        help="the myopic oracle over these constituents (default: the paper's five)")
+    add_prune_options(p)
+    p.add_argument("--out", required=True, help="run directory (resumed when it holds the same run)")
+    p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("reproduce", help="the Table 2 matrix for networks with published weights, then the report")
+    p.add_argument("--nets", default="LeNet-5,ResNet-20", help="comma-separated (default LeNet-5,ResNet-20)")
+    p.add_argument("--methods", default=",".join(PAPER_METRICS) + ",oracle", help="metrics and/or 'oracle'")
+    p.add_argument("--oracle", default="paper", help="the oracle's constituents (default: the paper's five)")
+    p.add_argument("--runs", type=int, default=8, help="seeds per method (default 8)")
+    add_prune_options(p)
+    p.add_argument("--out", default="runs/reproduce", help="where runs and report go")
+    p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("demo", help="check the engine, evaluate the published LeNet-5, prune it, report")
+    p.add_argument("--oracle", default="paper", help=argparse.SUPPRESS)
+    add_prune_options(p)
+    p.add_argument("--out", default="runs/demo", help="where the runs and the report go (default runs/demo)")
     p.set_defaults(func=cmd_demo)
     return parser
 

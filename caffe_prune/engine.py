@@ -219,7 +219,13 @@ def check_net(net_param, phase, path) -> None:
 
 
 def check_weights(net, weights_param, weights_path) -> None:
-    """Compare every blob shape in a caffemodel with the net's (Caffe CHECK-aborts on a mismatch)."""
+    """Compare every blob shape in a caffemodel with the net's (Caffe CHECK-aborts on a mismatch),
+    and refuse a caffemodel lacking weights for some layer (Caffe would silently keep the fillers)."""
+    have = {layer.name for layer in list(weights_param.layer) + list(weights_param.layers) if layer.blobs}
+    missing = [name for name in net.params if name not in have]
+    if missing:
+        raise EngineError(f"{weights_path} holds no weights for layer(s) {', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''} of the prototxt: a caffemodel of another network?")
     for layer in list(weights_param.layer) + list(weights_param.layers):
         if layer.name not in net.params:
             continue

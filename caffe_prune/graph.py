@@ -453,6 +453,21 @@ class ChannelGraph:
             raise engine.EngineError(f"{layer!r} is not a Convolution of this graph")
         return int(np.count_nonzero(~self._mask(pruned)[self._conv[layer][1]]))
 
+    def present(self, layer: str, pruned, side: str = "output") -> np.ndarray:
+        """One bool per channel, True while it is present in pruning state ``pruned``: the output
+        channels of conv ``layer`` (``side="output"``), or the input channels of a conv or
+        InnerProduct ``layer`` (``side="input"``; a channel no convolution produces is always
+        present). What the saliency metrics' active counts and layer norms read."""
+        mask = self._mask(pruned)
+        if side == "output" and layer in self._conv:
+            return ~mask[self._conv[layer][1]]
+        if side == "input" and layer in self._conv:
+            return ~mask[self._conv[layer][0]]
+        if side == "input" and layer in self._fc_in:
+            return ~mask[self._fc_in[layer]]
+        raise engine.EngineError(f"{layer!r} has no {side} channels in this graph (side is 'output' "
+                                 f"for a Convolution, 'input' for a Convolution or an InnerProduct fed channels)")
+
     def conv_weights(self, pruned) -> int:
         """Convolution weights left: sum of active_out * (active_in / group) * kernel_area."""
         mask, total = self._mask(pruned), 0

@@ -1,1 +1,27 @@
-"""Saliency metrics."""
+"""Saliency metrics from Caffe passes: the taxonomy's compositions, the paper's five, Domino.
+
+- ``taxonomy``: a metric is input x pointwise x reduction x scaling (``parse``, ``list_metrics``,
+  ``ALIASES`` for papers/004's five, ``AS_PRINTED`` for equations 1-5);
+- ``collect``: one forward, one backward (and one OBD Hessian pass, if asked) per validation batch,
+  reduced to per-sample values per channel; ``inputs``: per-sample weight gradients;
+- ``saliency``: one number per channel (``saliency``) and the prunable groups ranked
+  (``rank_groups``); ``hessian``: OBD's Hessian diagonal from Caffe's backward.
+
+``rank(names, net, graph, batches, pruned, reading)`` is the pruning loop's call: one ``collect`` for
+all ``names``, then each metric's ranking as a list of group ids, least salient first.
+"""
+from caffe_prune.metrics.collect import READINGS, Tensors, collect
+from caffe_prune.metrics.saliency import layer_saliencies, rank_groups, saliency
+from caffe_prune.metrics.taxonomy import (ALIASES, AS_PRINTED, DOMINO, EQUATIONS, Metric, MetricError,
+                                          list_metrics, parse)
+
+
+def rank(names, net, graph, batches, pruned=frozenset(), reading: str = "authors") -> dict:
+    """{name: [group ids of graph.prunable(pruned), least salient first]} from one collect."""
+    names = list(names)
+    tensors = collect(net, graph, batches, names, reading)
+    return {name: [gid for gid, _ in rank_groups(name, tensors, graph, pruned)] for name in names}
+
+
+__all__ = ["ALIASES", "AS_PRINTED", "DOMINO", "EQUATIONS", "READINGS", "Metric", "MetricError", "Tensors",
+           "collect", "layer_saliencies", "list_metrics", "parse", "rank", "rank_groups", "saliency"]

@@ -1,0 +1,133 @@
+"""From collected per-sample values to one saliency per channel, and to a ranking of groups.
+
+``saliency(metric, tensors, graph, pruned)``: the mean over samples of the collected reduced
+values (``collect``), the scaling across each layer in pruning state ``pruned``, and, for a Domino
+metric, the aggregation over the channel's group. One float per channel of every group not pruned;
+unprunable channels (``graph.unprunable``) are never scored.
+
+``rank_groups(metric, tensors, graph, pruned)``: the groups that can still be pruned
+(``graph.prunable(pruned)``), least salient first, as (group id, score). A plain metric scores a
+group by the *minimum* over its channels: the group falls as soon as its least salient member is
+chosen. A Domino metric already scores every member with the group's aggregate.
+
+Scaling contexts (``taxonomy.Layer``), per item of a layer in the current state:
+
+- feature maps: count = active count = H·W; present = the conv's output channels still present;
+- filters W[o]: count = C/group · kh·kw; active count = the input channels of o's group still
+  present x kh·kw; present = the output channels still present;
+- a convolution's input slice W[outputs of group(i), i]: count = num_output/group · kh·kw; active
+  count = that group's output channels still present x kh·kw; present = the input channels still
+  present (layer norms run over the consumer's slices);
+- an InnerProduct's block of channel c: count = active count = num_output · block;
+- Θ_C (``weights_removed``) = ``graph.weights_removed`` + ``graph.fc_weights_removed`` of the
+  item's group, the same for every item of a group (NaN for an unprunable item).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from caffe_prune.metrics import taxonomy
+from caffe_prune.metrics.taxonomy import Layer, Metric, MetricError, parse
+
+AGGREGATIONS = {"sum": np.sum, "mean": np.mean, "max": np.max}
+
+
+def _metric(metric) -> Metric:
+    return metric if isinstance(metric, Metric) else parse(metric)
+
+
+def layer_saliencies(metric, tensors, graph, pruned=frozenset(), slices: bool = False) -> dict:
+    """{(layer, side): scaled saliency per item} of a plain metric: the mean over samples, then
+    the scaling. Side "out": every conv's output channels; with ``slices`` (weights only) also
+    side "in": every conv's and channel-fed InnerProduct's input slices."""
+    m = _metric(metric).base
+    pruned = frozenset(pruned)
+    removed_of = _theta_c(graph, pruned) if m.scaling == "weights_removed" else None
+    scale = taxonomy.SCALINGS[m.scaling]
+    out = {}
+    for conv, info in graph.producers.items():
+        mean = tensors.get(conv, "out", m.key).mean(axis=0)
+        present = graph.present(conv, pruned, "output")
+        if m.input == "activation":
+            count = np.full(info.num_output, float(tensors.area[conv]))
+            active = count
+        else:
+            cg = info.in_channels // info.group
+            count = np.full(info.num_output, float(cg * info.kernel_area))
+            per_group = graph.present(conv, pruned, "input").reshape(info.group, cg).sum(axis=1)
+            active = np.repeat(per_group, info.num_output // info.group) * float(info.kernel_area)
+        groups = [graph.group_of(conv, i) for i in range(info.num_output)]
+        removed = _items_removed(removed_of, [None if g is None else g.id for g in groups])
+        out[(conv, "out")] = scale(mean, Layer(count, active, present, removed))
+    if slices and m.input == "weights":
+        consumer_gid = {(s.layer, s.input_channel): group.id for group in graph.groups for s in group.consumers}
+        for conv, info in graph.producers.items():
+            og, cg = info.num_output // info.group, info.in_channels // info.group
+            count = np.full(info.in_channels, float(og * info.kernel_area))
+            per_group = graph.present(conv, pruned, "output").reshape(info.group, og).sum(axis=1)
+            active = np.repeat(per_group, cg) * float(info.kernel_area)
+            present = graph.present(conv, pruned, "input")
+            removed = _items_removed(removed_of, [consumer_gid.get((conv, i)) for i in range(info.in_channels)])
+            mean = tensors.get(conv, "in", m.key).mean(axis=0)
+            out[(conv, "in")] = scale(mean, Layer(count, active, present, removed))
+        for fc, info in graph.fc.items():
+            if info.in_channels is None:
+                continue
+            count = np.full(info.in_channels, float(info.num_output * info.block))
+            present = graph.present(fc, pruned, "input")
+            removed = _items_removed(removed_of, [consumer_gid.get((fc, c)) for c in range(info.in_channels)])
+            out[(fc, "in")] = scale(tensors.get(fc, "in", m.key).mean(axis=0), Layer(count, count, present, removed))
+    return out
+
+
+def saliency(metric, tensors, graph, pruned=frozenset()) -> dict:
+    """{Channel: saliency} for every channel of every group not in ``pruned``."""
+    m = _metric(metric)
+    pruned = frozenset(pruned)
+    per_layer = layer_saliencies(m, tensors, graph, pruned, slices=bool(m.domino))
+    result = {}
+    for group in graph.groups:
+        if group.id in pruned:
+            continue
+        if m.domino:
+            values = [per_layer[(c.layer, "out")][c.index] for c in group.channels]
+            if m.input == "weights":
+                values += [per_layer[(s.layer, "in")][s.input_channel] for s in group.consumers]
+            score = float(AGGREGATIONS[m.domino](values))
+            result.update((c, score) for c in group.channels)
+        else:
+            result.update((c, float(per_layer[(c.layer, "out")][c.index])) for c in group.channels)
+    return result
+
+
+def rank_groups(metric, tensors, graph, pruned=frozenset()) -> list:
+    """[(group id, score)] for ``graph.prunable(pruned)``, ascending (ties by group id)."""
+    scores = saliency(metric, tensors, graph, pruned)
+    by_group = {}
+    for gid in graph.prunable(pruned):
+        by_group[gid] = min(scores[c] for c in graph.groups[gid].channels)
+    bad = [gid for gid, s in by_group.items() if not np.isfinite(s)]
+    if bad:
+        raise MetricError(f"{metric}: saliency is not finite for group(s) {bad[:5]}; check the net's values")
+    return sorted(by_group.items(), key=lambda item: (item[1], item[0]))
+
+
+def _theta_c(graph, pruned):
+    """gid -> Θ_C (conv + InnerProduct weights removed with the group in state ``pruned``), each
+    computed once; NaN for no group (an unprunable item) or a pruned one."""
+    cache = {}
+
+    def removed(gid):
+        if gid is None or gid in pruned:
+            return np.nan
+        if gid not in cache:
+            cache[gid] = float(graph.weights_removed(gid, pruned) + graph.fc_weights_removed(gid, pruned))
+        return cache[gid]
+    return removed
+
+
+def _items_removed(removed, gids) -> np.ndarray:
+    """Θ_C per item (NaN everywhere when the scaling does not read it)."""
+    if removed is None:
+        return np.full(len(gids), np.nan)
+    return np.array([removed(gid) for gid in gids], dtype=np.float64)
