@@ -185,7 +185,7 @@ def write_report(run_dirs, out_dir) -> Path:
               f"oracle sensitivity; oracle k = {c['k']}; test every {c['test_interval']} step(s); "
               f"stop at a drop of more than {c['max_drop']} points.",
               f"- masking semantics: {c['semantics']}; tensors read: {c['reading']}.",
-              f"- runs: {len(runs)} ({', '.join(sorted({str(r['config']['seed']) for r in runs}))} seeds).",
+              f"- runs: {len(runs)}; seeds: {', '.join(sorted({str(r['config']['seed']) for r in runs}))}.",
               "- differences from the paper: a subset of CIFAR-10 when the full set is absent (accuracies and "
               "the drop criterion then rest on fewer test images), and the published networks evaluated with "
               "stock Caffe; every other setting follows the protocol in ../shared/reference/published.json.", ""]
