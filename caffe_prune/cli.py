@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from caffe_prune import engine, networks, published
@@ -52,8 +50,7 @@ def run_evaluation(net, weights, data, batches, progress=True) -> dict:
     net_param = networks.definition(net)
     form, transform = netdef.evaluation_form(net_param)
     images, labels = cifar10.read_split("test", cifar10.fetch(data, progress=progress))
-    with tempfile.TemporaryDirectory() as tmp:
-        net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "eval.prototxt"), weights)
+    net = engine.net_from_param(form, weights)
     inputs = cifar10.caffe_input(images, transform.mean_values, transform.scale)
     return evaluate.evaluate(net, inputs, labels, batches=batches, progress=progress)
 
@@ -134,7 +131,7 @@ def chosen_groups(g, args) -> set:
 def cmd_export(args) -> int:
     """Prune the chosen groups (masks), write the compact net, and measure both on test images."""
     import numpy as np
-    from caffe_prune import export, graph, masking, netdef
+    from caffe_prune import evaluate, export, graph, masking, netdef
     from caffe_prune.data import cifar10
     engine.set_mode("auto")
     net_param = networks.definition(args.net)
@@ -143,8 +140,7 @@ def cmd_export(args) -> int:
     images, labels = cifar10.read_split("test", cifar10.fetch(args.data))
     n = min(args.images, len(images))
     form, transform = netdef.evaluation_form(net_param, batch_size=n)
-    with tempfile.TemporaryDirectory() as tmp:
-        full = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "full.prototxt"), args.weights)
+    full = engine.net_from_param(form, args.weights)
     masker = masking.Masker(g, [full], args.semantics)
     for group_id in sorted(pruned):
         masker.commit(group_id)
@@ -153,11 +149,7 @@ def cmd_export(args) -> int:
     logits = form.layer[-1].bottom[0]
     outputs = []
     for net in (full, done["net"]):
-        net.blobs["data"].reshape(*x.shape)
-        net.blobs["label"].reshape(n)
-        net.reshape()
-        net.blobs["data"].data[...] = x
-        net.blobs["label"].data[...] = labels[:n]
+        evaluate.feed(net, x, labels[:n])
         net.forward()
         outputs.append(net.blobs[logits].data.copy())
     deviation = float(np.abs(outputs[0] - outputs[1]).max() / max(np.abs(outputs[0]).max(), 1e-12))

@@ -277,6 +277,16 @@ def probe_construct(prototxt, phase="test") -> None:
         raise EngineError(f"{prototxt}: Caffe cannot build this net: {reason}")
 
 
+def net_from_param(net_param, weights=None, phase="test", probe=True):
+    """load_net for a NetParameter held in memory (Caffe's Python constructor takes a file)."""
+    import tempfile
+    from google.protobuf import text_format
+    with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
+        path = Path(tmp) / f"{net_param.name or 'net'}.prototxt"
+        path.write_text(text_format.MessageToString(net_param))
+        return load_net(path, weights, phase, probe)
+
+
 def load_net(prototxt, weights=None, phase="test", probe=True):
     """Build a caffe.Net from a prototxt (and caffemodel) after checking both in Python.
 

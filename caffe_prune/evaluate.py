@@ -12,6 +12,22 @@ from tqdm import tqdm
 from caffe_prune import engine
 
 
+def feed(net, x: np.ndarray, y: np.ndarray) -> int:
+    """Put a batch into an evaluation form's Input blobs ``data`` and ``label``, reshaping the net
+    for a batch of another size; returns the batch size."""
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y) or len(x) == 0:
+        raise engine.EngineError(f"a batch needs as many labels as images (got {len(x)} and {len(y)}), at least one")
+    data, label = net.blobs["data"], net.blobs["label"]
+    if data.data.shape != x.shape:
+        data.reshape(*x.shape)
+        label.reshape(len(y))
+        net.reshape()
+    data.data[...] = x
+    label.data[...] = y
+    return len(x)
+
+
 def evaluate(net, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128,
              batches: int | None = None, progress: bool = True) -> dict:
     """Run `inputs` (N, C, H, W float32, already transformed) through `net` and score them."""
@@ -27,12 +43,7 @@ def evaluate(net, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128,
     starts = range(0, len(inputs), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
         x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
-        if net.blobs["data"].data.shape[0] != len(x):
-            net.blobs["data"].reshape(*((len(x),) + x.shape[1:]))
-            net.blobs["label"].reshape(len(x))
-            net.reshape()
-        net.blobs["data"].data[...] = x
-        net.blobs["label"].data[...] = y
+        feed(net, x, y)
         out = net.forward()
         for key in totals:
             totals[key] += float(out[key]) * len(x)

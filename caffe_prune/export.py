@@ -11,7 +11,6 @@ instead of claimed equal.
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +83,7 @@ def export(net_param, graph, pruned, net, out_dir, name: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     prototxt = netdef.write_prototxt(compact_param, out_dir / f"{name}.prototxt")
     form, _ = netdef.evaluation_form(compact_param)
-    with tempfile.TemporaryDirectory() as tmp:
-        small = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "eval.prototxt"), probe=False)
+    small = engine.net_from_param(form, probe=False)
     for layer, arrays in weights.items():
         for blob, array in zip(small.params[layer], arrays):
             if blob.data.shape != array.shape:

@@ -77,10 +77,8 @@ none of its units' groups is pruned (an Eltwise output channel: its tied units f
 from __future__ import annotations
 
 import math
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -518,7 +516,6 @@ def build_graph(net_param) -> ChannelGraph:
         for param in (layer.convolution_param, layer.inner_product_param):
             param.ClearField("weight_filler")
             param.ClearField("bias_filler")
-    with tempfile.TemporaryDirectory(prefix="caffe-prune-graph-") as tmp:
-        net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "net.prototxt"), probe=True)
-        shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
+    net = engine.net_from_param(form)
+    shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
     return ChannelGraph.build(net_param, shapes)

@@ -14,7 +14,6 @@ the weights and bias. Import turns such a model into a stock prototxt + caffemod
 from __future__ import annotations
 
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -134,8 +133,7 @@ def network_of(src: Path, model_param, net: str | None) -> str | None:
 
 def weights_mismatch(net_param, weights: dict) -> str | None:
     """Why `weights` do not load by name into `net_param` (built in Caffe), or None if they do."""
-    with tempfile.TemporaryDirectory() as tmp:
-        net = engine.load_net(netdef.write_prototxt(net_param, Path(tmp) / "deploy.prototxt"), probe=False)
+    net = engine.net_from_param(net_param, probe=False)
     for layer, blobs in net.params.items():
         arrays = weights.get(layer)
         if arrays is None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,8 +88,7 @@ class Run:
         self.net_param = networks.definition(config.net)
         self.graph = build_graph(self.net_param)
         form, self.transform = netdef.evaluation_form(self.net_param, batch_size=config.batch_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "eval.prototxt"), config.weights)
+        self.net = engine.net_from_param(form, config.weights)
         self.masker = masking.Masker(self.graph, [self.net], config.semantics)
         prepared = cifar10.prepare(data, progress=progress)
         train_x, train_y = cifar10.read_split("train", prepared["source"])

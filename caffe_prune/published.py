@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 from caffe_prune import engine
-from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
+from caffe_prune.download import CACHE_ROOT, WORKPLACE_SHARED, DownloadError, digest, download
 
 MANIFEST = Path(__file__).resolve().parents[1] / "models" / "published.json"
 MODELS_ENV = "CAFFE_PRUNE_MODELS"
-WORKPLACE_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "published"
+WORKPLACE_MIRROR = WORKPLACE_SHARED / "models" / "published"
 CACHE_DIR = CACHE_ROOT / "models"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from caffe_prune.download import WORKPLACE_SHARED
 from caffe_prune.pruning import removed_at_drop
 
 ORACLE = "oracle"
@@ -30,7 +31,7 @@ PUBLISHED_TABLE2 = {
     "Mean squares of weights": [7, 24, 4, 27, 40],
     "Myopic Oracle (k=16)": {"mean": [30, 43, 12, 32, 55], "ci95": [10, 2, 3, 1, 1], "runs": 8},
 }
-SHARED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "published.json"
+SHARED_REFERENCE = WORKPLACE_SHARED / "reference" / "published.json"
 
 
 def published_table2() -> dict:

@@ -26,7 +26,6 @@ def test_parse_tolerant_drops_and_lists_unknown_fields(caffe, tmp_path):
 
 
 def test_mask_blobs_are_applied_and_removed(caffe):
-    pb2 = engine.caffe_pb2()
     model = engine.read_caffemodel(PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel")
     conv1 = next(l for l in model.layer if l.name == "conv1")
     w = np.asarray(conv1.blobs[0].data, dtype=np.float32).reshape(20, 3, 5, 5)

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
+from caffe_prune.download import CACHE_ROOT, WORKPLACE_SHARED, DownloadError, digest, download
 
 RECORD_BYTES = 1 + 3 * 32 * 32
 SPLIT_FILES = {
@@ -42,7 +42,7 @@ PY_DIR = "cifar-10-batches-py"          # the python release: the same records, 
 DATA_ENV = "CAFFE_PRUNE_DATA"
 CACHE_DIR = CACHE_ROOT / "data" / "cifar10"
 # this workplace's real subset of CIFAR-10 (5085 train / 1017 test), used when present
-WORKPLACE_SUBSET = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-subset"
+WORKPLACE_SUBSET = WORKPLACE_SHARED / "data" / "cifar10-subset"
 
 # The official binary release (https://www.cs.toronto.edu/~kriz/cifar.html). Module constants, read
 # at call time, so that tests can point the download at a local file.

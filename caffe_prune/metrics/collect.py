@@ -53,13 +53,12 @@ from functools import partial
 
 import numpy as np
 
-from caffe_prune import engine
+from caffe_prune import engine, evaluate
 from caffe_prune.metrics import inputs
 from caffe_prune.metrics.hessian import built_layers, hessian_diagonal
 from caffe_prune.metrics.taxonomy import POINTWISE, REDUCTIONS, MetricError, parse
 
 READINGS = ("authors", "conv-output")
-INPUT_BLOBS = ("data", "label")     # the evaluation form's Input tops (caffe_prune.netdef)
 
 
 def per_sample(diff: np.ndarray, batch_size: int) -> np.ndarray:
@@ -156,7 +155,7 @@ def collect(net, graph, batches, needs, reading: str = "authors") -> Tensors:
                                  + ([top[c] for c in weighted] if "h" in wts else [])))
 
     for batch_inputs, batch_labels in batches:
-        n = _feed(net, batch_inputs, batch_labels)
+        n = evaluate.feed(net, batch_inputs, batch_labels)
         captured = {}
         start = 0
         for stop in stops:                    # Caffe's forward, in segments: each layer once
@@ -205,21 +204,6 @@ def collect(net, graph, batches, needs, reading: str = "authors") -> Tensors:
     if tensors.batches == 0:
         raise engine.EngineError("collect was given no batches")
     return _stack(tensors)
-
-
-def _feed(net, x, y) -> int:
-    """Put a batch into the evaluation form's Input blobs (reshaping for a short batch)."""
-    x, y = np.asarray(x), np.asarray(y)
-    if len(x) != len(y) or len(x) == 0:
-        raise engine.EngineError(f"a batch needs as many labels as images (got {len(x)} and {len(y)}), at least one")
-    data, label = (net.blobs[name] for name in INPUT_BLOBS)
-    if data.data.shape != x.shape:
-        data.reshape(*x.shape)
-        label.reshape(len(y))
-        net.reshape()
-    data.data[...] = x
-    label.data[...] = y
-    return len(x)
 
 
 def _append(tensors, layer, side, key, value) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,8 +79,7 @@ def compute(net_name, weights, metric, batches=2, batch_size=128, seed=0, readin
     net_param = networks.definition(net_name)
     graph = build_graph(net_param)
     form, transform = netdef.evaluation_form(net_param, batch_size=batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        net = engine.load_net(netdef.write_prototxt(form, Path(tmp) / "saliency.prototxt"), weights)
+    net = engine.net_from_param(form, weights)
     drawn = validation_batches(transform, batches, batch_size, seed, data)
     start = time.perf_counter()
     tensors = metrics.collect(net, graph, drawn, [metric], reading)
