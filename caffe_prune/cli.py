@@ -1,15 +1,24 @@
-"""`caffe-prune` command line: one sub-command per user task, each a thin layer over a module."""
+"""`caffe-prune` command line: one sub-command per user task, each a thin layer over a module.
+
+Every command parses its arguments into the project's objects (caffe_prune.options), calls a module,
+and prints. ``main`` is the error boundary: a user's mistake (a bad file, argument or path) is one
+line on stderr and exit status 2; anything unexpected is one line and status 1, with the traceback
+only under ``--debug``; notes (warnings) print as "note: ..." lines.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
-from caffe_prune import engine, networks, published
+from caffe_prune import engine, fsio, networks, options, published
 from caffe_prune.data import commands as data_commands
 from caffe_prune.metrics import commands as metric_commands
+from caffe_prune import sweep
 
 TABLE1_TOP1 = {"LeNet-5": 69, "ResNet-20": 88}   # published top-1 (%), papers/004 Table 1
 
@@ -41,33 +50,26 @@ def cmd_doctor(args) -> int:
     return 1 if problems else 0
 
 
-def run_evaluation(net, weights, data, batches, progress=True) -> dict:
-    """Evaluate `weights` with the definition `net` (see networks.definition) on the CIFAR-10 test
-    split, fed as the original data layer did."""
-    from caffe_prune import evaluate, netdef
-    from caffe_prune.data import cifar10
-    engine.set_mode("auto")
-    net_param = networks.definition(net)
-    form, transform = netdef.evaluation_form(net_param)
-    images, labels = cifar10.read_split("test", cifar10.fetch(data, progress=progress))
-    net = engine.net_from_param(form, weights)
-    inputs = cifar10.caffe_input(images, transform.mean_values, transform.scale)
-    return evaluate.evaluate(net, inputs, labels, batches=batches, progress=progress)
-
+def run_evaluation(args, progress=True) -> tuple:
+    """(scores, session): the test split scored by Caffe's own Accuracy and SoftmaxWithLoss layers."""
+    session = options.session(args, progress=progress)
+    test = session.dataset.test
+    return session.evaluate(test.x, test.y, batches=args.batches, progress=progress), session
 
 def print_scores(name, scores) -> None:
     print(f"{name}: top-1 {100 * scores['top1']:.2f}%  top-5 {100 * scores['top5']:.2f}%  "
           f"loss {scores['loss']:.4f}  ({scores['images']} test images)")
 
-
 def cmd_evaluate(args) -> int:
-    scores = run_evaluation(args.net, args.weights, args.data, args.batches, progress=not args.json)
+    scores, session = run_evaluation(args, progress=not args.json)
+    scores = {**scores, "data": session.dataset.description, "logits": session.head.logits,
+              "classes": session.classes}
     if args.json:
         print(json.dumps(scores))
     else:
-        print_scores(args.weights, scores)
+        print_scores(os.fsdecode(args.weights), scores)
+        print(f"  data: {scores['data']}; logits {scores['logits']!r} ({scores['classes']} classes)")
     return 0
-
 
 def cmd_import(args) -> int:
     import warnings
@@ -91,32 +93,46 @@ def cmd_train(args) -> int:
     done = train.train(args.net, prepared["paths"]["train"], prepared["paths"]["test"], args.out or f"runs/train-{args.net}",
                        n_test=prepared["counts"]["test"], max_iter=args.iters, resume=args.resume,
                        mode="gpu" if args.gpu else ("cpu" if args.cpu else "auto"))
-    scores = run_evaluation(args.net, done["weights"], args.data, None)
+    scores, _ = run_evaluation(argparse.Namespace(**{**vars(args), "weights": done["weights"], "batches": None,
+                                                     "input_shape": None, "logits": None, "data_root": "",
+                                                     "scale": None, "mean_value": None, "mean_file": None,
+                                                     "crop_size": None}))
     print_scores(done["weights"], scores)
     print(json.dumps({**done, "test": scores}, indent=2))
     return 0
 
 
 def cmd_graph(args) -> int:
-    from caffe_prune import graph, graph_view
-    net_param = networks.definition(args.net)
-    g = graph.build_graph(net_param)
-    print(graph_view.summary(g, net_param.name or str(args.net), args.list))
+    from caffe_prune import graph_view
+    if args.list < 0:
+        raise engine.EngineError(f"--list {args.list}: give how many groups to print, 0 or more")
+    network = options.network(args)
+    print(graph_view.summary(network.graph, network.name, args.list))
     if args.picture:
-        print(f"picture: {graph_view.draw(g, net_param, args.picture)}")
+        print(f"picture: {graph_view.draw(network.graph, network.param, args.picture)}")
     return 0
-
 
 def chosen_groups(g, args) -> set:
     """The pruning state to export: --groups ids, or a seeded random fraction of the groups, each
     drawn from what is still prunable (never the last channel of a layer)."""
     import numpy as np
-    if args.groups:
-        ids = {int(x) for x in args.groups.split(",")}
+    if args.groups is not None:
+        try:
+            ids = [int(x) for x in args.groups.split(",")]
+        except ValueError:
+            raise engine.EngineError(f"--groups {args.groups!r} is not a comma-separated list of group ids "
+                                     f"(see `caffe-prune graph`)") from None
         bad = sorted(i for i in ids if not 0 <= i < len(g.groups))
         if bad:
             raise engine.EngineError(f"--groups: no group {bad[0]}; the net has groups 0..{len(g.groups) - 1}")
-        return ids
+        pruned = set()
+        for i in ids:
+            if i not in g.prunable(pruned) and i not in pruned:
+                layers = ", ".join(g.groups[i].layers)
+                raise engine.EngineError(f"--groups: with groups {sorted(pruned)} pruned, group {i} would leave "
+                                         f"{layers} without a channel (a layer keeps at least one)")
+            pruned.add(i)
+        return pruned
     if not 0 < args.random_fraction < 1:
         raise engine.EngineError(f"--random-fraction must be in (0, 1), got {args.random_fraction}")
     rng, pruned = np.random.default_rng(args.seed), set()
@@ -127,37 +143,30 @@ def chosen_groups(g, args) -> set:
         pruned.add(int(rng.choice(offered)))
     return pruned
 
-
 def cmd_export(args) -> int:
-    """Prune the chosen groups (masks), write the compact net, and measure both on test images."""
-    import numpy as np
-    from caffe_prune import evaluate, export, graph, masking, netdef
-    from caffe_prune.data import cifar10
-    engine.set_mode("auto")
-    net_param = networks.definition(args.net)
-    g = graph.build_graph(net_param)
+    """Prune the chosen groups (masks), verify the compact net beside the masked one, write it."""
+    from caffe_prune import export, masking
+    engine.set_mode(*options.mode(args))
+    network = options.network(args)
+    g = network.graph
     pruned = chosen_groups(g, args)
-    images, labels = cifar10.read_split("test", cifar10.fetch(args.data))
-    n = min(args.images, len(images))
-    form, transform = netdef.evaluation_form(net_param, batch_size=n)
-    full = engine.net_from_param(form, args.weights)
+    inputs, shape = None, network.input_shape if args.data is None else None
+    if args.data is not None:
+        data = options.dataset(args, network)
+        inputs, shape = data.test.x[:args.images], data.shape
+    full = engine.net_from_param(network.structure(shape), args.weights, where=network.where)
     masker = masking.Masker(g, [full], args.semantics)
     for group_id in sorted(pruned):
         masker.commit(group_id)
-    done = export.export(net_param, g, pruned, full, args.out, net_param.name or "net")
-    x = cifar10.caffe_input(images[:n], transform.mean_values, transform.scale)
-    logits = form.layer[-1].bottom[0]
-    outputs = []
-    for net in (full, done["net"]):
-        evaluate.feed(net, x, labels[:n])
-        net.forward()
-        outputs.append(net.blobs[logits].data.copy())
-    deviation = float(np.abs(outputs[0] - outputs[1]).max() / max(np.abs(outputs[0]).max(), 1e-12))
+    done = export.export(network.param, g, pruned, full, args.out, network.name, shape or network.input_shape,
+                         inputs, network.where, args.seed)
+    deviation = max(done["deviation"].values(), default=0.0)
     report = {"groups_pruned": len(pruned), "semantics": args.semantics,
               "conv_weights": g.conv_weights(pruned), "conv_weights_original": g.conv_weights(set()),
               "percent_conv_removed": round(g.percent_conv_removed(pruned), 3),
               "prototxt": done["prototxt"], "caffemodel": done["caffemodel"], "widths": done["widths"],
-              "max_relative_logit_deviation": deviation, "images_compared": n,
+              "max_relative_deviation": deviation, "deviation_by_output": done["deviation"],
+              "compared_on": f"{done['images_compared']} images: {done['inputs']}",
               "lrn_across_touched": done["lrn_across"]}
     print(json.dumps(report, indent=2))
     if done["lrn_across"]:
@@ -168,17 +177,20 @@ def cmd_export(args) -> int:
                                  f"please report this as a bug")
     return 0
 
-
 PAPER_METRICS = ("mean_activations", "taylor", "fisher", "mean_gradients", "mean_sq_weights")
 
 
 def prune_config(args, net, weights, metric=None, oracle=None, seed=None):
     from caffe_prune import pruning
-    return pruning.Config(net=str(net), weights=str(weights), metric=metric, oracle=list(oracle or []),
-                          k=args.k, eval_size=args.eval_size, oracle_eval_size=args.oracle_eval_size,
-                          test_size=args.test_size, test_interval=args.test_interval, max_drop=args.max_drop,
-                          floor=args.floor, seed=args.seed if seed is None else seed,
-                          semantics=args.semantics, reading=args.reading, max_steps=args.max_steps)
+    return pruning.Config(net=os.fsdecode(net), weights=os.fsdecode(weights), metric=metric,
+                          oracle=list(oracle or []), k=args.k, eval_size=args.eval_size,
+                          oracle_eval_size=args.oracle_eval_size, test_size=args.test_size,
+                          test_interval=args.test_interval, max_drop=None if args.no_drop_stop else args.max_drop,
+                          floor=args.floor, seed=args.seed if seed is None else seed, semantics=args.semantics,
+                          reading=args.reading, max_steps=args.max_steps, shortlist=args.shortlist,
+                          data=args.data, data_root=args.data_root, transform=options.transform_fields(args),
+                          logits=args.logits, input_shape=getattr(args, "input_shape", None),
+                          batch_size=args.batch_size)
 
 
 def oracle_list(value):
@@ -187,7 +199,7 @@ def oracle_list(value):
 
 def run_one(config, out, args) -> list:
     from caffe_prune import pruning
-    run = pruning.Run(config, out, data=args.data, force=args.force, progress=not args.quiet)
+    run = pruning.Run(config, out, force=args.force, progress=not args.quiet)
     steps = run.run()
     removed = pruning.removed_at_drop(steps, config.max_drop)
     last = steps[-1]
@@ -204,40 +216,16 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def reproduce(args, nets, methods, seeds, out) -> Path:
-    """The run matrix (net x method x seed), each run resumable in its own directory, then the report."""
-    from caffe_prune import report
-    run_dirs = []
-    for net in nets:
-        weights = published.caffemodel(net)
-        for method in methods:
-            for seed in seeds:
-                metric, constituents = (None, oracle_list(args.oracle)) if method == "oracle" else (method, None)
-                run_dir = Path(out) / "runs" / net / method / f"seed{seed}"
-                run_one(prune_config(args, net, weights, metric, constituents, seed), run_dir, args)
-                run_dirs.append(run_dir)
-    path = report.write_report(run_dirs, Path(out) / "report")
-    print(f"report: {path}")
-    return path
-
-
-def cmd_reproduce(args) -> int:
-    nets = args.nets.split(",")
-    methods = [m for m in args.methods.split(",") if m]
-    reproduce(args, nets, methods, range(args.seed, args.seed + args.runs), args.out)
-    return 0
-
-
 def cmd_demo(args) -> int:
     """The README's first command: check the engine, then a short pruning run of the published
     LeNet-5 with the oracle and one single metric, ending in the report with its plot."""
     if cmd_doctor(argparse.Namespace(json=False)) != 0:
         return 1
     weights = published.caffemodel("LeNet-5")
-    scores = run_evaluation(weights, weights, args.data, None)
+    scores, _ = run_evaluation(argparse.Namespace(net="LeNet-5", weights=weights, batches=None, **vars(args)))
     print_scores("published LeNet-5", scores)
     print(f"paper (Table 1): top-1 {TABLE1_TOP1['LeNet-5']}% on the full 10,000-image test set")
-    reproduce(args, ["LeNet-5"], ["mean_sq_weights", "oracle"], [args.seed], args.out)
+    sweep.reproduce(args, "oracle", ["LeNet-5"], ["mean_sq_weights", "oracle"], [args.seed], args.out)
     return 0
 
 
@@ -249,13 +237,19 @@ def add_prune_options(p) -> None:
     p.add_argument("--test-size", type=int, default=80, help="test batches per measurement (default 80, or all)")
     p.add_argument("--test-interval", type=int, default=1, help="measure test top-1 every N steps (default 1)")
     p.add_argument("--max-drop", type=float, default=5.0, help="stop past this many points below the start")
+    p.add_argument("--no-drop-stop", action="store_true",
+                   help="no drop stop: prune to the end (Figure 6's whole curves; --floor and --max-steps still stop)")
     p.add_argument("--floor", type=float, default=None, help="also stop below this absolute top-1 (%%)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch draws (default 0)")
     p.add_argument("--semantics", choices=("zero-downstream", "authors"), default="zero-downstream")
     p.add_argument("--reading", choices=("authors", "conv-output"), default="authors",
                    help="which tensors activation metrics read (default: the authors' blob data/diff)")
-    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL")
+    p.add_argument("--shortlist", choices=("paper", "authors-code"), default="paper",
+                   help="the oracle's short-listing rule: the paper's text (default) or the authors' released code")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, the paper's)")
+    options.add_head(p)
+    options.add_data(p)
     p.add_argument("--force", action="store_true", help="replace a run with another configuration in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -266,12 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="report Caffe's build, BLAS, mode, Python and protobuf versions")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
-    p = sub.add_parser("evaluate", help="top-1, top-5 and loss on the CIFAR-10 test split")
-    p.add_argument("net", help="network name, prototxt, or a caffemodel whose embedded definition is used")
-    p.add_argument("weights", help="caffemodel")
-    p.add_argument("--batches", type=int, default=None, help="only the first N batches of 128")
-    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL "
-                   "(default: $CAFFE_PRUNE_DATA, ../shared's subset, else the official download)")
+    p = sub.add_parser("evaluate", help="top-1, top-5 and loss on a dataset's test split")
+    options.add_network(p)
+    options.add_head(p)
+    options.add_data(p)
+    options.add_mode(p)
+    p.add_argument("--batches", type=options.positive, default=None, help="only the first N batches of 128")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("import", help="published model in the authors' format -> stock prototxt + caffemodel")
@@ -292,27 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--cpu", action="store_true", help="force CPU mode")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("graph", help="channel groups, weights removed, barriers; optional picture")
-    p.add_argument("net", help="network name, prototxt, or caffemodel")
+    options.add_network(p, weights=False)
     p.add_argument("--picture", default=None, help="write the layer graph to this .png or .svg")
     p.add_argument("--list", type=int, default=3, help="how many groups to print in detail (default 3)")
     p.set_defaults(func=cmd_graph)
     p = sub.add_parser("export", help="prune chosen groups and write the physically smaller network")
-    p.add_argument("net", help="network name, prototxt, or caffemodel")
-    p.add_argument("weights", help="caffemodel")
+    options.add_network(p)
     chosen = p.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--groups", help="comma-separated group ids (see `caffe-prune graph`)")
     chosen.add_argument("--random-fraction", type=float, help="prune this fraction of the groups at random")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-fraction")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-fraction and the random check inputs")
     p.add_argument("--semantics", choices=("zero-downstream", "authors"), default="zero-downstream")
-    p.add_argument("--images", type=int, default=16, help="test images to compare masked and compact nets on")
-    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL")
+    p.add_argument("--images", type=options.positive, default=16,
+                   help="test images to compare masked and compact nets on (with --data)")
+    options.add_data(p)
+    options.add_mode(p)
     p.add_argument("--out", default="models/exported", help="output directory (default models/exported)")
     p.set_defaults(func=cmd_export)
     data_commands.register(sub)
     metric_commands.register(sub)
     p = sub.add_parser("prune", help="Algorithm 1 with one saliency metric or the myopic oracle")
-    p.add_argument("net", help="network name, prototxt, or caffemodel")
-    p.add_argument("weights", help="caffemodel")
+    options.add_network(p)
     method = p.add_mutually_exclusive_group(required=True)
     method.add_argument("--metric", help="a saliency metric (see `caffe-prune metrics list`)")
     method.add_argument("--oracle", nargs="?", const="paper",
@@ -320,14 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_options(p)
     p.add_argument("--out", required=True, help="run directory (resumed when it holds the same run)")
     p.set_defaults(func=cmd_prune)
-    p = sub.add_parser("reproduce", help="the Table 2 matrix for networks with published weights, then the report")
-    p.add_argument("--nets", default="LeNet-5,ResNet-20", help="comma-separated (default LeNet-5,ResNet-20)")
-    p.add_argument("--methods", default=",".join(PAPER_METRICS) + ",oracle", help="metrics and/or 'oracle'")
-    p.add_argument("--oracle", default="paper", help="the oracle's constituents (default: the paper's five)")
-    p.add_argument("--runs", type=int, default=8, help="seeds per method (default 8)")
-    add_prune_options(p)
-    p.add_argument("--out", default="runs/reproduce", help="where runs and report go")
-    p.set_defaults(func=cmd_reproduce)
+    sweep.register(sub)       # sweep, results, report, reproduce
     p = sub.add_parser("demo", help="check the engine, evaluate the published LeNet-5, prune it, report")
     p.add_argument("--oracle", default="paper", help=argparse.SUPPRESS)
     add_prune_options(p)
@@ -336,13 +323,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):   # file names that are not UTF-8 print as their bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
+    args = parser.parse_args(argv)
+    warnings.showwarning = _note
     try:
         return args.func(args)
-    except (engine.EngineError, ValueError) as exc:   # DataError is a ValueError
-        print(f"caffe-prune: error: {exc}", file=sys.stderr)
+    except (engine.EngineError, ValueError, fsio.InUse) as exc:   # DataError and MetricError are ValueErrors
+        if args.debug:
+            raise
+        print(f"caffe-prune: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f" {os.fsdecode(exc.filename)}" if getattr(exc, "filename", None) else ""
+        print(f"caffe-prune: error:{where} {exc.strerror or one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("caffe-prune: interrupted; what was finished is kept (rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:   # a bug: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"caffe-prune: internal error: {type(exc).__name__}: {one_line(exc)} "
+              f"(rerun with --debug for the traceback and please report it)", file=sys.stderr)
+        return 1
+
+
+def one_line(exc) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

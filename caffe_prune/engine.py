@@ -16,6 +16,9 @@ import importlib.util
 import json
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,22 +93,99 @@ def caffe_pb2():
 
 
 def gpu_built() -> bool:
-    """Whether this pycaffe was built with CUDA (a CPU_ONLY build aborts on any GPU call)."""
+    """Whether this pycaffe was built with CUDA (``make setup GPU=1``, i.e. tools/caffe/build.sh
+    --gpu); a CPU_ONLY build aborts on any GPU call. Says nothing about a GPU being present."""
     info = build_info()
     return bool(info) and "CPU_ONLY=OFF" in info.get("options", "")
 
 
+_cuda_probe = None
+
+
+def _cuda_devices() -> tuple:
+    """(devices, why_none, driver_cuda) from the NVIDIA driver API (libcuda.so.1) through ctypes, asked
+    once: nothing here can abort the interpreter (Caffe's CUDA_CHECKs do), and no CUDA context is
+    created. devices: [{"index", "name", "memory_gib", "compute_capability"}]; why_none: a reason
+    when the list is empty; driver_cuda: the CUDA version the driver supports, e.g. (13, 0)."""
+    global _cuda_probe
+    if _cuda_probe is not None:
+        return _cuda_probe
+    import ctypes
+    names = {100: "CUDA_ERROR_NO_DEVICE", 999: "CUDA_ERROR_UNKNOWN", 3: "CUDA_ERROR_NOT_INITIALIZED",
+             35: "CUDA_ERROR_INSUFFICIENT_DRIVER", 101: "CUDA_ERROR_INVALID_DEVICE",
+             46: "CUDA_ERROR_DEVICES_UNAVAILABLE", 304: "CUDA_ERROR_OPERATING_SYSTEM"}
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        _cuda_probe = ([], "no NVIDIA driver (libcuda.so.1 not found)", None)
+        return _cuda_probe
+    version, count = ctypes.c_int(), ctypes.c_int()
+    driver = (version.value // 1000, version.value % 1000 // 10) if cu.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
+    err = cu.cuInit(0)
+    if err == 0:
+        err = cu.cuDeviceGetCount(ctypes.byref(count))
+    if err != 0:
+        _cuda_probe = ([], f"the NVIDIA driver reports {names.get(err, f'error {err}')}", driver)
+        return _cuda_probe
+    devices = []
+    for i in range(count.value):
+        handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        name, mem = ctypes.create_string_buffer(256), ctypes.c_size_t()
+        if cu.cuDeviceGet(ctypes.byref(handle), i) != 0:
+            continue
+        cu.cuDeviceGetName(name, 256, handle)
+        cu.cuDeviceTotalMem_v2(ctypes.byref(mem), handle)
+        cu.cuDeviceGetAttribute(ctypes.byref(major), 75, handle)   # COMPUTE_CAPABILITY_MAJOR
+        cu.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle)   # COMPUTE_CAPABILITY_MINOR
+        devices.append({"index": i, "name": name.value.decode(errors="replace"),
+                        "memory_gib": round(mem.value / 2**30, 1),
+                        "compute_capability": (major.value, minor.value)})
+    _cuda_probe = (devices, None if devices else "the NVIDIA driver reports no CUDA device", driver)
+    return _cuda_probe
+
+
 def set_mode(mode: str = "auto", device: int = 0) -> str:
-    """Select Caffe's mode: 'cpu', 'gpu', or 'auto' (GPU only when this build has CUDA)."""
+    """Select Caffe's mode: 'cpu', 'gpu' (CUDA device `device`), or 'auto' (GPU `device` when this
+    build has CUDA and that device is usable, else CPU). Everything Caffe would abort on (a CPU_ONLY
+    build, no driver or device, a device id out of range, a GPU older than the compiled
+    architectures, a driver older than the toolkit) is checked first and raised as EngineError."""
     global _mode
     if mode not in ("auto", "cpu", "gpu"):
         raise EngineError(f"mode {mode!r} is not one of auto, cpu, gpu")
     cf = caffe()
-    use_gpu = mode == "gpu" or (mode == "auto" and gpu_built())
-    if use_gpu and not gpu_built():
-        raise EngineError("--gpu asked for, but this pycaffe was built CPU_ONLY; "
-                          "rebuild with tools/caffe/build.sh PYTHON --gpu on a CUDA machine")
-    if use_gpu:
+    problem = None
+    if not gpu_built():
+        problem = ("this pycaffe was built CPU_ONLY" if build_info() else
+                   "this pycaffe has no build-info.json (not built by tools/caffe/build.sh), so CUDA is not assumed") + \
+                  "; build the CUDA one with `make setup GPU=1` (tools/caffe/build.sh PYTHON --gpu) and run on a CUDA machine"
+    elif not isinstance(device, int) or isinstance(device, bool) or device < 0:
+        problem = f"CUDA device id {device!r} is not a non-negative integer"
+    else:
+        devices, why, driver = _cuda_devices()
+        cuda = (build_info().get("cuda") or {}).get("version", "")
+        if not devices:
+            problem = f"no usable CUDA device: {why}"
+        elif device >= len(devices):
+            listed = ", ".join(f"{d['index']}: {d['name']}" for d in devices)
+            problem = f"CUDA device {device} is out of range: this machine has {len(devices)} ({listed})"
+        elif driver and cuda and driver[0] < int(cuda.split(".")[0]):
+            problem = (f"the NVIDIA driver supports CUDA {driver[0]}.{driver[1]}, this build needs CUDA {cuda}: "
+                       f"update the driver, or build with a CUDA {driver[0]} toolkit (--cuda-root)")
+        else:
+            major, minor = devices[device]["compute_capability"]
+            archs = (build_info().get("cuda") or {}).get("architectures") or []
+
+            def runs(arch):   # sm_XY runs on X.Z for Z >= Y; compute_XY PTX is JIT-compiled for any later GPU
+                kind, _, num = arch.partition("_")
+                want = (int(num) // 10, int(num) % 10)
+                return want[0] == major and want[1] <= minor if kind == "sm" else want <= (major, minor)
+            if archs and not any(runs(a) for a in archs):
+                problem = (f"CUDA device {device} ({devices[device]['name']}) has compute capability {major}.{minor}, "
+                           f"which this build's code ({' '.join(archs)}) cannot run on; rebuild with "
+                           f"tools/caffe/build.sh PYTHON --gpu --cuda-arch \"{major}{minor}\"")
+    if mode == "gpu" and problem:
+        raise EngineError(f"GPU mode asked for, but {problem}")
+    if mode != "cpu" and not problem:
         cf.set_device(device)
         cf.set_mode_gpu()
         _mode = f"GPU {device}"
@@ -134,43 +214,140 @@ def versions() -> dict:
         "blas": info.get("blas", "unknown"),
         "mode": _mode or set_mode("auto"),
     })
+    if gpu_built():
+        cuda, cudnn = info.get("cuda") or {}, info.get("cudnn")
+        report["cuda"] = f"{cuda.get('version', 'unknown')} ({cuda.get('from', '?')}: {cuda.get('root', '?')}), " \
+                         f"code for {' '.join(cuda.get('architectures', [])) or 'unknown architectures'}"
+        report["cudnn"] = f"{cudnn['version']} ({cudnn.get('from', '?')})" if cudnn else "not built in (--no-cudnn)"
+        tf32 = info.get("math", "unknown")
+        if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+            tf32 += "; NVIDIA_TF32_OVERRIDE=0 forces TF32 off"
+        report["math"] = tf32
+        devices, why, driver = _cuda_devices()
+        report["driver"] = f"supports CUDA {driver[0]}.{driver[1]}" if driver else "none"
+        report["gpu"] = "; ".join(f"{d['index']}: {d['name']}, {d['memory_gib']} GiB, compute "
+                                  f"{d['compute_capability'][0]}.{d['compute_capability'][1]}"
+                                  for d in devices) if devices else f"none usable ({why})"
+    else:
+        report["math"] = "fp32 on the CPU (CPU_ONLY build: no CUDA, no TF32)"
     return report
 
 
 # ---- what is handed to Caffe ---------------------------------------------------------------------
 
+# Fields and layer types of Caffe forks that stock Caffe 1.0 does not know: what a message says.
+FORK_FIELDS = {
+    "convolution_mask_param": "the myopic-oracle authors' Caffe fork (`caffe-prune import` reads their files)",
+    "ceil_mode": "Caffe forks that choose the pooling rounding (stock Caffe always rounds up)",
+    "round_mode": "Caffe forks that choose the pooling rounding, e.g. NVIDIA Caffe (stock Caffe always rounds up)",
+    "bn_param": "forks with a combined BN layer (e.g. yjxiong/caffe); stock Caffe uses BatchNorm then Scale",
+}
+FORK_TYPES = {
+    "ConvolutionDepthwise": "MobileNet ports of a Caffe fork; write it as a stock Convolution with group "
+                            "equal to its input channels",
+    "DepthwiseConvolution": "MobileNet ports of a Caffe fork; write it as a stock Convolution with group "
+                            "equal to its input channels",
+    "ReLU6": "MobileNet v2 ports of a Caffe fork; stock Caffe has Clip (min: 0 max: 6)",
+    "ShuffleChannel": "ShuffleNet's Caffe fork",
+    "BN": "forks with a combined BN layer (e.g. yjxiong/caffe); stock Caffe uses BatchNorm then Scale",
+    "Interp": "the PSPNet/DeepLab Caffe forks",
+    "Upsample": "the SegNet Caffe fork",
+    **{t: "the SSD Caffe fork (weiliu89/caffe)" for t in ("Normalize", "PriorBox", "Permute", "DetectionOutput")},
+}
+# a convolution or InnerProduct weight beyond this is a corrupt file, not a trained value
+SANE_WEIGHT = 1e4
+
+
 def _existing(path, what: str) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise EngineError(f"{what} {os.fsdecode(path)} is a directory, not a file")
     if not path.is_file():
-        raise EngineError(f"{what} {path} does not exist")
+        raise EngineError(f"{what} {os.fsdecode(path)} does not exist")
     return path
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise EngineError(f"cannot read {what} {os.fsdecode(path)}: {exc.strerror}") from None
+
+
 def read_prototxt(path, message=None):
-    """Parse a text prototxt (NetParameter by default); errors name the file and line."""
+    """Parse a text prototxt (NetParameter by default); errors name the file and line, and a
+    field or layer type of a Caffe fork says so. A net in Caffe's V1 format (``layers {}``) is
+    upgraded in memory by Caffe's own upgrade_net_proto_text, with a note."""
     from google.protobuf import text_format
     path = _existing(path, "prototxt")
     message = message if message is not None else caffe_pb2().NetParameter()
+    text = _read(path, "prototxt").decode(errors="replace")
     try:
-        text_format.Parse(path.read_text(), message)
+        text_format.Parse(text, message)
     except text_format.ParseError as exc:
         line = exc.GetLine() if hasattr(exc, "GetLine") else None
-        text = str(exc).split(" : ", 1)[-1]
-        raise EngineError(f"{path}:{line}: {text}" if line else f"{path}: {text}") from None
+        detail = str(exc).split(" : ", 1)[-1]
+        field = re.search(r'has no field named "(\w+)"', detail)
+        if field:
+            origin = FORK_FIELDS.get(field.group(1))
+            detail += (f" (it comes from {origin}); remove it or rewrite the layer with stock Caffe 1.0's fields"
+                       if origin else "; stock Caffe 1.0 has no such field (a typo, or a Caffe fork's): fix or "
+                                      "remove it")
+        raise EngineError(f"{os.fsdecode(path)}:{line}: {detail}" if line else f"{os.fsdecode(path)}: {detail}") from None
+    if isinstance(message, caffe_pb2().NetParameter) and message.layers:
+        return upgrade_v1(path, "text")
     return message
 
 
 def read_caffemodel(path):
-    """Parse a binary caffemodel (a NetParameter with blobs)."""
+    """Parse a binary caffemodel (a NetParameter with blobs); a V1 one is upgraded by Caffe."""
     from google.protobuf.message import DecodeError
     path = _existing(path, "caffemodel")
     net = caffe_pb2().NetParameter()
     try:
-        net.ParseFromString(path.read_bytes())
+        net.ParseFromString(_read(path, "caffemodel"))
     except DecodeError as exc:
-        raise EngineError(f"{path} is not a caffemodel (protobuf: {exc})") from None
+        raise EngineError(f"{os.fsdecode(path)} is not a caffemodel (protobuf: {exc})") from None
     if not net.layer and not net.layers:
-        raise EngineError(f"{path} holds no layers: not a caffemodel")
+        raise EngineError(f"{os.fsdecode(path)} holds no layers: not a caffemodel")
+    return upgrade_v1(path, "binary") if net.layers else net
+
+
+def caffe_tool(name: str) -> Path | None:
+    """A binary of the Caffe build (upgrade_net_proto_text, convert_imageset, ...), or None."""
+    spec = _find_spec()
+    if spec is not None and spec.origin is not None:
+        prefix = Path(spec.origin).parent.parent
+        for candidate in (prefix.parent.parent.parent / "bin" / name, prefix / "bin" / name):
+            if candidate.is_file():
+                return candidate
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def upgrade_v1(path, kind: str):
+    """A V1 (``layers {}``) net or caffemodel upgraded by Caffe's upgrade_net_proto_{text,binary}."""
+    import tempfile
+    import warnings
+    tool = caffe_tool(f"upgrade_net_proto_{kind}")
+    if tool is None:
+        raise EngineError(f"{os.fsdecode(path)} uses Caffe's V1 'layers' format and upgrade_net_proto_{kind} is "
+                          f"not found; convert it with that Caffe tool and pass the result")
+    with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
+        src, out = Path(tmp) / "in", Path(tmp) / "out"
+        src.symlink_to(Path(path).resolve())
+        done = subprocess.run([str(tool), str(src), str(out)], capture_output=True, text=True)
+        if done.returncode != 0 or not out.is_file():
+            reason = (done.stderr.strip().splitlines() or ["no message"])[-1].split("] ", 1)[-1]
+            raise EngineError(f"{os.fsdecode(path)}: Caffe's upgrade_net_proto_{kind} failed: {reason}")
+        net = caffe_pb2().NetParameter()
+        if kind == "text":
+            from google.protobuf import text_format
+            text_format.Parse(out.read_text(), net)
+        else:
+            net.ParseFromString(out.read_bytes())
+    warnings.warn(f"{os.fsdecode(path)} uses Caffe's V1 'layers' format; upgraded in memory with Caffe's "
+                  f"upgrade_net_proto_{kind} (run it yourself to convert the file for good)", stacklevel=2)
     return net
 
 
@@ -197,41 +374,104 @@ def layers_in_phase(net_param, phase):
     return kept
 
 
-def check_net(net_param, phase, path) -> None:
-    """Check what Caffe would otherwise abort on: unknown layer types, bottoms nobody produced,
-    data sources that are missing (the glog CHECKs of layer_factory, net.cpp and the data layers)."""
-    if net_param.layers:
-        raise EngineError(f"{path}: uses the V1 'layers' field; upgrade it with Caffe's upgrade_net_proto_text")
+def instantiated_layers(net_param):
+    """The layers of the TEST phase; those of the TRAIN phase for a definition saved from a TRAIN
+    net (a caffemodel whose TEST phase has no data layer while its TRAIN phase has one)."""
+    from caffe_prune.layers import DATA_TYPES
+    layers = layers_in_phase(net_param, "test")
+    if not any(l.type in DATA_TYPES for l in layers):
+        train = layers_in_phase(net_param, "train")
+        if any(l.type in DATA_TYPES for l in train):
+            return train
+    return layers
+
+
+def _check_parameters(layer, where: str) -> None:
+    """What Caffe's layer setup CHECK-aborts on, for the common layer types: sizes that are zero or
+    negative, groups that do not divide, even LRN windows."""
+    def bad(what):
+        raise EngineError(f"{where}: layer {layer.name!r} ({layer.type}): {what}")
+    if layer.type in ("Convolution", "Deconvolution"):
+        cp = layer.convolution_param
+        if cp.num_output < 1:
+            bad(f"num_output {cp.num_output} must be at least 1")
+        kernels = list(cp.kernel_size) + ([cp.kernel_h, cp.kernel_w] if cp.HasField("kernel_h") else [])
+        if not kernels or min(kernels) < 1:
+            bad("kernel_size (or kernel_h and kernel_w) must be given and at least 1")
+        if any(s < 1 for s in list(cp.stride) + ([cp.stride_h, cp.stride_w] if cp.HasField("stride_h") else [])):
+            bad("stride must be at least 1")
+        if cp.group < 1 or cp.num_output % cp.group:
+            bad(f"num_output {cp.num_output} is not a multiple of group {cp.group}")
+        if any(d < 1 for d in cp.dilation):
+            bad("dilation must be at least 1")
+    elif layer.type == "Pooling":
+        pp = layer.pooling_param
+        if not pp.global_pooling:
+            kernels = [pp.kernel_h, pp.kernel_w] if pp.HasField("kernel_h") else [pp.kernel_size]
+            if min(kernels) < 1:
+                bad("kernel_size must be at least 1 (or global_pooling: true)")
+        strides = [pp.stride_h, pp.stride_w] if pp.HasField("stride_h") else [pp.stride]
+        if min(strides) < 1:
+            bad("stride must be at least 1")
+    elif layer.type == "InnerProduct" and layer.inner_product_param.num_output < 1:
+        bad(f"num_output {layer.inner_product_param.num_output} must be at least 1")
+    elif layer.type == "LRN" and layer.lrn_param.local_size % 2 == 0:
+        bad(f"local_size {layer.lrn_param.local_size} must be odd")
+    elif layer.type == "Dropout" and not 0 <= layer.dropout_param.dropout_ratio < 1:
+        bad(f"dropout_ratio {layer.dropout_param.dropout_ratio} must be in [0, 1)")
+    elif layer.type in ("Data", "ImageData", "HDF5Data", "MemoryData", "WindowData"):
+        param = {"Data": layer.data_param, "ImageData": layer.image_data_param, "HDF5Data": layer.hdf5_data_param,
+                 "MemoryData": layer.memory_data_param, "WindowData": layer.window_data_param}[layer.type]
+        if param.batch_size < 1:
+            bad(f"batch_size {param.batch_size} must be at least 1")
+
+
+def check_net(net_param, phase, path, sources: bool = False) -> None:
+    """Check what Caffe would otherwise abort on, or run wrongly without a word: unknown layer
+    types (a fork's, named), bottoms nobody produced, layers run in place that cannot be, sizes
+    Caffe CHECKs, and (``sources``) data sources that are missing. ``phase`` None: the phase
+    ``instantiated_layers`` chooses."""
+    from caffe_prune import layers as rules
+    where = os.fsdecode(path)
     known = set(caffe().layer_type_list())
     blobs = set(net_param.input)
-    for layer in layers_in_phase(net_param, phase):
+    for layer in instantiated_layers(net_param) if phase is None else layers_in_phase(net_param, phase):
         if layer.type not in known:
-            raise EngineError(f"{path}: layer {layer.name!r} has type {layer.type!r}, unknown to stock Caffe")
+            origin = FORK_TYPES.get(layer.type)
+            raise EngineError(f"{where}: layer {layer.name!r} has type {layer.type!r}, unknown to stock Caffe 1.0"
+                              + (f" (it comes from {origin})" if origin else ""))
         for bottom in layer.bottom:
             if bottom not in blobs:
-                raise EngineError(f"{path}: layer {layer.name!r} reads blob {bottom!r} that no earlier layer produces")
+                raise EngineError(f"{where}: layer {layer.name!r} reads blob {bottom!r} that no earlier layer produces")
+        in_place = set(layer.top) & set(layer.bottom)
+        if in_place and not rules.rule(layer.type).in_place:
+            raise EngineError(f"{where}: layer {layer.name!r} ({layer.type}) reads and writes blob "
+                              f"{sorted(in_place)[0]!r} in place, which Caffe's {layer.type} layer cannot do "
+                              f"(it would compute garbage silently); give its top another name")
+        _check_parameters(layer, where)
         blobs.update(layer.top)
         source = {"ImageData": layer.image_data_param.source, "Data": layer.data_param.source,
                   "HDF5Data": layer.hdf5_data_param.source}.get(layer.type)
-        if source is not None and not Path(source).exists():
-            raise EngineError(f"{path}: data layer {layer.name!r} reads {source}, which does not exist "
+        if sources and source is not None and not Path(source).exists():
+            raise EngineError(f"{where}: data layer {layer.name!r} reads {source}, which does not exist "
                               f"(paths are relative to the working directory {os.getcwd()})")
 
 
 def check_weights(net, weights_param, weights_path) -> None:
     """Compare every blob shape in a caffemodel with the net's (Caffe CHECK-aborts on a mismatch),
     and refuse a caffemodel lacking weights for some layer (Caffe would silently keep the fillers)."""
+    where = os.fsdecode(weights_path)
     have = {layer.name for layer in list(weights_param.layer) + list(weights_param.layers) if layer.blobs}
     missing = [name for name in net.params if name not in have]
     if missing:
-        raise EngineError(f"{weights_path} holds no weights for layer(s) {', '.join(missing[:4])}"
+        raise EngineError(f"{where} holds no weights for layer(s) {', '.join(missing[:4])}"
                           f"{' ...' if len(missing) > 4 else ''} of the prototxt: a caffemodel of another network?")
     for layer in list(weights_param.layer) + list(weights_param.layers):
         if layer.name not in net.params:
             continue
         target = net.params[layer.name]
         if len(layer.blobs) != len(target):
-            raise EngineError(f"{weights_path}: layer {layer.name!r} has {len(layer.blobs)} blobs, "
+            raise EngineError(f"{where}: layer {layer.name!r} has {len(layer.blobs)} blobs, "
                               f"the net expects {len(target)}")
         for i, (blob, have) in enumerate(zip(layer.blobs, target)):
             shape = tuple(blob.shape.dim) if blob.HasField("shape") else \
@@ -239,8 +479,31 @@ def check_weights(net, weights_param, weights_path) -> None:
             want = tuple(have.data.shape)
             legacy_match = not blob.HasField("shape") and int_prod(shape) == int_prod(want)
             if shape != want and not legacy_match:
-                raise EngineError(f"{weights_path}: layer {layer.name!r} blob {i} has shape {shape}, "
+                raise EngineError(f"{where}: layer {layer.name!r} blob {i} has shape {shape}, "
                                   f"the prototxt gives {want}; use the caffemodel trained with this prototxt")
+
+
+def check_values(net, weights_path) -> None:
+    """Warn, naming the layer, about parameters that are not finite or that no trained convolution
+    or InnerProduct holds (a flipped exponent bit): the net would score silently wrong."""
+    import warnings
+    import numpy as np
+    for name, blobs in net.params.items():
+        for i, blob in enumerate(blobs):
+            data = blob.data
+            if not np.isfinite(data).all():
+                bad = int(np.count_nonzero(~np.isfinite(data)))
+                warnings.warn(f"{os.fsdecode(weights_path)}: layer {name!r} blob {i} holds {bad} non-finite "
+                              f"value(s); the file is corrupt or the training diverged", stacklevel=2)
+            elif i == 0 and len(data) and np.abs(data).max() > SANE_WEIGHT and \
+                    _layer_type(net, name) in ("Convolution", "InnerProduct"):
+                warnings.warn(f"{os.fsdecode(weights_path)}: layer {name!r} holds a weight of magnitude "
+                              f"{float(np.abs(data).max()):.3g}, beyond any trained value (> {SANE_WEIGHT:g}); "
+                              f"the file is likely corrupt", stacklevel=2)
+
+
+def _layer_type(net, name) -> str:
+    return net.layers[list(net._layer_names).index(name)].type
 
 
 def int_prod(shape) -> int:
@@ -250,7 +513,20 @@ def int_prod(shape) -> int:
     return out
 
 
-def probe_construct(prototxt, phase="test") -> None:
+def _caffe_safe(path: Path, tmp: Path) -> str:
+    """A name for ``path`` that pycaffe can take: boost.python encodes str as strict UTF-8, so a
+    file whose name is not UTF-8 is reached through a symlink with a plain name."""
+    text = os.fsdecode(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        link = tmp / f"link-{len(list(tmp.iterdir()))}{path.suffix}"
+        link.symlink_to(Path(path).resolve())
+        return str(link)
+
+
+def probe_construct(prototxt, phase="test", where=None) -> None:
     """Construct the net once in a forked child, so that a CHECK failure in Caffe's shape logic
     (Concat/Eltwise shapes, parameter counts, ...) becomes an EngineError carrying glog's message
     instead of aborting this interpreter. The child runs in CPU mode and discards the net."""
@@ -274,32 +550,38 @@ def probe_construct(prototxt, phase="test") -> None:
     if status != 0:
         fatal = [ln.split("] ", 1)[-1] for ln in err.splitlines() if ln[:1] == "F" and "] " in ln]
         reason = fatal[-1] if fatal else (err.strip().splitlines() or ["no message"])[-1]
-        raise EngineError(f"{prototxt}: Caffe cannot build this net: {reason}")
+        raise EngineError(f"{where or prototxt}: Caffe cannot build this net: {reason}")
 
 
-def net_from_param(net_param, weights=None, phase="test", probe=True):
-    """load_net for a NetParameter held in memory (Caffe's Python constructor takes a file)."""
+def net_from_param(net_param, weights=None, phase="test", probe=True, where=None):
+    """A caffe.Net for a NetParameter held in memory (Caffe's Python constructor takes a file);
+    ``where`` names the user's file in every message (never the temporary copy)."""
     import tempfile
     from google.protobuf import text_format
     with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
-        path = Path(tmp) / f"{net_param.name or 'net'}.prototxt"
+        path = Path(tmp) / "net.prototxt"
         path.write_text(text_format.MessageToString(net_param))
-        return load_net(path, weights, phase, probe)
+        return load_net(path, weights, phase, probe, where=where or f"net {net_param.name!r}")
 
 
-def load_net(prototxt, weights=None, phase="test", probe=True):
+def load_net(prototxt, weights=None, phase="test", probe=True, where=None):
     """Build a caffe.Net from a prototxt (and caffemodel) after checking both in Python.
 
     ``probe`` first builds the net in a forked child (see probe_construct); pass False for nets
     already known to be valid (e.g. generated by this package) to skip the second construction."""
+    import tempfile
     cf = caffe()
+    where = where or os.fsdecode(prototxt)
     net_param = read_prototxt(prototxt)
-    check_net(net_param, phase, prototxt)
+    check_net(net_param, phase, where)
     weights_param = read_caffemodel(weights) if weights is not None else None
-    if probe:
-        probe_construct(prototxt, phase)
-    net = cf.Net(str(prototxt), _phase_value(phase))
-    if weights_param is not None:
-        check_weights(net, weights_param, weights)
-        net.copy_from(str(weights))
+    with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
+        proto = _caffe_safe(Path(prototxt), Path(tmp))
+        if probe:
+            probe_construct(proto, phase, where)
+        net = cf.Net(proto, _phase_value(phase))
+        if weights_param is not None:
+            check_weights(net, weights_param, weights)
+            net.copy_from(_caffe_safe(Path(weights), Path(tmp)))
+            check_values(net, weights)
     return net

@@ -84,11 +84,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from caffe_prune import engine, netdef
+from caffe_prune import engine, layers
 
-PASS_THROUGH = {"ReLU", "Pooling", "Dropout", "LRN", "BatchNorm", "Scale", "Bias", "Split", "TanH",
-                "Sigmoid", "AbsVal", "Power"}
-FLATTEN_TYPES = {"Flatten", "Reshape"}
 NO_UNITS = frozenset()
 
 
@@ -113,7 +110,7 @@ class ConsumerSlice:
 
 @dataclass(frozen=True)
 class Rider:
-    """Channel ``channel`` of a BatchNorm/Scale/Bias layer's per-channel parameters."""
+    """Channel ``channel`` of a BatchNorm/Scale/Bias/PReLU layer's per-channel parameters."""
     layer: str
     type: str
     channel: int
@@ -121,19 +118,27 @@ class Rider:
 
 @dataclass(frozen=True)
 class ProducerInfo:
-    """A Convolution's weight shape: num_output x (in_channels / group) x kernel_area."""
+    """A Convolution's weight shape: num_output x (in_channels / group) x kernel_area.
+
+    ``depthwise``: every group reads exactly one input channel (group == in_channels > 1, a
+    MobileNet depthwise or channel-multiplier convolution). Removing input channel c then removes
+    the whole group c (its num_output / group outputs) and lowers ``group`` by one, instead of
+    tying channel c to every other group's channel as AlexNet's two groups require."""
     num_output: int
     group: int
     kernel_area: int
     in_channels: int
     bias: bool
+    depthwise: bool = False
 
 
 class FcInfo(NamedTuple):
-    """An InnerProduct's weights: num_output x (in_channels * block) columns."""
+    """An InnerProduct's weights: num_output x (in_channels * block) columns (rows when
+    ``transpose``, Caffe's inner_product_param.transpose, stores the matrix the other way)."""
     num_output: int
     in_channels: int | None
     block: int
+    transpose: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,17 +178,20 @@ def _tensor_of(shape) -> _Tensor:
 
 
 class _Builder:
-    """One pass over the layers in net order, recording ties (union-find), consumers and riders."""
+    """One pass over the layers in net order, recording ties (union-find), consumers and riders.
+    How each layer type is followed comes from caffe_prune.layers (its ``kind``)."""
 
     def __init__(self, shapes):
         self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
         self.tensors = {}
+        self.unread = {}                  # blob -> whether its current version has no reader yet
         self.parent = {}                  # union-find over units, in net order
         self.order = {}                   # conv layer -> position in the net
         self.reasons = {}                 # unit -> why it cannot be pruned (first reason kept)
         self.producers, self.conv_io = {}, {}
         self.fc, self.fc_input = {}, {}
         self.consumers, self.riders = [], []   # (ConsumerSlice | Rider, units of that channel)
+        self.riding = {}                       # rider layer -> (blobs sliced, blobs zeroed)
         self.barriers, self.lrn_across = {}, {}
 
     # ---- union-find and unprunable units ----
@@ -230,37 +238,49 @@ class _Builder:
             raise engine.EngineError(f"layer {layer.name!r}: shapes give {blob!r} {shape[1]} channels, "
                                      f"the graph traced {len(tensor.channels)}; shapes from another net?")
 
+    def fresh(self, layer):
+        """Tensors with no units for every top of ``layer``."""
+        return [_tensor_of(self.shapes.get(top)) for top in layer.top]
+
     # ---- layers ----
 
     def visit(self, layer):
         for blob in layer.bottom:
             if blob not in self.tensors:
                 raise engine.EngineError(f"layer {layer.name!r} reads blob {blob!r} that no earlier layer produces")
+            self.unread[blob] = False
         bottoms = [self.tensors[b] for b in layer.bottom]
-        if layer.type in netdef.DATA_TYPES:
-            outs = [_tensor_of(self.shapes.get(top)) for top in layer.top]
-        elif layer.type in netdef.HEAD_TYPES:
+        kind = layers.rule(layer.type).kind
+        if kind == "data":
+            outs = self.fresh(layer)
+        elif kind == "head":
             self.pin([u for t in bottoms for s in t.channels for u in s],
                      f"reaches {layer.type} {layer.name!r} with no InnerProduct in between: "
                      f"its channels are the classes")
-            outs = [_tensor_of(self.shapes.get(top)) for top in layer.top]
+            outs = self.fresh(layer)
+        elif kind == "barrier":
+            outs = self.barrier(layer, bottoms, f"layer type {layer.type!r} is not one the channel graph follows")
         else:
-            handler = {"Convolution": self.convolution, "InnerProduct": self.inner_product,
-                       "Eltwise": self.eltwise, "Concat": self.concat}.get(layer.type)
-            if handler is None and layer.type in PASS_THROUGH:
-                handler = self.pass_through
-            elif handler is None and layer.type in FLATTEN_TYPES:
-                handler = self.flatten
-            outs = handler(layer, bottoms) if handler else \
-                self.barrier(layer, bottoms, f"layer type {layer.type!r} is not one the channel graph follows")
+            outs = getattr(self, f"on_{kind}")(layer, bottoms)
         self.tensors.update(zip(layer.top, outs))
+        self.unread.update((top, True) for top in layer.top)
+
+    def outputs(self):
+        """Units of the net's outputs (blobs no layer reads) are the network's interface: pinned."""
+        for blob, unread in self.unread.items():
+            if unread:
+                self.pin([u for s in self.tensors[blob].channels for u in s],
+                         f"reaches the net output {blob!r}: its channels are what the network computes")
 
     def barrier(self, layer, bottoms, why):
         self.barriers[layer.name] = why
         self.pin([u for t in bottoms for s in t.channels for u in s], f"reaches barrier {layer.name!r}: {why}")
-        return [_tensor_of(self.shapes.get(top)) for top in layer.top]
+        return self.fresh(layer)
 
-    def pass_through(self, layer, bottoms):
+    def on_sink(self, layer, bottoms):
+        return []
+
+    def on_pass(self, layer, bottoms):
         x = bottoms[0]
         if layer.type in ("Scale", "Bias"):
             param = layer.scale_param if layer.type == "Scale" else layer.bias_param
@@ -268,10 +288,13 @@ class _Builder:
                 return self.barrier(layer, bottoms, f"{layer.type} with a second bottom or on an axis other "
                                                     f"than channels")
             riding = param.num_axes != 0
+        elif layer.type == "Crop" and self.axis(layer.crop_param.axis, layer.bottom[0]) < 2:
+            return self.barrier(layer, bottoms, "Crop of the channel axis")
         else:
-            riding = layer.type == "BatchNorm"
+            riding = bool(layers.rider_blobs(layer))
         if riding:
             self.riders += [(Rider(layer.name, layer.type, c), s) for c, s in enumerate(x.channels)]
+            self.riding[layer.name] = (layers.rider_blobs(layer), layers.zero_blobs(layer))
         if layer.type == "LRN" and layer.lrn_param.norm_region == layer.lrn_param.ACROSS_CHANNELS:
             self.lrn_across[layer.name] = tuple(u for s in x.channels for u in sorted(s, key=self.key))
         outs = []
@@ -281,7 +304,7 @@ class _Builder:
             outs.append(_Tensor(x.channels, block))
         return outs
 
-    def flatten(self, layer, bottoms):
+    def on_flatten(self, layer, bottoms):
         """Keep the channels when the top is (N, C*H*W), or the shape is unchanged: an InnerProduct
         after it sees the same columns as without it (Caffe blobs are row-major N, C, H, W)."""
         x = bottoms[0]
@@ -290,7 +313,7 @@ class _Builder:
             return [x]
         return self.barrier(layer, bottoms, f"{layer.type} to {top} is not a pure flattening of C, H, W")
 
-    def eltwise(self, layer, bottoms):
+    def on_eltwise(self, layer, bottoms):
         widths = [len(t.channels) for t in bottoms]
         if len(set(widths)) > 1:
             return self.barrier(layer, bottoms, f"Eltwise inputs have {widths} channels")
@@ -302,7 +325,7 @@ class _Builder:
         block = None if bottoms[0].block is None or shape is None else math.prod(shape[2:])
         return [_Tensor(channels, block)]
 
-    def concat(self, layer, bottoms):
+    def on_concat(self, layer, bottoms):
         cp = layer.concat_param
         axis = cp.concat_dim if cp.HasField("concat_dim") else self.axis(cp.axis, layer.top[0])
         if axis != 1:
@@ -310,7 +333,20 @@ class _Builder:
         shape = self.shape(layer.top[0], layer)
         return [_Tensor(sum((t.channels for t in bottoms), ()), math.prod(shape[2:]))]
 
-    def convolution(self, layer, bottoms):
+    def on_slice(self, layer, bottoms):
+        """Slice on the channel axis: each top takes its range of the input's channels."""
+        sp = layer.slice_param
+        axis = sp.slice_dim if sp.HasField("slice_dim") else self.axis(sp.axis, layer.bottom[0])
+        if axis != 1:
+            return self.barrier(layer, bottoms, f"Slice on axis {axis}, not channels")
+        x, outs, start = bottoms[0], [], 0
+        for top in layer.top:
+            width = self.shape(top, layer)[1]
+            outs.append(_Tensor(x.channels[start:start + width], x.block))
+            start += width
+        return outs
+
+    def on_conv(self, layer, bottoms):
         cp = layer.convolution_param
         if len(layer.bottom) != 1 or len(layer.top) != 1 or self.axis(cp.axis, layer.bottom[0]) != 1:
             return self.barrier(layer, bottoms, "Convolution with several bottoms or not on axis 1")
@@ -320,39 +356,46 @@ class _Builder:
         if n != cp.num_output or m % g or n % g:
             raise engine.EngineError(f"layer {layer.name!r}: {m} inputs, {n} outputs in shapes "
                                      f"(num_output {cp.num_output}), group {g} do not fit")
-        # consumer side, papers/004 §3.1: input channels i, i + M/g, ... share a weight slice
-        per_in = m // g
-        for i in range(per_in):
-            self.tie([x.channels[i + k * per_in] for k in range(g)],
-                     f"is tied by grouped Convolution {layer.name!r} to a channel no convolution produces")
-        self.consumers += [(ConsumerSlice(layer.name, "conv", i), s) for i, s in enumerate(x.channels) if s]
-        # producer side: one unit per output channel; a grouped producer keeps its groups equal
         units = tuple(Channel(layer.name, i) for i in range(n))
         self.parent.update((u, u) for u in units)
         self.order[layer.name] = len(self.order)
-        for i in range(n // g):
-            self.union(units[i::n // g])
+        per_in, per_out = m // g, n // g
+        depthwise = g > 1 and per_in == 1
+        if depthwise:
+            # input channel c feeds group c alone: they fall together, and the group count drops
+            for c in range(m):
+                self.tie([x.channels[c], frozenset(units[c * per_out:(c + 1) * per_out])],
+                         f"feeds depthwise Convolution {layer.name!r} from a channel no convolution produces")
+        else:
+            # consumer side, papers/004 §3.1: input channels i, i + M/g, ... share a weight slice
+            for i in range(per_in):
+                self.tie([x.channels[i + k * per_in] for k in range(g)],
+                         f"is tied by grouped Convolution {layer.name!r} to a channel no convolution produces")
+            # producer side: a grouped producer keeps its groups equal
+            for i in range(per_out):
+                self.union(units[i::per_out])
+        self.consumers += [(ConsumerSlice(layer.name, "conv", i), s) for i, s in enumerate(x.channels) if s]
         if cp.kernel_h or cp.kernel_w:
             kernel_area = cp.kernel_h * cp.kernel_w
         else:
             sizes = list(cp.kernel_size)
             kernel_area = math.prod(sizes * (len(out_shape) - 2) if len(sizes) == 1 else sizes)
-        self.producers[layer.name] = ProducerInfo(n, g, kernel_area, m, cp.bias_term)
+        self.producers[layer.name] = ProducerInfo(n, g, kernel_area, m, cp.bias_term, depthwise)
         self.conv_io[layer.name] = (x, units)
         return [_Tensor(tuple(frozenset([u]) for u in units), math.prod(out_shape[2:]))]
 
-    def inner_product(self, layer, bottoms):
+    def on_fc(self, layer, bottoms):
         ip = layer.inner_product_param
         if self.axis(ip.axis, layer.bottom[0]) != 1:
             return self.barrier(layer, bottoms, "InnerProduct on an axis other than channels")
         x, size = bottoms[0], math.prod(self.shape(layer.bottom[0], layer)[1:])
         if x.block is None:       # fed by an InnerProduct: no channels, one block that never falls
-            self.fc[layer.name] = FcInfo(ip.num_output, None, size)
+            self.fc[layer.name] = FcInfo(ip.num_output, None, size, ip.transpose)
         else:
             if len(x.channels) * x.block != size:
                 raise engine.EngineError(f"layer {layer.name!r}: {len(x.channels)} channels of {x.block} "
                                          f"do not make its {size} inputs; shapes from another net?")
-            self.fc[layer.name] = FcInfo(ip.num_output, len(x.channels), x.block)
+            self.fc[layer.name] = FcInfo(ip.num_output, len(x.channels), x.block, ip.transpose)
             self.consumers += [(ConsumerSlice(layer.name, "fc", c), s) for c, s in enumerate(x.channels) if s]
         self.fc_input[layer.name] = x
         return [_Tensor((NO_UNITS,) * ip.num_output, None)]
@@ -398,6 +441,7 @@ class ChannelGraph:
         self.barriers = MappingProxyType(dict(b.barriers))
         self.unprunable = MappingProxyType(unprunable)
         self.lrn_across = MappingProxyType(dict(b.lrn_across))
+        self.riding = MappingProxyType(dict(b.riding))
         self._gid_of = MappingProxyType(gid_of)
 
         # per-tensor-channel group ids, so that every count is a few numpy gathers
@@ -409,9 +453,10 @@ class ChannelGraph:
                        if b.fc[name].in_channels is not None}
 
         # what each group takes from each (producer layer, conv group): prunable() keeps one of each
+        # (a depthwise layer may lose whole groups: it keeps one channel in all)
         def conv_group(unit):
             info = self.producers[unit.layer]
-            return unit.layer, unit.index // (info.num_output // info.group)
+            return unit.layer, 0 if info.depthwise else unit.index // (info.num_output // info.group)
         self._takes = [Counter(map(conv_group, g.channels)) for g in self.groups]
 
     @classmethod
@@ -420,13 +465,11 @@ class ChannelGraph:
         if net_param.layers:
             raise engine.EngineError(f"net {net_param.name!r} uses the V1 'layers' field; upgrade it with "
                                      f"Caffe's upgrade_net_proto_text")
-        layers = engine.layers_in_phase(net_param, "test")
-        if not any(l.type in netdef.DATA_TYPES for l in layers):   # a definition saved from the TRAIN net
-            layers = engine.layers_in_phase(net_param, "train") or layers
         builder = _Builder(shapes)
         builder.tensors.update((name, _tensor_of(builder.shapes.get(name))) for name in net_param.input)
-        for layer in layers:
+        for layer in engine.instantiated_layers(net_param):
             builder.visit(layer)
+        builder.outputs()
         return cls(builder)
 
     # ---- counts for a pruning state (a set of group ids) ----
@@ -467,12 +510,13 @@ class ChannelGraph:
                                  f"for a Convolution, 'input' for a Convolution or an InnerProduct fed channels)")
 
     def conv_weights(self, pruned) -> int:
-        """Convolution weights left: sum of active_out * (active_in / group) * kernel_area."""
+        """Convolution weights left: sum of active_out * (active_in / group) * kernel_area (a
+        depthwise layer's groups read one input channel each, however many groups are left)."""
         mask, total = self._mask(pruned), 0
         for name, (in_gids, out_gids) in self._conv.items():
             info = self.producers[name]
-            active_in = np.count_nonzero(~mask[in_gids])
-            total += int(np.count_nonzero(~mask[out_gids])) * (int(active_in) // info.group) * info.kernel_area
+            per_group_in = 1 if info.depthwise else int(np.count_nonzero(~mask[in_gids])) // info.group
+            total += int(np.count_nonzero(~mask[out_gids])) * per_group_in * info.kernel_area
         return total
 
     def fc_weights(self, pruned) -> int:
@@ -501,21 +545,17 @@ class ChannelGraph:
         mask = self._mask(pruned)
         left = {}
         for name, (_, out_gids) in self._conv.items():
-            per_group = (~mask[out_gids]).reshape(self.producers[name].group, -1).sum(axis=1)
+            info = self.producers[name]
+            per_group = (~mask[out_gids]).reshape(1 if info.depthwise else info.group, -1).sum(axis=1)
             left.update(((name, k), int(count)) for k, count in enumerate(per_group))
         return [g.id for g in self.groups if not mask[g.id]
                 and all(left[where] > count for where, count in self._takes[g.id].items())]
 
 
-def build_graph(net_param) -> ChannelGraph:
-    """Build ``netdef.evaluation_form(net_param)`` once in Caffe (batch 1: the graph reads only
-    per-image shapes) to read its blob shapes, then the graph of ``net_param`` (the evaluation
-    form's blob names equal the original's, data layers aside)."""
-    form, _ = netdef.evaluation_form(net_param, batch_size=1)
-    for layer in form.layer:   # Caffe's default constant filler: AlexNet's 68M fc weights fill in 0.1 s, not 0.5
-        for param in (layer.convolution_param, layer.inner_product_param):
-            param.ClearField("weight_filler")
-            param.ClearField("bias_filler")
-    net = engine.net_from_param(form)
-    shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
-    return ChannelGraph.build(net_param, shapes)
+def build_graph(net_param, input_shape=None) -> ChannelGraph:
+    """The graph of a net's structure (caffe_prune.netdef.structure_form: its data layers as one
+    Input of ``input_shape`` (C, H, W), found from the prototxt when None), with the blob shapes
+    Caffe computes for it."""
+    from caffe_prune import netdef
+    form = netdef.structure_form(net_param, input_shape)
+    return ChannelGraph.build(form, netdef.blob_shapes(form))

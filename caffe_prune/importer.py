@@ -133,7 +133,7 @@ def network_of(src: Path, model_param, net: str | None) -> str | None:
 
 def weights_mismatch(net_param, weights: dict) -> str | None:
     """Why `weights` do not load by name into `net_param` (built in Caffe), or None if they do."""
-    net = engine.net_from_param(net_param, probe=False)
+    net = engine.net_from_param(net_param)
     for layer, blobs in net.params.items():
         arrays = weights.get(layer)
         if arrays is None:
@@ -186,7 +186,7 @@ def import_published(src, out_dir, net: str | None = None) -> dict:
                           f"using the model's own definition", stacklevel=2)
     if name is None or why is not None:
         stock = stock_definition(authors, model, weights)
-        deploy, _ = netdef.evaluation_form(stock)
+        deploy = netdef.structure_form(stock, networks.IMAGE_SHAPE, str(caffemodel))   # the authors' nets read CIFAR-10
         name = name or caffemodel.parent.name
         definition = str(prototxt or caffemodel)
         why = weights_mismatch(deploy, weights)
@@ -195,7 +195,7 @@ def import_published(src, out_dir, net: str | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     stock_path = netdef.write_prototxt(stock, out_dir / f"{name}.prototxt")
     deploy_path = netdef.write_prototxt(deploy, out_dir / f"{name}.deploy.prototxt")
-    net_ = engine.load_net(deploy_path, probe=False)
+    net_ = engine.load_net(deploy_path, probe=True)
     for layer, blobs in net_.params.items():
         for blob, array in zip(blobs, weights[layer]):
             blob.data[...] = array

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 SEMANTICS = ("zero-downstream", "authors")
 
-# the blobs of a rider layer that must be zero for its output channel to be zero
-RIDER_BLOBS = {"BatchNorm": (0,), "Scale": (0, 1), "Bias": (0,)}
-
 
 class MaskError(ValueError):
     """A mask request that makes no sense (unknown semantics, group not masked, ...)."""
@@ -52,12 +49,13 @@ def regions(graph, group, semantics: str = "zero-downstream"):
             outs = slice(g * per_group_out, (g + 1) * per_group_out)
             out.append((consumer.layer, 0, (outs, consumer.input_channel % per_group_in)))
         else:
-            _, _, block = graph.fc[consumer.layer]
+            info = graph.fc[consumer.layer]
             c = consumer.input_channel
-            out.append((consumer.layer, 0, (slice(None), slice(c * block, (c + 1) * block))))
+            columns = slice(c * info.block, (c + 1) * info.block)
+            out.append((consumer.layer, 0, (columns, slice(None)) if info.transpose else (slice(None), columns)))
     if semantics == "zero-downstream":
         for rider in group.riders:
-            for blob in RIDER_BLOBS.get(rider.type, ()):
+            for blob in graph.riding[rider.layer][1]:
                 out.append((rider.layer, blob, (rider.channel,)))
     return out
 

@@ -1,113 +1,246 @@
-"""Network definitions: the forms Caffe runs, derived from one NetParameter.
+"""Network definitions: what a net reads, where it ends, and the two forms Caffe runs for us.
 
-A trained model arrives as a NetParameter (a prototxt, or the definition embedded in a caffemodel)
-with data layers that read files and a loss at the end. Pruning and evaluation feed data from
-Python instead, so the toolkit derives an *evaluation* form: the data layers become ``Input`` layers
-(``data`` and ``label``), auto-inserted Split layers are dropped (Caffe re-inserts them), and the
-loss and accuracy are Caffe's own ``SoftmaxWithLoss`` and ``Accuracy`` layers (top-1 and top-5) on
-the logits. The transform the data layers applied is returned alongside, because the fed data
-must reproduce it (see caffe_prune.data.cifar10.caffe_input).
+Any Caffe classifier arrives as a NetParameter (a prototxt, or the definition embedded in a
+caffemodel): a deploy net (an ``Input`` layer or the old top-level ``input:`` fields, maybe a
+``Softmax``), a train/val net (``Data``/``ImageData``/``HDF5Data`` layers, one or several losses,
+``Accuracy`` layers), or a definition saved from a TRAIN net. This module derives from it, keeping
+the user's blob and layer names:
+
+- ``input_blobs``: the blob the images enter (and the label blob, if the net reads labels);
+- ``declared_input_shape``: (C, H, W) as the definition states it: an Input layer or the old
+  ``input_shape``/``input_dim`` fields, a data layer's ``crop_size``, ImageData's
+  ``new_height``/``new_width``, MemoryData/DummyData shapes, else the first record of the LMDB,
+  LevelDB, image list or HDF5 file the data layer names. Nothing is ever assumed: when nothing
+  says, the caller asks for ``--input-shape C,H,W``;
+- ``structure_form``: the net as graph and export see it: the data layers become one ``Input`` of
+  that shape, the layers that read labels (losses, accuracies) are dropped, auto-inserted Split
+  layers too (Caffe re-inserts its own);
+- ``choose_head``: the logits: the last ``SoftmaxWithLoss``'s input (GoogLeNet's auxiliary
+  classifiers come first, so the last is the main head; a note says so), else the last
+  ``Softmax``'s (a deploy net's "prob"), else the last InnerProduct's or Convolution's output; or
+  the blob the user names (``--logits``);
+- ``evaluation_form``: the layers that feed the logits, fed by one ``Input`` layer (images and
+  labels, in the net's own blob names), scored by Caffe's own ``SoftmaxWithLoss`` and ``Accuracy``
+  (top-1, top-k) layers named ``EVAL_TOPS``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from caffe_prune import engine
+from caffe_prune import engine, fsio
+from caffe_prune.layers import DATA_TYPES, LOSS_TYPES
 
-DATA_TYPES = {"Data", "ImageData", "HDF5Data", "MemoryData", "Input", "DummyData", "WindowData"}
-HEAD_TYPES = {"SoftmaxWithLoss", "Accuracy", "Softmax"}
+# the tops of the scoring layers evaluation_form adds (a slash keeps them apart from user blobs)
+EVAL_TOPS = {"loss": "caffe_prune/loss", "top1": "caffe_prune/top1", "top5": "caffe_prune/top5"}
+INPUT_SHAPE_HINT = "pass --input-shape C,H,W"
+
+
+def data_layers(net_param) -> list:
+    return [layer for layer in engine.instantiated_layers(net_param) if layer.type in DATA_TYPES]
+
+
+def input_blobs(net_param) -> tuple:
+    """(images blob, label blob or None, the data layer or None). Old-style nets name their inputs
+    at the top level (``input: "data"``)."""
+    found = data_layers(net_param)
+    if found:
+        layer = found[0]
+        if not layer.top:
+            raise engine.EngineError(f"data layer {layer.name!r} has no top")
+        return layer.top[0], (layer.top[1] if len(layer.top) > 1 else None), layer
+    if net_param.input:
+        return net_param.input[0], (net_param.input[1] if len(net_param.input) > 1 else None), None
+    raise engine.EngineError(f"net {net_param.name!r} has no data layer, Input layer or input: field; "
+                             f"it cannot be fed images")
+
+
+def _old_style_shape(net_param):
+    if net_param.input_shape:
+        dims = list(net_param.input_shape[0].dim)
+    else:
+        dims = list(net_param.input_dim[:4])
+    return tuple(int(d) for d in dims[1:]) if len(dims) >= 2 else None
+
+
+def declared_input_shape(net_param, where: str) -> tuple:
+    """(C, H, W) of the images as the definition states it (see the module docstring); raises
+    EngineError saying what is known and what to pass when nothing states it."""
+    from caffe_prune.data import sources
+    _, _, layer = input_blobs(net_param)
+    if layer is None:
+        shape = _old_style_shape(net_param)
+        if shape:
+            return shape
+        raise engine.EngineError(f"{where}: input {net_param.input[0]!r} has no input_shape or input_dim; "
+                                 f"{INPUT_SHAPE_HINT}")
+    if layer.type == "Input":
+        shapes = layer.input_param.shape
+        if shapes and len(shapes[0].dim) >= 2:
+            return tuple(int(d) for d in shapes[0].dim[1:])
+        raise engine.EngineError(f"{where}: Input layer {layer.name!r} has no shape; {INPUT_SHAPE_HINT}")
+    if layer.type == "MemoryData":
+        p = layer.memory_data_param
+        return int(p.channels), int(p.height), int(p.width)
+    if layer.type == "DummyData":
+        if layer.dummy_data_param.shape and len(layer.dummy_data_param.shape[0].dim) >= 2:
+            return tuple(int(d) for d in layer.dummy_data_param.shape[0].dim[1:])
+        raise engine.EngineError(f"{where}: DummyData layer {layer.name!r} has no shape; {INPUT_SHAPE_HINT}")
+    crop = layer.transform_param.crop_size
+    try:
+        channels, height, width = sources.record_shape(layer)
+    except ValueError as exc:      # the source is absent or unreadable: say what the prototxt gives
+        known = _partial_shape(layer)
+        raise engine.EngineError(f"{where}: the image shape is unknown: {exc}"
+                                 + (f"; the prototxt gives {known}" if known else "")
+                                 + f"; {INPUT_SHAPE_HINT}") from None
+    return (channels, crop, crop) if crop else (channels, height, width)
+
+
+def _partial_shape(layer) -> str:
+    crop = layer.transform_param.crop_size
+    if crop:
+        return f"{crop}x{crop} after crop_size"
+    p = layer.image_data_param
+    if layer.type == "ImageData" and p.new_height:
+        return f"{p.new_height}x{p.new_width} after new_height/new_width"
+    return ""
+
+
+def _without_splits(layers):
+    """The layers minus Split layers (Caffe inserts its own), and {split top: the blob it copies}."""
+    alias, kept = {}, []
+    for layer in layers:
+        if layer.type == "Split":
+            alias.update({top: alias.get(layer.bottom[0], layer.bottom[0]) for top in layer.top})
+        else:
+            kept.append(layer)
+    return kept, alias
+
+
+def _copy(layer, alias):
+    pb2 = engine.caffe_pb2()
+    copy = pb2.LayerParameter()
+    copy.CopyFrom(layer)
+    del copy.blobs[:]
+    copy.ClearField("include")
+    copy.ClearField("exclude")
+    copy.ClearField("phase")   # a definition saved from the TRAIN net pins phase: TRAIN on every layer
+    copy.bottom[:] = [alias.get(b, b) for b in layer.bottom]
+    return copy
+
+
+def _input_layer(out, name, tops_and_dims):
+    layer = out.layer.add(name=name, type="Input", top=[top for top, _ in tops_and_dims])
+    for _, dims in tops_and_dims:
+        layer.input_param.shape.add(dim=list(dims))
+
+
+def structure_form(net_param, input_shape=None, where: str | None = None):
+    """The net as graph and export see it (batch 1): data layers -> one Input of ``input_shape``
+    (declared_input_shape when None), label readers dropped, Split layers dropped."""
+    where = where or f"net {net_param.name!r}"
+    data, label, _ = input_blobs(net_param)
+    shape = tuple(input_shape) if input_shape else declared_input_shape(net_param, where)
+    layers, alias = _without_splits(engine.instantiated_layers(net_param))
+    out = engine.caffe_pb2().NetParameter(name=net_param.name)
+    _input_layer(out, data, [(data, (1, *shape))])
+    dropped = {label} if label else set()
+    for layer in layers:
+        bottoms = {alias.get(b, b) for b in layer.bottom}
+        if layer.type in DATA_TYPES:
+            continue
+        if bottoms & dropped:
+            dropped.update(layer.top)
+            continue
+        out.layer.append(_copy(layer, alias))
+    return out
+
+
+def without_fillers(form):
+    """A copy with Caffe's default constant fillers, for nets whose weights are loaded or never read
+    (AlexNet's 68M fc weights would take half a second to fill)."""
+    fast = engine.caffe_pb2().NetParameter()
+    fast.CopyFrom(form)
+    for layer in fast.layer:
+        for param in (layer.convolution_param, layer.inner_product_param):
+            param.ClearField("weight_filler")
+            param.ClearField("bias_filler")
+    return fast
+
+
+def blob_shapes(form) -> dict:
+    """{blob: shape} of a form as Caffe computes them."""
+    net = engine.net_from_param(without_fillers(form))
+    return {name: tuple(blob.data.shape) for name, blob in net.blobs.items()}
 
 
 @dataclass(frozen=True)
-class Transform:
-    """Caffe's transform_param as applied to TEST images: (pixel - mean_value[c]) * scale, BGR."""
-    scale: float = 1.0
-    mean_values: tuple = ()
-
-    @classmethod
-    def of(cls, layer) -> "Transform":
-        tp = layer.transform_param
-        if tp.mean_file:
-            raise engine.EngineError(f"layer {layer.name!r}: transform_param mean_file is not supported; "
-                                     f"use mean_value")
-        if tp.crop_size:
-            raise engine.EngineError(f"layer {layer.name!r}: transform_param crop_size is not supported")
-        return cls(scale=tp.scale if tp.HasField("scale") else 1.0, mean_values=tuple(tp.mean_value))
+class Head:
+    """The classifier's logits blob, the layer it was found by, and a note when it was a choice."""
+    logits: str
+    found_by: str
+    note: str = ""
 
 
-def input_shape(layer) -> tuple:
-    """(C, H, W) a data layer hands the net: an Input layer's own shape, an ImageData layer's
-    new_height/new_width or crop, else CIFAR-10's 3x32x32 (what the six networks read)."""
-    if layer.type == "Input" and layer.input_param.shape and len(layer.input_param.shape[0].dim) == 4:
-        return tuple(layer.input_param.shape[0].dim[1:])
-    crop = layer.transform_param.crop_size
-    if crop:
-        return (3, crop, crop)
-    if layer.type == "ImageData" and layer.image_data_param.new_height:
-        p = layer.image_data_param
-        return (1 if p.HasField("is_color") and not p.is_color else 3, p.new_height, p.new_width)
-    return (3, 32, 32)
+def choose_head(net_param, logits: str | None = None, where: str | None = None) -> Head:
+    """The logits (see the module docstring)."""
+    where = where or f"net {net_param.name!r}"
+    layers, alias = _without_splits(engine.instantiated_layers(net_param))
+    produced = [top for layer in layers if layer.type not in DATA_TYPES for top in layer.top]
+    if logits is not None:
+        if logits not in produced:
+            raise engine.EngineError(f"{where}: --logits {logits!r} is not a blob any layer produces; "
+                                     f"candidates: {', '.join(dict.fromkeys(reversed(produced[-6:])))}")
+        return Head(logits, "--logits")
+    for types, what in ((("SoftmaxWithLoss",), "loss"), (("Softmax",), "softmax")):
+        found = [layer for layer in layers if layer.type in types]
+        if found:
+            layer = found[-1]
+            blob = alias.get(layer.bottom[0], layer.bottom[0])
+            note = "" if len(found) == 1 else (
+                f"{where} has {len(found)} {layer.type} layers ({', '.join(l.name for l in found)}); using the "
+                f"last, {layer.name!r} on {blob!r} (choose another with --logits BLOB)")
+            return Head(blob, f"{layer.type} {layer.name!r}", note)
+    for layer in reversed(layers):
+        if layer.type in ("InnerProduct", "Convolution"):
+            return Head(layer.top[0], f"last {layer.type} {layer.name!r}",
+                        f"{where} has no SoftmaxWithLoss or Softmax; using the output of the last "
+                        f"{layer.type}, {layer.name!r}, as the logits (choose another with --logits BLOB)")
+    others = sorted({layer.type for layer in layers if layer.type in LOSS_TYPES})
+    raise engine.EngineError(f"{where} has no classifier head (no SoftmaxWithLoss, Softmax, InnerProduct or "
+                             f"Convolution" + (f"; its losses are {', '.join(others)}" if others else "")
+                             + "); name the logits blob with --logits BLOB")
 
 
-def evaluation_form(net_param, batch_size: int = 128):
-    """Return (NetParameter, Transform): the net fed by Input layers, scored by Caffe's own layers."""
-    pb2 = engine.caffe_pb2()
-    layers = engine.layers_in_phase(net_param, "test")
-    if not any(l.type in DATA_TYPES for l in layers):   # a caffemodel saved from the TRAIN net
-        layers = engine.layers_in_phase(net_param, "train")
-    data_layers = [l for l in layers if l.type in DATA_TYPES]
-    if not data_layers:
-        raise engine.EngineError(f"net {net_param.name!r} has no data layer to take the transform from")
-    transform = Transform.of(data_layers[0])
-    losses = [l for l in layers if l.type == "SoftmaxWithLoss"]
-    if len(losses) != 1:
-        raise engine.EngineError(f"net {net_param.name!r} has {len(losses)} SoftmaxWithLoss layers; "
-                                 f"expected one, on the logits")
-    logits = losses[0].bottom[0]
-
-    out = pb2.NetParameter(name=net_param.name)
-    data = out.layer.add(name="data", type="Input", top=["data", "label"])
-    data.input_param.shape.add(dim=[batch_size, *input_shape(data_layers[0])])
-    data.input_param.shape.add(dim=[batch_size])
-    split_alias = {}  # auto-inserted Split tops -> the blob they copy
-    for layer in layers:
-        if layer.type == "Split":
-            split_alias.update({top: split_alias.get(layer.bottom[0], layer.bottom[0]) for top in layer.top})
-            continue
-        if layer.type in DATA_TYPES or layer.type in HEAD_TYPES:
-            continue
-        copy = out.layer.add()
-        copy.CopyFrom(layer)
-        del copy.blobs[:]
-        copy.ClearField("include")
-        copy.ClearField("exclude")
-        copy.ClearField("phase")   # a definition saved from the TRAIN net pins phase: TRAIN on every layer
-        copy.bottom[:] = [split_alias.get(b, b) for b in layer.bottom]
-    logits = split_alias.get(logits, logits)
-    out.layer.add(name="loss", type="SoftmaxWithLoss", bottom=[logits, "label"], top=["loss"])
-    out.layer.add(name="top1", type="Accuracy", bottom=[logits, "label"], top=["top1"])
-    top5 = out.layer.add(name="top5", type="Accuracy", bottom=[logits, "label"], top=["top5"])
-    top5.accuracy_param.top_k = min(5, _classes(out, logits))   # Caffe CHECK-aborts on top_k > classes
-    return out, transform
+def evaluation_form(net_param, input_shape, batch_size: int, head: Head, classes: int):
+    """The layers feeding ``head.logits``, fed by one Input layer (the images and labels, in the net's
+    own blob names) and scored by Caffe's SoftmaxWithLoss and Accuracy (top-1, top-min(5, classes))."""
+    if batch_size < 1:
+        raise engine.EngineError(f"the batch size must be at least 1, got {batch_size}")
+    data, label, _ = input_blobs(net_param)
+    layers, alias = _without_splits(engine.instantiated_layers(net_param))
+    body = [layer for layer in layers if layer.type not in DATA_TYPES]
+    names = {top for layer in body for top in layer.top} | {data}
+    label = label or next(n for n in ("label", "caffe_prune/label") if n not in names)
+    end = max((i for i, layer in enumerate(body) if head.logits in layer.top), default=-1)
+    needed, kept = {head.logits}, []
+    for layer in reversed(body[:end + 1]):
+        if needed & set(layer.top):
+            kept.append(layer)
+            needed |= {alias.get(b, b) for b in layer.bottom}
+    out = engine.caffe_pb2().NetParameter(name=net_param.name)
+    _input_layer(out, data, [(data, (batch_size, *input_shape)), (label, (batch_size,))])
+    out.layer.extend(_copy(layer, alias) for layer in reversed(kept))
+    out.layer.add(name="caffe_prune/loss", type="SoftmaxWithLoss", bottom=[head.logits, label],
+                  top=[EVAL_TOPS["loss"]])
+    out.layer.add(name="caffe_prune/top1", type="Accuracy", bottom=[head.logits, label], top=[EVAL_TOPS["top1"]])
+    top5 = out.layer.add(name="caffe_prune/top5", type="Accuracy", bottom=[head.logits, label],
+                         top=[EVAL_TOPS["top5"]])
+    top5.accuracy_param.top_k = min(5, classes)   # Caffe CHECK-aborts on top_k > classes
+    return out
 
 
-def _classes(net_param, logits: str) -> int:
-    """How many classes the logits hold: num_output of the last layer writing them (5 if unknown)."""
-    for layer in reversed(net_param.layer):
-        if logits in layer.top:
-            if layer.type == "InnerProduct":
-                return layer.inner_product_param.num_output
-            if layer.type == "Convolution":
-                return layer.convolution_param.num_output
-            if layer.bottom:
-                logits = layer.bottom[0]
-    return 5
-
-
-def write_prototxt(net_param, path) -> Path:
+def write_prototxt(net_param, path):
+    """A NetParameter (or SolverParameter) as text, written atomically."""
     from google.protobuf import text_format
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text_format.MessageToString(net_param))
-    return path
+    return fsio.write_text(path, text_format.MessageToString(net_param))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from caffe_prune import engine
-from caffe_prune.netdef import Transform
+from caffe_prune import engine, layers
+from caffe_prune.data.transform import Transform
 
 NETWORKS = ("LeNet-5", "CIFAR10", "ResNet-20", "NIN", "AlexNet", "SqueezeNet")
 
@@ -329,7 +329,7 @@ def definition(net):
 def transform(name) -> Transform:
     """The TEST transform (scale, BGR mean values) that data fed from Python must reproduce."""
     _builder(name)
-    return Transform.of(_data_layer(name, "test").to_proto().layer[0])
+    return Transform.of(_data_layer(name, "test").to_proto().layer[0], f"{name}'s TEST data layer")
 
 
 def solver(name, net_path=None):
@@ -343,9 +343,6 @@ def solver(name, net_path=None):
 
 
 # ---- what Table 1 counts --------------------------------------------------------------------------
-
-PASSTHROUGH = {"ReLU", "BatchNorm", "Scale", "LRN", "Pooling", "Dropout", "Eltwise", "Softmax"}
-
 
 def conv_weight_count(net_param, channels: int = IMAGE_SHAPE[0]) -> int:
     """Convolution weights of a NetParameter, by shape arithmetic (no net is built).
@@ -377,7 +374,7 @@ def conv_weight_count(net_param, channels: int = IMAGE_SHAPE[0]) -> int:
             out = [layer.inner_product_param.num_output]
         elif layer.type == "Concat" and layer.concat_param.axis == 1 and None not in bottoms:
             out = [sum(bottoms)]
-        elif layer.type in PASSTHROUGH:
+        elif layers.rule(layer.type).kind in ("pass", "eltwise") or layer.type == "Softmax":
             out = bottoms[:1] * len(layer.top)
         else:   # Flatten, Reshape, losses: channels no longer mean feature maps
             out = [None] * len(layer.top)

@@ -6,6 +6,12 @@ k unique candidates exist (fewer when the rankings run out). Every candidate's *
 cross-entropy on validation batches with the candidate's whole group masked (Θ_C zeroed) minus the
 unmasked loss (eq. 6); the least sensitive candidate is pruned. Which constituent proposed it, and at
 which rank, is the paper's "phase structure" and is recorded.
+
+Two short-listing rules (``SHORTLISTS``): ``paper``, the text's (a constituent whose next group is
+already listed moves on to its next one), and ``authors-code``, the authors' released
+``get_k_channels`` (kaveena/myopic-oracle, utils.py): round i takes every constituent's rank-i
+group in turn, and a constituent whose rank-i group is already listed contributes nothing that
+round. The two can short-list different groups when the constituents agree early.
 """
 from __future__ import annotations
 
@@ -19,14 +25,22 @@ class Proposal:
     proposers: tuple
 
 
-def shortlist(rankings: dict, k: int) -> list:
+SHORTLISTS = ("paper", "authors-code")
+
+
+def shortlist(rankings: dict, k: int, rule: str = "paper") -> list:
     """Round-robin over `rankings` ({metric: [group ids, least salient first]}), in the dict's order.
 
-    A constituent whose next group is already listed moves on to its next lower-ranked one; an
-    exhausted list is skipped. Every constituent that has a listed group at the *same* rank it
-    would have contributed is recorded as a proposer, so agreement between metrics is visible."""
+    ``paper``: a constituent whose next group is already listed moves on to its next lower-ranked
+    one; an exhausted list is skipped. Every constituent that has a listed group at the *same* rank it
+    would have contributed is recorded as a proposer, so agreement between metrics is visible.
+    ``authors-code``: see ``shortlist_authors_code``."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if rule == "authors-code":
+        return shortlist_authors_code(rankings, k)
+    if rule != "paper":
+        raise ValueError(f"unknown shortlist rule {rule!r}; one of {', '.join(SHORTLISTS)}")
     position = {name: 0 for name in rankings}
     chosen, proposers = [], {}
     while len(chosen) < k and any(position[n] < len(r) for n, r in rankings.items()):
@@ -41,6 +55,32 @@ def shortlist(rankings: dict, k: int) -> list:
                 chosen.append(group)
                 proposers[group] = [(name, position[name])]
                 position[name] += 1
+    return [Proposal(group, tuple(proposers[group])) for group in chosen]
+
+
+def shortlist_authors_code(rankings: dict, k: int) -> list:
+    """The authors' released rule (``get_k_channels``): for rank i = 0, 1, ..., each constituent in
+    turn offers its rank-i group; one already listed is not replaced by the constituent's next
+    group (deliberately unlike the paper's text, which ``shortlist(rule="paper")`` follows).
+    Constituents whose rank-i group was already listed are recorded as its proposers at rank i.
+    (Their loop also stops one rank short of the end and lists every channel when at most k are
+    active; with rankings over the same groups neither changes the result, so neither is copied.)"""
+    chosen, proposers = [], {}
+    depth = max((len(r) for r in rankings.values()), default=0)
+    for rank in range(depth):
+        for name, ranking in rankings.items():
+            if len(chosen) == k:
+                break
+            if rank >= len(ranking):
+                continue
+            group = ranking[rank]
+            if group in proposers:
+                proposers[group].append((name, rank))
+            else:
+                chosen.append(group)
+                proposers[group] = [(name, rank)]
+        if len(chosen) == k:
+            break
     return [Proposal(group, tuple(proposers[group])) for group in chosen]
 
 

@@ -4,37 +4,47 @@ Each step draws ``eval_size`` random validation batches, ranks the prunable grou
 saliency metric (or short-lists k of them with the myopic oracle and measures them), removes the
 least salient group (its masks committed in the Caffe net's blobs), and measures test top-1 every
 ``test_interval`` steps. The run stops when test top-1 falls more than ``max_drop`` points below the
-initial accuracy, below an optional absolute ``floor``, or when nothing is left to prune. Every
-decision uses validation images (training images listed in val-indices.txt); the test set is only
-measured.
+initial accuracy (never, with ``max_drop`` None: Figure 6's whole curves), below an optional
+absolute ``floor``, after ``max_steps``, or when nothing is left to prune. Every decision uses
+validation images (caffe_prune.data.dataset); the test set is only measured.
 
 A run lives in a directory, in plain formats that need no code to read:
 
-- ``config.json``: the decision-relevant configuration, versions, data counts and protocol;
+- ``config.json``: the configuration, the sha256 of the definition, the weights and the data (test
+  and validation records as read), the protocol and versions; written atomically;
 - ``steps.jsonl``: one JSON object per completed step, appended and fsync'ed; step 0 is the
   unpruned net. A killed run, restarted with the same command, replays the committed groups and
-  continues after the last complete line, and ends exactly as an uninterrupted run would.
+  continues after the last complete line (a torn last line is cut off), and ends exactly as an
+  uninterrupted run would. Nothing is ever rewritten in place.
+- ``.lock``: held by the process running it; a second process is refused with the first's PID and
+  host; the lock of a dead process is taken over.
+
+A resume compares contents, not paths: the same weights and data at another path continue the
+run, other contents at the same path are refused (``--force`` starts over). ``config.json`` that is
+empty or torn (a kill during its first write) is rebuilt from the command.
 
 Randomness: the only RNG is numpy's ``default_rng([seed, step, stream])``, stream 0 drawing the
-saliency batches and stream 1 the oracle's, both without replacement from the validation indices.
+saliency batches and stream 1 the oracle's, both without replacement from the validation split.
 A step's draws therefore depend on (seed, step) alone, never on what ran before in the process.
 Caffe's forward and backward are deterministic on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, evaluate, masking, metrics, netdef, networks, oracle
-from caffe_prune.data import cifar10
-from caffe_prune.graph import build_graph
+from caffe_prune import engine, fsio, masking, metrics, oracle
+from caffe_prune.download import digest
+
+STEPS, CONFIG = "steps.jsonl", "config.json"
 
 
 @dataclass
@@ -49,13 +59,22 @@ class Config:
     oracle_eval_size: int = 2             # validation batches per oracle sensitivity
     test_size: int = 80                   # test batches per measurement (or all available)
     test_interval: int = 1
-    max_drop: float = 5.0                 # points of top-1 below the initial accuracy
+    max_drop: float | None = 5.0          # points of top-1 below the initial accuracy; None: no drop stop
     floor: float | None = None            # optional absolute top-1 (%) to stop at
     batch_size: int = 128
     seed: int = 0
     semantics: str = "zero-downstream"
     reading: str = "authors"
     max_steps: int | None = None
+    shortlist: str = "paper"              # the oracle's rule: "paper" (the text) or "authors-code" (oracle.SHORTLISTS)
+    data: str | None = None               # the dataset (caffe_prune.data.dataset; None: the net's own)
+    data_root: str = ""
+    transform: dict | None = None         # transform flags replacing the data layer's (options.transform_fields)
+    logits: str | None = None
+    input_shape: str | None = None
+
+    # where things are, not what they are: a resume compares their contents (sha256) instead
+    LOCATIONS = ("net", "weights", "data", "data_root")
 
     def check(self) -> None:
         if (self.metric is None) == (not self.oracle):
@@ -65,81 +84,148 @@ class Config:
                                  ("test_interval", self.test_interval, 1), ("batch_size", self.batch_size, 1)):
             if value < low:
                 raise engine.EngineError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-        if self.max_drop < 0:
+        if self.max_drop is not None and self.max_drop < 0:
             raise engine.EngineError(f"--max-drop must be >= 0 points, got {self.max_drop}")
         if self.max_steps is not None and self.max_steps < 1:
             raise engine.EngineError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.semantics not in masking.SEMANTICS:
             raise engine.EngineError(f"--semantics must be one of {', '.join(masking.SEMANTICS)}")
+        if self.shortlist not in oracle.SHORTLISTS:
+            raise engine.EngineError(f"--shortlist must be one of {', '.join(oracle.SHORTLISTS)}")
         for name in [self.metric] if self.metric else self.oracle:
             try:
                 metrics.parse(name)
             except metrics.MetricError as exc:   # its message lists the valid names
                 raise engine.EngineError(str(exc)) from None
 
+    def decisive(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.LOCATIONS}
+
+
+def definition_sha256(net_param) -> str:
+    return hashlib.sha256(net_param.SerializeToString(deterministic=True)).hexdigest()
+
 
 class Run:
-    """One pruning run: the net, its graph and masks, the data, and the run directory."""
+    """One pruning run: the session (net, graph, data), the masks, and the run directory."""
 
     def __init__(self, config: Config, out_dir, data=None, force: bool = False, progress: bool = True):
+        from caffe_prune import options
+        from caffe_prune.data.dataset import open_dataset
+        from caffe_prune.session import Network, Session, parse_shape
         config.check()
+        if data is not None and config.data is None:     # the older call: data beside the config
+            config.data = os.fsdecode(data)
         self.config, self.out, self.progress = config, Path(out_dir), progress
-        engine.set_mode("auto")
-        self.net_param = networks.definition(config.net)
-        self.graph = build_graph(self.net_param)
-        form, self.transform = netdef.evaluation_form(self.net_param, batch_size=config.batch_size)
-        self.net = engine.net_from_param(form, config.weights)
-        self.masker = masking.Masker(self.graph, [self.net], config.semantics)
-        prepared = cifar10.prepare(data, progress=progress)
-        train_x, train_y = cifar10.read_split("train", prepared["source"])
-        val = cifar10.load_validation_indices(prepared["paths"]["validation"])
-        self.val_x, self.val_y = self._inputs(train_x[val]), train_y[val]
-        test_x, self.test_y = cifar10.read_split("test", prepared["source"])
-        self.test_x = self._inputs(test_x)
-        self.protocol = {"data": prepared["source"], "counts": prepared["counts"], "validation_images": len(val),
-                         "test_images_per_measurement": min(len(self.test_y), config.test_size * config.batch_size),
-                         "groups": len(self.graph.groups), "conv_weights": self.graph.conv_weights(set())}
-        self.steps = self._open(force)
-
-    def _inputs(self, images):
-        return cifar10.caffe_input(images, self.transform.mean_values, self.transform.scale)
+        self.lock = fsio.RunLock(self.out).acquire()
+        try:
+            network = Network.open(config.net, parse_shape(config.input_shape))
+            dataset = open_dataset(network, config.data, options.transform_of(config.transform), config.data_root,
+                                   progress=progress)
+            self.session = Session(network, config.weights, dataset, config.batch_size, config.logits)
+            self.net, self.graph = self.session.net, self.session.graph
+            self.masker = masking.Masker(self.graph, [self.net], config.semantics)
+            self.val_x, self.val_y = dataset.validation.x, dataset.validation.y
+            self.test_x, self.test_y = dataset.test.x, dataset.test.y
+            test_images = min(len(self.test_y), config.test_size * config.batch_size)
+            self.header = {
+                "config": asdict(config),
+                "identity": {"definition_sha256": definition_sha256(network.param),
+                             "weights_sha256": digest(config.weights, "sha256"),
+                             "data": {k: v for k, v in dataset.identity.items() if k != "data"}},
+                "protocol": {"data": dataset.description, "counts": {"test": len(self.test_y)},
+                             "validation_images": len(self.val_y), "test_images_per_measurement": test_images,
+                             "input_shape": list(self.session.input_shape), "logits": self.session.head.logits,
+                             "classes": self.session.classes, "groups": len(self.graph.groups),
+                             "conv_weights": self.graph.conv_weights(set())},
+                "versions": {k: v for k, v in engine.versions().items() if k in ("caffe", "source", "blas", "python")},
+            }
+            self.steps = self._open(force)
+        except BaseException:
+            self.lock.release()
+            raise
 
     # ---- the run directory ----
 
+    @staticmethod
+    def _decisive(header: dict) -> dict:
+        config = {k: v for k, v in header.get("config", {}).items() if k not in Config.LOCATIONS}
+        protocol = {k: v for k, v in header.get("protocol", {}).items() if k != "data"}
+        return {"config": config, "identity": header.get("identity"), "protocol": protocol}
+
+    def _previous(self):
+        """The header in config.json, or None when there is none or it is empty/torn (rebuilt)."""
+        path = self.out / CONFIG
+        if path.is_dir():
+            raise engine.EngineError(f"{path} is a directory; the run directory is damaged: use another --out")
+        try:
+            header = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            return None          # a kill during its first write: rebuilt from this command
+        except OSError as exc:
+            raise engine.EngineError(f"cannot read {path}: {exc.strerror}") from None
+        return header if isinstance(header, dict) and isinstance(header.get("config"), dict) else None
+
     def _open(self, force: bool) -> list:
-        """Create the run directory, or resume the run in it when its config is this one."""
-        config_path, steps_path = self.out / "config.json", self.out / "steps.jsonl"
-        header = {"config": asdict(self.config), "protocol": self.protocol,
-                  "versions": {k: v for k, v in engine.versions().items() if k in ("caffe", "source", "blas", "python")}}
-        if config_path.is_file():
-            previous = json.loads(config_path.read_text())
-            if previous.get("config") != header["config"] or previous.get("protocol") != header["protocol"]:
-                if not force:
-                    differ = sorted(k for k in header["config"] if previous.get("config", {}).get(k) != header["config"][k])
-                    raise engine.EngineError(f"{self.out} holds a run with a different configuration "
-                                             f"({', '.join(differ) or 'data/protocol'}); use another --out or --force")
-                shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not config_path.is_file():
-            config_path.write_text(json.dumps(header, indent=2) + "\n")
-        steps = []
-        if steps_path.is_file():
-            for line in steps_path.read_text().splitlines():
-                try:
-                    steps.append(json.loads(line))
-                except ValueError:   # a line cut by a kill: everything after it is redone
-                    break
-            steps_path.write_text("".join(json.dumps(s) + "\n" for s in steps))
+        """Create the run directory, or resume the run in it when it is this run."""
+        previous = self._previous()
+        if previous is not None and self._decisive(previous) != self._decisive(self.header):
+            if not force:
+                mine, theirs = self._decisive(self.header), self._decisive(previous)
+                differ = sorted(k for k in mine["config"] if theirs["config"].get(k) != mine["config"][k])
+                differ += [f"{k} contents" for k in ("definition_sha256", "weights_sha256", "data")
+                           if (theirs.get("identity") or {}).get(k) != mine["identity"][k]]
+                raise engine.EngineError(f"{self.out} holds a run with a different configuration "
+                                         f"({', '.join(differ) or 'protocol'}); use another --out or --force")
+            self._clear()
+            previous = None
+        if previous is None:
+            fsio.write_json(self.out / CONFIG, self.header)
+        steps = self._read_steps()
         for step in steps[1:]:
             self.masker.commit(step["group"])
         return steps
 
+    def _clear(self) -> None:
+        """--force: remove the other run's files (the lock stays ours)."""
+        import shutil
+        for entry in self.out.iterdir():
+            if entry.name == ".lock":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def _read_steps(self) -> list:
+        path = self.out / STEPS
+        if path.is_dir():
+            raise engine.EngineError(f"{path} is a directory; the run directory is damaged: use --force or another --out")
+        steps = []
+        for number, line in enumerate(fsio.complete_lines(path), 1):
+            try:
+                step = json.loads(line)
+            except ValueError:
+                step = None
+            expected = len(steps)
+            valid = isinstance(step, dict) and step.get("step") == expected and \
+                (step.get("group") is None if expected == 0 else
+                 isinstance(step.get("group"), int) and 0 <= step["group"] < len(self.graph.groups)) and \
+                (expected > 0 or isinstance(step.get("test"), dict))
+            if not valid or (expected and step["group"] in {s["group"] for s in steps[1:]}):
+                raise engine.EngineError(f"{path}:{number} is not step {expected} of this run; the run directory "
+                                         f"is damaged: use --force (starts over) or another --out")
+            steps.append(step)
+        return steps
+
     def _append(self, record: dict) -> None:
-        with open(self.out / "steps.jsonl", "a") as stream:
-            stream.write(json.dumps(record) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
+        fsio.append_line(self.out / STEPS, json.dumps(record))
         self.steps.append(record)
+
+    def close(self) -> None:
+        self.lock.release()
 
     # ---- measurements ----
 
@@ -152,13 +238,12 @@ class Run:
         return [(self.val_x[chosen[i:i + b]], self.val_y[chosen[i:i + b]]) for i in range(0, size, b)]
 
     def _test(self) -> dict:
-        return evaluate.evaluate(self.net, self.test_x, self.test_y, self.config.batch_size,
-                                 batches=self.config.test_size, progress=False)
+        return self.session.evaluate(self.test_x, self.test_y, batches=self.config.test_size)
 
     def _loss(self, batches) -> float:
         x = np.concatenate([b[0] for b in batches])
         y = np.concatenate([b[1] for b in batches])
-        return evaluate.evaluate(self.net, x, y, self.config.batch_size, progress=False)["loss"]
+        return self.session.evaluate(x, y)["loss"]
 
     def _counts(self, pruned) -> dict:
         g = self.graph
@@ -176,7 +261,7 @@ class Run:
         rankings = metrics.rank(names, self.net, self.graph, batches, pruned, reading=c.reading)
         if c.metric:
             return {"group": rankings[c.metric][0], "proposers": [[c.metric, 0]]}
-        proposals = oracle.shortlist(rankings, c.k)
+        proposals = oracle.shortlist(rankings, c.k, c.shortlist)
         oracle_batches = self._batches(step, 1, c.oracle_eval_size)
         sensitivity = oracle.sensitivities([p.group for p in proposals], self.masker,
                                            lambda: self._loss(oracle_batches))
@@ -187,6 +272,12 @@ class Run:
 
     def run(self) -> list:
         """Prune until the stop criterion; returns all step records (resumed or new)."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> list:
         c = self.config
         if not self.steps:
             self._append({"step": 0, "group": None, "test": self._test(), **self._counts(set()), "seconds": 0.0})
@@ -194,26 +285,26 @@ class Run:
         pruned = {s["group"] for s in self.steps[1:]}
         bar = tqdm(total=len(self.graph.groups), initial=len(pruned), unit="group",
                    desc=f"prune {Path(c.net).name}", disable=not self.progress)
-        while not self._finished(initial):
-            step = len(self.steps)
-            start = time.perf_counter()
-            if not self.graph.prunable(pruned):
-                break
-            choice = self.decide(step, pruned)
-            self.masker.commit(choice["group"])
-            pruned.add(choice["group"])
-            group = self.graph.groups[choice["group"]]
-            record = {"step": step, **choice, "layers": list(group.layers),
-                      "channels": [[u.layer, u.index] for u in group.channels], **self._counts(pruned)}
-            if step % c.test_interval == 0:
-                record["test"] = self._test()
-            record["seconds"] = round(time.perf_counter() - start, 4)
-            self._append(record)
-            bar.update(1)
-            top1 = record.get("test", {}).get("top1")
-            bar.set_postfix(removed=f"{record['percent_conv_removed']:.1f}%",
-                            active=record["active_channels"], top1="-" if top1 is None else f"{100 * top1:.1f}")
-        bar.close()
+        with contextlib.closing(bar):
+            while not self._finished(initial):
+                step = len(self.steps)
+                start = time.perf_counter()
+                if not self.graph.prunable(pruned):
+                    break
+                choice = self.decide(step, pruned)
+                self.masker.commit(choice["group"])
+                pruned.add(choice["group"])
+                group = self.graph.groups[choice["group"]]
+                record = {"step": step, **choice, "layers": list(group.layers),
+                          "channels": [[u.layer, u.index] for u in group.channels], **self._counts(pruned)}
+                if step % c.test_interval == 0:
+                    record["test"] = self._test()
+                record["seconds"] = round(time.perf_counter() - start, 4)
+                self._append(record)
+                bar.update(1)
+                top1 = record.get("test", {}).get("top1")
+                bar.set_postfix(removed=f"{record['percent_conv_removed']:.1f}%",
+                                active=record["active_channels"], top1="-" if top1 is None else f"{100 * top1:.1f}")
         return self.steps
 
     def _finished(self, initial: float) -> bool:
@@ -223,12 +314,14 @@ class Run:
         if "test" not in last or last["group"] is None:
             return False
         top1 = 100 * last["test"]["top1"]
-        return top1 < initial - c.max_drop or (c.floor is not None and top1 < c.floor)
+        dropped = c.max_drop is not None and top1 < initial - c.max_drop
+        return dropped or (c.floor is not None and top1 < c.floor)
 
 
-def removed_at_drop(steps: list, max_drop: float = 5.0) -> float:
+def removed_at_drop(steps: list, max_drop: float | None = 5.0) -> float:
     """% of conv weights removed at the last measured step within `max_drop` points of the start
-    (papers/004 Table 2's figure)."""
+    (papers/004 Table 2's figure; 5 points when the run itself had no drop stop)."""
+    max_drop = 5.0 if max_drop is None else max_drop
     initial = 100 * steps[0]["test"]["top1"]
     best = 0.0
     for step in steps[1:]:
@@ -237,4 +330,3 @@ def removed_at_drop(steps: list, max_drop: float = 5.0) -> float:
                 break
             best = step["percent_conv_removed"]
     return best
-

@@ -29,3 +29,20 @@ def write_net(tmp_path):
         path.write_text(text)
         return path
     return write
+
+
+def evaluation_form(net_param, batch_size=128, input_shape=(3, 32, 32), classes=10):
+    """The evaluation form of a CIFAR-10 net (caffe_prune.netdef), as caffe_prune.session builds it."""
+    from caffe_prune import netdef
+    return netdef.evaluation_form(net_param, input_shape, batch_size, netdef.choose_head(net_param), classes)
+
+
+def evaluation(net, weights, batches=None, data=SUBSET, **kw):
+    """`caffe-prune evaluate NET WEIGHTS --data DATA` as a call: the scores."""
+    import argparse
+    from caffe_prune import cli
+    args = argparse.Namespace(net=str(net), weights=str(weights), data=str(data), batches=batches, input_shape=None,
+                              logits=None, data_root="", scale=None, mean_value=None, mean_file=None, crop_size=None)
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return cli.run_evaluation(args, progress=False)[0]

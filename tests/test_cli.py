@@ -28,6 +28,6 @@ def test_export_reports_counts_and_deviation(tmp_path):
     report = json.loads(out)
     # conv1 loses 2 of 20 channels, conv2 1 of 50: 18*75 + 49*18*25 = 23,400 of 26,500
     assert report["conv_weights"] == 18 * 75 + 49 * 18 * 25 and report["widths"] == {"conv1": 18, "conv2": 49}
-    assert report["max_relative_logit_deviation"] <= 1e-4
+    assert report["max_relative_deviation"] <= 1e-4 and report["compared_on"].startswith("4 images: random")
     code, _, err = caffe_prune("export", "LeNet-5", weights, "--groups", "70", "--out", tmp_path)
     assert code == 2 and "--groups: no group 70; the net has groups 0..69" in err

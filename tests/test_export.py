@@ -4,9 +4,9 @@ semantics differs exactly where the paper's trap says it does."""
 import numpy as np
 import pytest
 
-from caffe_prune import engine, evaluate, export, masking, netdef, networks
+from caffe_prune import engine, export, masking, networks
 from caffe_prune.data import cifar10
-from caffe_prune.graph import build_graph
+from caffe_prune.session import Network
 from conftest import PUBLISHED, SUBSET
 
 WEIGHTS = {"LeNet-5": PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel",
@@ -14,29 +14,33 @@ WEIGHTS = {"LeNet-5": PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel",
 
 
 class Case:
-    """One network: its graph, a full-width evaluation net (published weights or Caffe's fillers)
-    and a few real subset images, transformed as its data layer would."""
+    """One network: its graph, a full-width structure-form net (published weights or Caffe's
+    fillers) and a few real subset images, transformed as its data layer would."""
 
     def __init__(self, name, tmp_path, images=8):
         self.name, self.tmp = name, tmp_path
-        self.param = networks.train_test(name)
-        self.graph = build_graph(self.param)
-        form, transform = netdef.evaluation_form(self.param, batch_size=images)
-        self.net = engine.load_net(netdef.write_prototxt(form, tmp_path / "full.prototxt"),
-                                   WEIGHTS.get(name), probe=False)
+        self.network = Network.open(name)
+        self.param, self.graph = self.network.param, self.network.graph
+        self.net = engine.net_from_param(self.network.structure(), WEIGHTS.get(name))
         x, y = cifar10.read_split("test", SUBSET)
+        transform = networks.transform(name)
         self.x = cifar10.caffe_input(x[:images], transform.mean_values, transform.scale)
-        self.y = y[:images]
-        self.logits = form.layer[-1].bottom[0]
+        self.logits = self.network.head().logits
 
     def run(self, net):
-        evaluate.feed(net, self.x, self.y)
+        net.blobs["data"].reshape(*self.x.shape)
+        net.reshape()
+        net.blobs["data"].data[...] = self.x
         net.forward()
         return net.blobs[self.logits].data.copy()
 
     def export_logits(self, pruned):
-        done = export.export(self.param, self.graph, pruned, self.net, self.tmp / "export", self.name)
-        return self.run(done["net"]), done
+        done = export.export(self.param, self.graph, pruned, self.net, self.tmp / "export", self.name,
+                             networks.IMAGE_SHAPE, self.x)
+        compact = self.run(done["net"])
+        assert done["deviation"][self.logits] == pytest.approx(
+            np.abs(self.run(self.net) - compact).max() / max(np.abs(self.run(self.net)).max(), 1e-12), abs=1e-12)
+        return compact, done
 
 
 def assert_close(a, b, rtol=1e-4):

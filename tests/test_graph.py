@@ -8,6 +8,7 @@ from google.protobuf import text_format
 
 from caffe_prune import engine, graph, networks
 from caffe_prune.graph import Channel, ConsumerSlice, Rider
+from caffe_prune.session import Network
 
 # SqueezeNet's fire modules: (input channels, squeeze, expand) for fire2..fire9
 FIRES = [(64, 16, 64), (128, 16, 64), (128, 32, 128), (256, 32, 128),
@@ -38,7 +39,7 @@ FC_WEIGHTS = {
 
 @functools.lru_cache(maxsize=None)
 def built(name):
-    return graph.build_graph(networks.train_test(name))
+    return Network.open(name).graph
 
 
 @pytest.mark.parametrize("name", networks.NETWORKS)
@@ -60,7 +61,8 @@ def test_groups_and_weight_counts(caffe, name):
 def test_nin_classes_are_unprunable(caffe):
     g = built("NIN")
     assert set(g.unprunable) == {Channel("cccp6", i) for i in range(10)}
-    assert all("'loss'" in why and "classes" in why for why in g.unprunable.values())
+    # the structure form drops the loss (it reads labels): cccp6's channels reach the net's output
+    assert all("net output 'pool3_flat'" in why for why in g.unprunable.values())
     assert g.group_of("cccp5", 7).consumers == (ConsumerSlice("cccp6", "conv", 7),)
 
 
@@ -72,7 +74,7 @@ def test_lenet5_weights_removed(caffe):
     assert g.weights_removed(c2, set()) == 20 * 25
     assert g.fc_weights_removed(c2, set()) == 500 * 25          # ip1's 5x5 block of pool2 channel 0
     assert g.weights_removed(c2, {c1}) == 19 * 25                # conv2's filter lost an input already
-    assert g.fc["ip1"] == (500, 50, 25) and g.fc["ip2"] == (10, None, 500)
+    assert g.fc["ip1"] == graph.FcInfo(500, 50, 25) and g.fc["ip2"] == graph.FcInfo(10, None, 500)
     assert g.producers["conv2"] == graph.ProducerInfo(50, 1, 25, 20, True)
     assert g.weights_removed(c1, {c1}) == 0
 
@@ -129,7 +131,7 @@ def test_squeezenet_concat_offsets(caffe):
     assert g.group_of("fire3/expand3x3", 0).consumers == (ConsumerSlice("fire4/squeeze1x1", "conv", 64),)  # via pool3
     assert g.group_of("fire9/expand3x3", 5).consumers == (ConsumerSlice("conv10", "conv", 256 + 5),)
     assert g.group_of("conv10", 7).consumers == (ConsumerSlice("ip", "fc", 7),)
-    assert g.fc["ip"] == (10, 1000, 1)
+    assert g.fc["ip"] == graph.FcInfo(10, 1000, 1)
     # expand3x3 channel: its 64x3x3 filter and one input column of fire3's squeeze (16 outputs)
     assert g.weights_removed(g.group_of("fire2/expand3x3", 5).id, set()) == 16 * 9 + 16
 
@@ -195,34 +197,61 @@ def units(layer_name, n):
     return {Channel(layer_name, i) for i in range(n)}
 
 
+def head(*bottoms):
+    """One InnerProduct per bottom, so that no convolution's channels are the net's outputs
+    (those are pinned: a net's outputs are what it computes)."""
+    return "".join(layer(f"ip_{b}", "InnerProduct", [b], [f"ip_{b}"], "inner_product_param { num_output: 3 }")
+                   for b in bottoms)
+
+
 def test_unknown_layer_type_is_a_barrier(caffe, write_net):
+    """Tile (not in caffe_prune.layers) repeats b's channels: the graph does not guess, b is pinned."""
     text = (DATA + conv("a", "data", 4) + conv("b", "a", 6)
-            + layer("slice", "Slice", ["b"], ["s1", "s2"], "slice_param { axis: 1 slice_point: 3 }")
-            + conv("c", "s1", 2) + conv("d", "s2", 2))
+            + layer("tile", "Tile", ["b"], ["t"], "tile_param { axis: 1 tiles: 2 }")
+            + conv("c", "t", 2) + head("c"))
     g, _ = caffe_graph(write_net, text)
-    assert list(g.barriers) == ["slice"] and "'Slice'" in g.barriers["slice"]
+    assert list(g.barriers) == ["tile"] and "'Tile'" in g.barriers["tile"]
     assert set(g.unprunable) == units("b", 6)
-    assert all("'slice'" in why for why in g.unprunable.values())
-    assert {c for group in g.groups for c in group.channels} == units("a", 4) | units("c", 2) | units("d", 2)
-    assert g.producers["c"].in_channels == 3
-    assert g.conv_weights(set()) == 4 * 3 * 9 + 6 * 4 * 9 + 2 * (2 * 3 * 9)
+    assert all("'tile'" in why for why in g.unprunable.values())
+    assert {c for group in g.groups for c in group.channels} == units("a", 4) | units("c", 2)
+    assert g.producers["c"].in_channels == 12
+    assert g.conv_weights(set()) == 4 * 3 * 9 + 6 * 4 * 9 + 2 * 12 * 9
     assert g.weights_removed(g.group_of("a", 0).id, set()) == 3 * 9 + 6 * 9
 
 
+def test_net_outputs_are_pinned(caffe, write_net):
+    """A convolution whose channels leave the net (no head, no consumer) computes the outputs."""
+    g, _ = caffe_graph(write_net, DATA + conv("a", "data", 4) + conv("b", "a", 5))
+    assert set(g.unprunable) == units("b", 5) and "net output 'b'" in g.unprunable[Channel("b", 0)]
+    assert len(g.groups) == 4
+
+
+def test_slice_on_channels_offsets(caffe, write_net):
+    text = (DATA + conv("a", "data", 6)
+            + layer("slice", "Slice", ["a"], ["s1", "s2"], "slice_param { axis: 1 slice_point: 2 }")
+            + conv("c", "s1", 2) + conv("d", "s2", 2) + head("c", "d"))
+    g, _ = caffe_graph(write_net, text)
+    assert not g.barriers and not g.unprunable
+    assert g.group_of("a", 1).consumers == (ConsumerSlice("c", "conv", 1),)
+    assert g.group_of("a", 2).consumers == (ConsumerSlice("d", "conv", 0),)      # channel 2 is s2's first
+    assert g.weights_removed(g.group_of("a", 5).id, set()) == 3 * 9 + 2 * 9
+
+
 def test_unprunable_spreads_over_ties(caffe, write_net):
-    """ELU is elementwise, but the graph does not list it: a barrier. Unit a:0 reaches it, and b:0
-    is tied to a:0 by an Eltwise, so b:0 cannot fall either."""
-    text = (DATA + conv("a", "data", 4) + conv("b", "data", 4) + layer("elu", "ELU", ["a"], ["e"])
-            + layer("sum", "Eltwise", ["a", "b"], ["sum"]) + conv("c", "sum", 2) + conv("d", "e", 2))
+    """MVN is not one of the graph's layers: a barrier. Unit a:0 reaches it, and b:0 is tied to a:0 by
+    an Eltwise, so b:0 cannot fall either."""
+    text = (DATA + conv("a", "data", 4) + conv("b", "data", 4) + layer("mvn", "MVN", ["a"], ["e"])
+            + layer("sum", "Eltwise", ["a", "b"], ["sum"]) + conv("c", "sum", 2) + conv("d", "e", 2) + head("c", "d"))
     g, _ = caffe_graph(write_net, text)
     assert set(g.unprunable) == units("a", 4) | units("b", 4)
-    assert "barrier 'elu'" in g.unprunable[Channel("a", 1)]
-    assert g.unprunable[Channel("b", 1)].startswith("tied to a:1, which reaches barrier 'elu'")
+    assert "barrier 'mvn'" in g.unprunable[Channel("a", 1)]
+    assert g.unprunable[Channel("b", 1)].startswith("tied to a:1, which reaches barrier 'mvn'")
     assert len(g.groups) == 4
 
 
 def test_eltwise_with_the_image_pins_units(caffe, write_net):
-    text = DATA + conv("a", "data", 3) + layer("sum", "Eltwise", ["a", "data"], ["sum"]) + conv("c", "sum", 2)
+    text = DATA + conv("a", "data", 3) + layer("sum", "Eltwise", ["a", "data"], ["sum"]) + conv("c", "sum", 2) \
+        + head("c")
     g, _ = caffe_graph(write_net, text)
     assert set(g.unprunable) == units("a", 3) and "Eltwise 'sum'" in g.unprunable[Channel("a", 0)]
     assert not g.barriers and len(g.groups) == 2
@@ -230,7 +259,8 @@ def test_eltwise_with_the_image_pins_units(caffe, write_net):
 
 def test_concat_on_another_axis_is_a_barrier(caffe, write_net):
     text = (DATA + conv("a", "data", 4) + conv("b", "data", 4)
-            + layer("cat", "Concat", ["a", "b"], ["cat"], "concat_param { axis: 2 }") + conv("c", "cat", 5))
+            + layer("cat", "Concat", ["a", "b"], ["cat"], "concat_param { axis: 2 }") + conv("c", "cat", 5)
+            + head("c"))
     g, shapes = caffe_graph(write_net, text)
     assert tuple(shapes["cat"]) == (1, 4, 16, 8)
     assert list(g.barriers) == ["cat"] and "axis 2" in g.barriers["cat"]
@@ -242,9 +272,10 @@ def test_concat_on_another_axis_is_a_barrier(caffe, write_net):
 def test_eltwise_of_different_widths_is_a_barrier(caffe):
     """Caffe refuses this net, so the shapes are written by hand."""
     net_param = text_format.Parse(DATA + conv("a", "data", 4) + conv("b", "data", 6)
-                                  + layer("sum", "Eltwise", ["a", "b"], ["sum"]) + conv("c", "sum", 5),
+                                  + layer("sum", "Eltwise", ["a", "b"], ["sum"]) + conv("c", "sum", 5) + head("c"),
                                   engine.caffe_pb2().NetParameter())
-    shapes = {"data": (1, 3, 8, 8), "a": (1, 4, 8, 8), "b": (1, 6, 8, 8), "sum": (1, 4, 8, 8), "c": (1, 5, 8, 8)}
+    shapes = {"data": (1, 3, 8, 8), "a": (1, 4, 8, 8), "b": (1, 6, 8, 8), "sum": (1, 4, 8, 8), "c": (1, 5, 8, 8),
+              "ip_c": (1, 3)}
     g = graph.ChannelGraph.build(net_param, shapes)
     assert list(g.barriers) == ["sum"] and "[4, 6]" in g.barriers["sum"]
     assert set(g.unprunable) == units("a", 4) | units("b", 6)
@@ -261,7 +292,7 @@ def test_flatten_before_inner_product(caffe, write_net, axis, pure):
             + layer("flat", "Flatten", ["a"], ["flat"], f"flatten_param {{ axis: {axis} }}")
             + layer("ip", "InnerProduct", ["flat"], ["ip"], "inner_product_param { num_output: 10 }"))
     g, _ = caffe_graph(write_net, text)
-    assert g.fc["ip"] == (10, 4, 64)
+    assert g.fc["ip"] == graph.FcInfo(10, 4, 64)
     if pure:   # channel 1 owns ip's columns [64, 128)
         assert not g.barriers and g.group_of("a", 1).consumers == (ConsumerSlice("ip", "fc", 1),)
         assert g.fc_weights_removed(g.group_of("a", 1).id, set()) == 10 * 64
@@ -274,7 +305,7 @@ def test_in_place_layers_and_split(caffe, write_net):
     layer after a second reader is refused by Caffe: "Top blob 'a' produced by multiple sources")."""
     text = (DATA + conv("a", "data", 4) + layer("a_bn", "BatchNorm", ["a"], ["a"])
             + layer("a_scale", "Scale", ["a"], ["a"], "scale_param { bias_term: true }")
-            + layer("a_relu", "ReLU", ["a"], ["a"]) + conv("b", "a", 3) + conv("c", "a", 5))
+            + layer("a_relu", "ReLU", ["a"], ["a"]) + conv("b", "a", 3) + conv("c", "a", 5) + head("b", "c"))
     g, shapes = caffe_graph(write_net, text)
     assert any("split" in name for name in shapes)
     group = g.group_of("a", 2)
@@ -294,8 +325,8 @@ def test_graph_is_immutable(caffe):
 
 
 def test_explicit_split_through_build_graph(caffe):
-    """An explicit Split passes channels to both tops; build_graph's evaluation form drops it (Caffe
-    re-inserts its own), so its tops have no shapes and the graph follows the split by name."""
+    """An explicit Split passes channels to both tops; build_graph's structure form drops it (Caffe
+    re-inserts its own) and follows the split by name."""
     net_param = text_format.Parse(
         'name: "split"\n'
         + layer("data", "Input", [], ["data", "label"],
@@ -307,6 +338,6 @@ def test_explicit_split_through_build_graph(caffe):
         engine.caffe_pb2().NetParameter())
     g = graph.build_graph(net_param)
     assert g.group_of("a", 3).consumers == (ConsumerSlice("b", "conv", 3), ConsumerSlice("ip", "fc", 3))
-    assert g.fc["ip"] == (10, 4, 1)
+    assert g.fc["ip"] == graph.FcInfo(10, 4, 1)
     assert g.weights_removed(g.group_of("a", 3).id, set()) == 3 * 9 + 3 * 9
-    assert len(g.groups) == 4 + 3
+    assert len(g.groups) == 4 and set(g.unprunable) == units("b", 3)   # b's channels are the net's outputs

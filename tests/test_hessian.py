@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from caffe_prune import engine, netdef, networks
 from caffe_prune.data import cifar10
 from caffe_prune.metrics.hessian import hessian_diagonal
-from conftest import PUBLISHED, SUBSET
+from conftest import PUBLISHED, SUBSET, evaluation_form
 
 CONV1 = """
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
@@ -370,7 +370,7 @@ def test_refuses_what_it_cannot_do(caffe, write_net):
 @pytest.mark.parametrize("name", networks.NETWORKS)
 def test_six_networks(caffe, write_net, name):
     """Every layer of the paper's networks has a rule (filler weights), except AlexNet's LRN."""
-    form, _ = netdef.evaluation_form(networks.train_test(name), batch_size=2)
+    form = evaluation_form(networks.train_test(name), batch_size=2)
     net = fed(engine.load_net(write_net(text_format.MessageToString(form), f"{name}.prototxt"), probe=False))
     for layer_name, layer in zip(net._layer_names, net.layers):
         if layer.type == "BatchNorm":   # no statistics yet: variance 1, scale factor 1
@@ -390,13 +390,14 @@ def test_six_networks(caffe, write_net, name):
 
 @pytest.mark.slow
 def test_published_resnet20(caffe, write_net):
-    form, transform = netdef.evaluation_form(networks.train_test("ResNet-20"), batch_size=8)
+    form = evaluation_form(networks.train_test("ResNet-20"), batch_size=8)
+    transform = networks.transform("ResNet-20")
     net = engine.load_net(write_net(text_format.MessageToString(form), "resnet20.prototxt"),
                           PUBLISHED / "ResNet-20-CIFAR10" / "original.caffemodel", probe=False)
     images, labels = cifar10.read_split("test", SUBSET)
     net.blobs["data"].data[...] = cifar10.caffe_input(images[:8], transform.mean_values, transform.scale)
     net.blobs["label"].data[...] = labels[:8]
-    loss = float(net.forward()["loss"])
+    loss = float(net.forward()[netdef.EVAL_TOPS["loss"]])
     before = snapshot(net)
     convs = [net.top_names[name][0] for name, layer in zip(net._layer_names, net.layers)
              if layer.type == "Convolution"]
@@ -405,7 +406,7 @@ def test_published_resnet20(caffe, write_net):
     h = hessian_diagonal(net, convs + ["fc", "global_avg_pool"])
     seconds = time.perf_counter() - start
     assert_unchanged(net, before)
-    assert float(net.forward()["loss"]) == loss
+    assert float(net.forward()[netdef.EVAL_TOPS["loss"]]) == loss
     start = time.perf_counter()
     again = hessian_diagonal(net, convs)   # the layer definitions are cached on the net now
     print(f"\nResNet-20, batch 8, h for {len(convs)} conv tops: first call {seconds:.3f} s, "

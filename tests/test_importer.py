@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from caffe_prune import cli, engine, importer
-from conftest import PUBLISHED, SUBSET, TABLE1
+from conftest import PUBLISHED, SUBSET, TABLE1, evaluation
 
 FORK_PROTOTXT = """
 name: "fork"
@@ -57,9 +57,8 @@ def test_import_published_scores_like_the_original(caffe, tmp_path, name):
     with pytest.warns(UserWarning, match="dropped fields unknown to stock Caffe: convolution_mask_param"):
         done = importer.import_published(src, tmp_path)
     assert done["network"] == name and done["definition"] == "caffe_prune.networks"
-    imported = cli.run_evaluation(name, done["caffemodel"], SUBSET, None, progress=False)
-    original = cli.run_evaluation(src / "original.caffemodel", src / "original.caffemodel", SUBSET, None,
-                                  progress=False)
+    imported = evaluation(name, done["caffemodel"], None)
+    original = evaluation(src / "original.caffemodel", src / "original.caffemodel", None)
     assert imported == pytest.approx(original, rel=1e-6)
     assert abs(100 * imported["top1"] - TABLE1[name]["top1_percent"]) <= 3
 
@@ -77,8 +76,8 @@ def test_import_falls_back_to_the_models_own_definition(caffe, tmp_path):
     with pytest.warns(UserWarning, match=r"does not fit caffe_prune's LeNet-5 \(no weights for layer 'conv2'\)"):
         done = importer.import_published(renamed.parent, tmp_path / "out")
     assert done["definition"] == str(renamed)
-    scores = cli.run_evaluation(done["prototxt"], done["caffemodel"], SUBSET, 2, progress=False)
-    reference = cli.run_evaluation(renamed, renamed, SUBSET, 2, progress=False)
+    scores = evaluation(done["prototxt"], done["caffemodel"], 2)
+    reference = evaluation(renamed, renamed, 2)
     assert scores == pytest.approx(reference, rel=1e-6)
 
 

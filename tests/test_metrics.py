@@ -15,7 +15,7 @@ from caffe_prune.data import cifar10
 from caffe_prune.graph import ChannelGraph, Channel, build_graph
 from caffe_prune.metrics import commands, inputs
 from caffe_prune.metrics.hessian import hessian_diagonal
-from conftest import PUBLISHED, SUBSET
+from conftest import PUBLISHED, SUBSET, evaluation_form
 
 WEIGHTS = {"LeNet-5": PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel",
            "ResNet-20": PUBLISHED / "ResNet-20-CIFAR10" / "original.caffemodel"}
@@ -121,12 +121,13 @@ def tiny_case(caffe, write_net, text=TINY, n=4, seed=0):
 
 def published_case(name, tmp_path, per_batch=8, count=2):
     param = networks.train_test(name)
-    form, transform = netdef.evaluation_form(param, batch_size=per_batch)
+    form = evaluation_form(param, batch_size=per_batch)
+    transform = networks.transform(name)
     net = engine.load_net(netdef.write_prototxt(form, tmp_path / f"{name}.prototxt"), WEIGHTS[name], probe=False)
     images, labels = cifar10.read_split("test", SUBSET)
     x = cifar10.caffe_input(images[:per_batch * count], transform.mean_values, transform.scale)
     batches = [(x[i:i + per_batch], labels[i:i + per_batch]) for i in range(0, per_batch * count, per_batch)]
-    return Case(net, build_graph(param), batches)
+    return Case(net, build_graph(param, networks.IMAGE_SHAPE), batches)
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +425,7 @@ def test_weight_taxonomy_on_lenet5_and_resnet20(caffe, write_net, lenet, resnet,
     names = ["weights/g/l2/count", "weights/hess_obd/sum/l1_layer", "weights/taylor2_sqgrad/abs_sum/active_count"]
 
     def single(name, case):
-        form, _ = netdef.evaluation_form(networks.train_test(name), batch_size=1)
+        form = evaluation_form(networks.train_test(name), batch_size=1)
         return engine.load_net(netdef.write_prototxt(form, tmp_path / f"{name}-1.prototxt"), probe=False)
 
     check_weight_combos(lenet, names, set(), single("LeNet-5", lenet), write_net, ["conv1", "conv2"],
@@ -684,7 +685,8 @@ def test_saliency_command_writes_the_ranking(caffe, tmp_path, capsys):
     # the same images by hand: validation indices of the training split, drawn with the seed
     images, labels = cifar10.read_split("train", SUBSET)
     chosen = np.random.default_rng(3).choice(cifar10.validation_indices(len(images)), size=32, replace=False)
-    form, transform = netdef.evaluation_form(networks.train_test("LeNet-5"), batch_size=32)
+    form = evaluation_form(networks.train_test("LeNet-5"), batch_size=32)
+    transform = networks.transform("LeNet-5")
     net = engine.load_net(netdef.write_prototxt(form, tmp_path / "l.prototxt"), WEIGHTS["LeNet-5"], probe=False)
     net.blobs["data"].data[...] = cifar10.caffe_input(images[chosen], transform.mean_values, transform.scale)
     net.blobs["label"].data[...] = labels[chosen]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import engine, netdef, networks
+from caffe_prune import engine, layers, netdef, networks
 from caffe_prune.data import cifar10
-from conftest import PUBLISHED, REPO, SUBSET, TABLE1
+from caffe_prune.data.transform import Transform
+from conftest import PUBLISHED, REPO, SUBSET, TABLE1, evaluation_form
 
 # Counted by hand from the layer shapes: out x in/group x kh x kw, summed over Convolution layers.
 HAND_COUNTS = {
@@ -73,7 +74,7 @@ def stock_body(net_param):
     fork adds convolution_mask_param and two mask param specs per Convolution, dropped here."""
     body = []
     for layer in net_param.layer:
-        if layer.type in netdef.DATA_TYPES or layer.type in netdef.HEAD_TYPES:
+        if layer.type in layers.DATA_TYPES or layer.type in layers.HEAD_TYPES:
             continue
         copy = engine.caffe_pb2().LayerParameter()
         copy.CopyFrom(layer)
@@ -103,7 +104,7 @@ def test_data_layers_and_heads(name):
     assert (train.include[0].phase, test.include[0].phase) == (0, 1)   # TRAIN, TEST
     assert train.data_param.batch_size == test.data_param.batch_size == 128
     assert train.transform_param.mirror == (name != "ResNet-20") and not test.transform_param.mirror
-    assert networks.transform(name) == netdef.Transform.of(test)
+    assert networks.transform(name) == Transform.of(test)
     heads = {layer.name: layer for layer in net_param.layer[-3:]}
     assert heads["loss"].type == "SoftmaxWithLoss" and not heads["loss"].include
     assert heads["accuracy_top5"].accuracy_param.top_k == 5 and heads["accuracy"].include[0].phase == 1
@@ -113,11 +114,10 @@ def test_data_layers_and_heads(name):
 @pytest.mark.parametrize("name", networks.NETWORKS)
 def test_train_test_form_builds_when_fed_from_python(caffe, write_net, name):
     """The training net's layers and heads, with its Data layers swapped for Input (netdef)."""
-    form, transform = netdef.evaluation_form(networks.train_test(name), batch_size=2)
+    form = evaluation_form(networks.train_test(name), batch_size=2)
     net = engine.load_net(write_net(text_format.MessageToString(form), f"{name}-eval.prototxt"), probe=False)
-    assert transform == networks.transform(name)
-    assert net.blobs["data"].data.shape == (2, 3, 32, 32)
-    assert set(net.outputs) == {"loss", "top1", "top5"}
+    assert net.blobs["data"].data.shape == (2, 3, 32, 32) and net.inputs == ["data", "label"]
+    assert set(net.outputs) == set(netdef.EVAL_TOPS.values())
     assert net.blobs[logits_blob(networks.deploy(name))].data.shape == (2, 10)
 
 
@@ -131,12 +131,12 @@ def test_published_weights_load_by_name_and_give_the_same_logits(caffe, write_ne
     engine.check_weights(ours, weights, weights_path)
     assert set(ours.params) == {layer.name for layer in weights.layer if layer.blobs}   # nothing left at its filler
 
-    evaluation, transform = netdef.evaluation_form(weights, batch_size=batch)
-    for layer in evaluation.layer:
-        # The embedded definition was saved from the TRAIN net: every layer carries `phase: TRAIN`,
-        # which Caffe keeps over the net's phase, so BatchNorm would use mini-batch statistics.
-        layer.ClearField("phase")
-    assert networks.transform(name) == transform
+    # The embedded definition was saved from the TRAIN net: every layer carries `phase: TRAIN`,
+    # which Caffe keeps over the net's phase; the evaluation form clears it (BatchNorm would otherwise
+    # use mini-batch statistics).
+    evaluation = evaluation_form(weights, batch_size=batch)
+    assert not any(layer.HasField("phase") for layer in evaluation.layer)
+    transform = networks.transform(name)
     theirs = engine.load_net(write_net(text_format.MessageToString(evaluation), "embedded.prototxt"),
                              weights_path, probe=False)
     images, labels = cifar10.read_split("test", SUBSET)

@@ -36,6 +36,25 @@ def test_shortlist_round_robin_by_hand():
         oracle.shortlist(rankings, k=0)
 
 
+def test_shortlist_authors_code_rule_by_hand():
+    """The authors' get_k_channels: a constituent whose rank-i group is already listed contributes
+    nothing in round i; the paper's text lets it move on to its next group. Same rankings, two
+    shortlists."""
+    rankings = {"a": [3, 1, 4, 5], "b": [3, 9, 2], "c": [1, 7]}
+    # rank 0: a 3; b 3 listed -> nothing; c 1 | rank 1: a 1 listed -> nothing; b 9; c 7 | rank 2: a 4; b 2 | rank 3: a 5
+    got = oracle.shortlist(rankings, k=16, rule="authors-code")
+    assert [p.group for p in got] == [3, 1, 9, 7, 4, 2, 5]
+    assert got[0].proposers == (("a", 0), ("b", 0))
+    assert got[1].proposers == (("c", 0), ("a", 1))
+    authors = oracle.shortlist(rankings, k=4, rule="authors-code")
+    paper = oracle.shortlist(rankings, k=4, rule="paper")
+    assert [p.group for p in authors] == [3, 1, 9, 7]
+    assert [p.group for p in paper] == [3, 9, 1, 4]          # 4 instead of 7: the rules pick other groups
+    assert [p.group for p in oracle.shortlist({"a": [5, 6], "b": [5, 6]}, k=2, rule="authors-code")] == [5, 6]
+    with pytest.raises(ValueError, match="unknown shortlist rule 'text'; one of paper, authors-code"):
+        oracle.shortlist(rankings, k=4, rule="text")
+
+
 def hand_theta(layer, c):
     """Θ_C of the tiny net written out by hand: (layer, blob, index) to zero."""
     if layer == "conv1":   # its filter and bias, and conv2's input slice

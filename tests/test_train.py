@@ -4,7 +4,7 @@ import pytest
 
 from caffe_prune import cli, engine, train
 from caffe_prune.data import cifar10
-from conftest import SUBSET
+from conftest import SUBSET, evaluation
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_lenet5_from_scratch_beats_chance(caffe, lmdbs, tmp_path):
     36.5% top-1 on the 1017 test images; chance is 10%."""
     done = run(lmdbs, tmp_path, max_iter=300)
     assert done["iterations"] == 300
-    scores = cli.run_evaluation("LeNet-5", done["weights"], SUBSET, None, progress=False)
+    scores = evaluation("LeNet-5", done["weights"], None)
     assert scores["top1"] > 0.25
     # the solver's test net (8 batches, wrapping around to 1024 images) agrees with the exact count
     assert done["test_top1_net"] == pytest.approx(scores["top1"], abs=0.03)

@@ -1,39 +1,41 @@
 """`caffe-prune saliency NET WEIGHTS --metric M`: one metric's per-channel saliencies, ranked.
 
-Validation batches are drawn (seeded, without replacement) from the validation split of the
-CIFAR-10 *training* images (``cifar10.validation_indices``, the split ``caffe-prune data cifar10``
-saves with its default seed 0), transformed as NET's data layer did, and fed to NET's evaluation
-form with WEIGHTS; the metric is computed by ``collect`` + ``saliency`` in the unpruned state.
+Validation batches are drawn (seeded, without replacement) from the dataset's validation split
+(caffe_prune.data.dataset: CIFAR-10's training images for the built-in networks), transformed as
+NET's data layer did, and fed to NET's evaluation form with WEIGHTS (caffe_prune.session); the
+metric is computed by ``collect`` + ``saliency`` in the unpruned state.
 ``register`` adds the sub-command to caffe_prune.cli's parser.
 """
 from __future__ import annotations
 
 import csv
-import json
+import io
+import os
 import time
-from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine
+from caffe_prune import engine, fsio
 
 
 def register(subparsers) -> None:
     """Add `saliency NET WEIGHTS --metric M [--batches 2] [--seed S] [--csv F] [--json F]`."""
+    from caffe_prune import options
     from caffe_prune.metrics import READINGS
     p = subparsers.add_parser("saliency", help="per-channel saliency of one metric on validation batches",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("net", help="network name, prototxt, or a caffemodel whose embedded definition is used")
-    p.add_argument("weights", help="caffemodel")
+    options.add_network(p)
     p.add_argument("--metric", required=True,
                    help="input/pointwise/reduction/scaling, an alias (mean_activations, taylor, fisher, "
                         "mean_gradients, mean_sq_weights, eq1..eq5), or domino-{sum,mean,max}:METRIC")
-    p.add_argument("--batches", type=int, default=2, help="validation batches (default 2)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
+    p.add_argument("--batches", type=options.positive, default=2, help="validation batches (default 2)")
+    p.add_argument("--batch-size", type=options.positive, default=128, help="images per batch (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch draw (default 0)")
     p.add_argument("--reading", choices=READINGS, default="authors",
                    help="which tensor activation metrics read (default: the authors')")
-    p.add_argument("--data", default=None, help="CIFAR-10 directory, archive or URL")
+    options.add_head(p)
+    options.add_data(p)
+    options.add_mode(p)
     p.add_argument("--top", type=int, default=5, help="rows printed at each end of the ranking")
     p.add_argument("--csv", default=None, metavar="F", help="write every channel's saliency and rank")
     p.add_argument("--json", default=None, metavar="F", help="write the channels and the group ranking")
@@ -53,34 +55,23 @@ def cmd_metrics(args) -> int:
     return 0
 
 
-def validation_batches(transform, count: int, batch_size: int, seed: int, data=None) -> list:
-    """``count`` batches of ``batch_size`` validation images (training split), drawn without
-    replacement with numpy's default_rng(seed), transformed as the net's data layer did."""
-    from caffe_prune.data import cifar10
-    if count < 1 or batch_size < 1:
-        raise engine.EngineError(f"--batches and --batch-size must be at least 1, got {count} and {batch_size}")
-    images, labels = cifar10.read_split("train", cifar10.fetch(data, progress=False))
-    val = cifar10.validation_indices(len(images))
-    if count * batch_size > len(val):
+def validation_batches(split, count: int, batch_size: int, seed: int) -> list:
+    """``count`` batches of ``batch_size`` validation images, drawn without replacement with numpy's
+    default_rng(seed)."""
+    if count * batch_size > len(split.y):
         raise engine.EngineError(f"{count} batches of {batch_size} need {count * batch_size} images; "
-                                 f"the validation split holds {len(val)}")
-    chosen = np.random.default_rng(seed).choice(val, size=count * batch_size, replace=False)
-    x = cifar10.caffe_input(images[chosen], transform.mean_values, transform.scale)
-    y = labels[chosen]
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(chosen), batch_size)]
+                                 f"the validation split holds {len(split.y)}")
+    chosen = np.random.default_rng(seed).choice(len(split.y), size=count * batch_size, replace=False)
+    return [(split.x[chosen[i:i + batch_size]], split.y[chosen[i:i + batch_size]])
+            for i in range(0, len(chosen), batch_size)]
 
 
-def compute(net_name, weights, metric, batches=2, batch_size=128, seed=0, reading="authors", data=None) -> dict:
+def compute(session, metric, batches=2, batch_size=128, seed=0, reading="authors") -> dict:
     """The metric's saliency of every prunable channel and the group ranking, as plain data."""
-    from caffe_prune import metrics, netdef, networks
-    from caffe_prune.graph import build_graph
-    engine.set_mode("auto")
+    from caffe_prune import metrics
     parsed = metrics.parse(metric)
-    net_param = networks.definition(net_name)
-    graph = build_graph(net_param)
-    form, transform = netdef.evaluation_form(net_param, batch_size=batch_size)
-    net = engine.net_from_param(form, weights)
-    drawn = validation_batches(transform, batches, batch_size, seed, data)
+    graph, net = session.graph, session.net
+    drawn = validation_batches(session.dataset.validation, batches, batch_size, seed)
     start = time.perf_counter()
     tensors = metrics.collect(net, graph, drawn, [metric], reading)
     scores = metrics.saliency(metric, tensors, graph, set())
@@ -90,15 +81,17 @@ def compute(net_name, weights, metric, batches=2, batch_size=128, seed=0, readin
     order = sorted(scores, key=lambda c: (scores[c], graph.group_of(c.layer, c.index).id, c.layer, c.index))
     channels = [{"rank": i, "layer": c.layer, "channel": c.index, "group": graph.group_of(c.layer, c.index).id,
                  "saliency": scores[c]} for i, c in enumerate(order)]
-    return {"metric": metric, "composition": str(parsed), "reading": reading, "net": str(net_name),
-            "weights": str(weights), "images": tensors.images, "batches": tensors.batches, "seed": seed,
-            "seconds": seconds, "channels": channels,
+    return {"metric": metric, "composition": str(parsed), "reading": reading, "net": session.network.where,
+            "weights": os.fsdecode(session.weights), "images": tensors.images, "batches": tensors.batches,
+            "seed": seed, "seconds": seconds, "channels": channels,
             "groups": [{"rank": group_rank[gid], "group": gid, "score": score} for gid, score in ranking]}
 
 
 def cmd_saliency(args) -> int:
-    result = compute(args.net, args.weights, args.metric, args.batches, args.batch_size, args.seed,
-                     args.reading, args.data)
+    from caffe_prune import metrics, options
+    metrics.parse(args.metric)                    # a bad name is refused before anything is loaded
+    session = options.session(args, batch_size=args.batch_size)
+    result = compute(session, args.metric, args.batches, args.batch_size, args.seed, args.reading)
     channels = result["channels"]
     print(f"{result['metric']} = {result['composition']} ({result['reading']} reading) on {result['images']} "
           f"validation images, {len(channels)} channels in {len(result['groups'])} prunable groups, "
@@ -112,12 +105,13 @@ def cmd_saliency(args) -> int:
         channel = f"{row['layer']}:{row['channel']}"
         print(f"{row['rank']:>6}  {channel:<28} {row['group']:>6}  {row['saliency']:.6g}")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["rank", "layer", "channel", "group", "saliency"])
-            writer.writeheader()
-            writer.writerows(channels)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["rank", "layer", "channel", "group", "saliency"])
+        writer.writeheader()
+        writer.writerows(channels)
+        fsio.write_text(args.csv, text.getvalue())
         print(f"wrote {args.csv}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        fsio.write_json(args.json, result, indent=1)
         print(f"wrote {args.json}")
     return 0

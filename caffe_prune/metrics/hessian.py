@@ -75,18 +75,13 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine
+from caffe_prune import engine, layers as rules
 
-LOSSES = ("SoftmaxWithLoss", "EuclideanLoss")
-WEIGHTED = {"Convolution", "InnerProduct"}            # weight blob 0 swapped for W∘W
-DIAGONAL = {"ReLU", "BatchNorm", "Scale", "Bias", "Dropout", "Eltwise"}   # g²/h after Caffe's backward
-ROUTING = {"Split", "Concat", "Slice", "Flatten", "Reshape"}             # Caffe's backward as it is
-REFUSED = {
-    "LRN": "local response normalization couples neighbouring channels, so its Jacobian is not "
-           "diagonal and OBD's diagonal rule does not apply",
-    "Softmax": "softmax couples the channels it normalizes, so its Jacobian is not diagonal",
-}
-SUPPORTED = sorted(WEIGHTED | DIAGONAL | ROUTING | {"Pooling"})
+# each layer type's rule (weighted: W∘W in Caffe's backward; diagonal: d²·h after Caffe's
+# backward; routing: Caffe's backward as it is; pool; loss) is its ``hessian`` in caffe_prune.layers
+LOSSES = tuple(sorted(t for t, r in rules.RULES.items() if r.hessian == "loss"))
+SUPPORTED = sorted(t for t, r in rules.RULES.items() if r.hessian in ("weighted", "diagonal", "routing", "pool")
+                   and r.kind != "data")
 DEFINITION_ATTR = "_caffe_prune_layers"   # the cached NetParameter layers, on the caffe.Net
 
 
@@ -118,7 +113,7 @@ def hessian_diagonal(net, blobs, loss_layer=None, per_sample: bool = False) -> d
     seeds = _loss_hessian(net, layers[loss_index], seeded)
 
     result = {}
-    weighted = [names[i] for i in upstream if types[i] in WEIGHTED]
+    weighted = [names[i] for i in upstream if rules.rule(types[i]).hessian == "weighted"]
     with _restoring(net, weighted):
         for blob in net.blobs.values():
             blob.diff[...] = 0
@@ -206,14 +201,15 @@ def _producers(net, names, blobs, upstream, needed, loss_name) -> dict:
 
 
 def _check_type(name, kind, n_bottoms) -> None:
-    if n_bottoms == 0 or kind in WEIGHTED | ROUTING | {"ReLU", "BatchNorm", "Dropout", "Eltwise", "Pooling"}:
-        return
-    if kind in ("Scale", "Bias"):
-        if n_bottoms == 1:
-            return
+    rule = rules.rule(kind)
+    if kind in ("Scale", "Bias") and n_bottoms > 1:
         raise engine.EngineError(f"layer {name!r} ({kind}) takes its factor from a second bottom; "
                                  f"only a learned {kind} is diagonal")
-    reason = REFUSED.get(kind, "no OBD diagonal rule is implemented for this layer type")
+    if n_bottoms == 0 or rule.hessian in ("weighted", "diagonal", "routing", "pool"):
+        return
+    reason = rule.why or "no OBD diagonal rule is implemented for this layer type"
+    if rule.kind == "barrier":
+        reason = "no OBD diagonal rule is implemented for this layer type"
     raise engine.EngineError(f"layer {name!r} ({kind}): {reason}; supported: {', '.join(SUPPORTED)}")
 
 
@@ -278,7 +274,7 @@ def _step(net, index, kind, layer) -> None:
         top = net.blobs[tops[0]]
         top.diff[...] /= pool_sizes(layer.pooling_param, net.blobs[bottoms[0]].data.shape[2:],
                                     top.data.shape[2:]).astype(np.float32)
-    if kind not in DIAGONAL:
+    if rules.rule(kind).hessian != "diagonal":
         net._backward(index, index)
         return
     h_top = net.blobs[tops[0]].diff.astype(np.float64)   # a copy: in place, Caffe overwrites it

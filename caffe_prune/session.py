@@ -1,0 +1,124 @@
+"""The one way into a network, for every command.
+
+``Network.open(NET)``: NET is one of the six built-in networks, a prototxt, or a caffemodel whose
+embedded definition is used. The structure (``graph``, ``structure``) needs nothing else: the
+input shape comes from the prototxt (caffe_prune.netdef.declared_input_shape) or ``--input-shape``.
+
+``Session(network, weights, dataset)`` adds what evaluation, saliency and pruning need: the
+classifier head (``--logits`` or found), the evaluation form built in Caffe with the weights, the
+channel graph of that form, and the dataset (caffe_prune.data.dataset), checked against the head.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from caffe_prune import engine, evaluate, netdef, networks
+from caffe_prune.graph import ChannelGraph
+
+
+def parse_shape(text) -> tuple | None:
+    """``--input-shape C,H,W`` -> (C, H, W)."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise engine.EngineError(f"--input-shape {text!r} is not C,H,W with three positive integers (e.g. 3,224,224)")
+    return shape
+
+
+class Network:
+    """A network definition and where it came from (``where`` names it in every message)."""
+
+    def __init__(self, param, where: str, builtin: str | None = None, input_shape=None):
+        self.param, self.where, self.builtin = param, where, builtin
+        self._input_shape = tuple(input_shape) if input_shape else None
+        self._shapes = {}
+
+    @classmethod
+    def open(cls, spec, input_shape=None) -> "Network":
+        spec = os.fsdecode(spec)
+        if spec in networks.NETWORKS:
+            return cls(networks.train_test(spec), spec, spec, input_shape or networks.IMAGE_SHAPE)
+        path = Path(spec)
+        if not path.exists():
+            raise engine.EngineError(f"{spec} is neither a file nor one of the built-in networks "
+                                     f"({', '.join(networks.NETWORKS)})")
+        param = engine.read_caffemodel(path) if path.suffix == ".caffemodel" else engine.read_prototxt(path)
+        if not param.layer and not param.input:
+            raise engine.EngineError(f"{spec} defines no layers: not a network prototxt")
+        engine.check_net(param, None, spec)
+        return cls(param, spec, None, input_shape)
+
+    @property
+    def name(self) -> str:
+        return self.param.name or Path(self.where).stem
+
+    @cached_property
+    def input_shape(self) -> tuple:
+        """(C, H, W) the prototxt states (or --input-shape); EngineError when nothing does."""
+        return self._input_shape or netdef.declared_input_shape(self.param, self.where)
+
+    def structure(self, input_shape=None):
+        return netdef.structure_form(self.param, input_shape or self.input_shape, self.where)
+
+    def shapes(self, input_shape=None) -> dict:
+        """{blob: shape} of the structure form as Caffe computes them."""
+        shape = tuple(input_shape or self.input_shape)
+        if shape not in self._shapes:
+            form = self.structure(shape)
+            engine.check_net(form, "test", self.where)
+            self._shapes[shape] = netdef.blob_shapes(form)
+        return self._shapes[shape]
+
+    @cached_property
+    def graph(self) -> ChannelGraph:
+        """The channel graph of the whole net (every TEST-phase layer but the label readers)."""
+        return ChannelGraph.build(self.structure(), self.shapes())
+
+    def head(self, logits: str | None = None) -> netdef.Head:
+        return netdef.choose_head(self.param, logits, self.where)
+
+    def classes(self, head: netdef.Head, input_shape=None) -> int:
+        shape = self.shapes(input_shape).get(head.logits)
+        if shape is None or len(shape) < 2:
+            raise engine.EngineError(f"{self.where}: the logits blob {head.logits!r} has no class axis "
+                                     f"(shape {shape}); choose another with --logits")
+        return int(shape[1])
+
+
+class Session:
+    """Network + weights + dataset + mode: the evaluation net in Caffe and its channel graph."""
+
+    def __init__(self, network: Network, weights=None, dataset=None, batch_size: int = 128,
+                 logits: str | None = None, mode: str = "auto", input_shape=None, device: int = 0):
+        engine.set_mode(mode, device)
+        self.network, self.dataset, self.weights = network, dataset, weights
+        self.batch_size = batch_size
+        self.input_shape = dataset.shape if dataset is not None else tuple(input_shape or network.input_shape)
+        self.head = network.head(logits)
+        if self.head.note:
+            warnings.warn(self.head.note, stacklevel=2)
+        self.classes = network.classes(self.head, self.input_shape)
+        if dataset is not None:
+            dataset.check_labels(self.classes, network.where)
+        self.form = netdef.evaluation_form(network.param, self.input_shape, batch_size, self.head, self.classes)
+        built = netdef.without_fillers(self.form) if weights is not None else self.form   # every blob is loaded
+        self.net = engine.net_from_param(built, weights, where=network.where)
+        self.graph = ChannelGraph.build(self.form, {n: b.data.shape for n, b in self.net.blobs.items()})
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batches: int | None = None, progress: bool = False) -> dict:
+        return evaluate.evaluate(self.net, x, y, self.batch_size, batches=batches, progress=progress)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The logits of images ``x`` (labels are not read)."""
+        evaluate.feed(self.net, x, np.zeros(len(x)))
+        self.net.forward()
+        return self.net.blobs[self.head.logits].data.copy()
