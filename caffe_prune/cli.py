@@ -52,7 +52,7 @@ def cmd_doctor(args) -> int:
 
 def run_evaluation(args, progress=True) -> tuple:
     """(scores, session): the test split scored by Caffe's own Accuracy and SoftmaxWithLoss layers."""
-    session = options.session(args, progress=progress)
+    session = options.session(args, progress=progress, holdout=False)
     test = session.dataset.test
     return session.evaluate(test.x, test.y, batches=args.batches, progress=progress), session
 

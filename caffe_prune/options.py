@@ -90,14 +90,16 @@ def network(args) -> Network:
     return Network.open(args.net, parse_shape(getattr(args, "input_shape", None)))
 
 
-def dataset(args, net: Network, progress: bool = True):
+def dataset(args, net: Network, progress: bool = True, holdout: bool = True):
     from caffe_prune.data.dataset import open_dataset
-    return open_dataset(net, args.data, transform_of(transform_fields(args)), args.data_root, progress=progress)
+    return open_dataset(net, args.data, transform_of(transform_fields(args)), args.data_root, progress=progress,
+                        holdout=holdout)
 
 
-def session(args, net: Network | None = None, with_data: bool = True, batch_size: int = 128, progress=True):
+def session(args, net: Network | None = None, with_data: bool = True, batch_size: int = 128, progress=True,
+            holdout: bool = True):
     net = net or network(args)
-    data = dataset(args, net, progress) if with_data else None
+    data = dataset(args, net, progress, holdout) if with_data else None
     chosen, device = mode(args)
     return Session(net, args.weights, data, batch_size=batch_size, logits=args.logits, mode=chosen,
                    device=device)

@@ -41,7 +41,8 @@ def evaluation(net, weights, batches=None, data=SUBSET, **kw):
     """`caffe-prune evaluate NET WEIGHTS --data DATA` as a call: the scores."""
     import argparse
     from caffe_prune import cli
-    args = argparse.Namespace(net=str(net), weights=str(weights), data=str(data), batches=batches, input_shape=None,
+    args = argparse.Namespace(net=str(net), weights=str(weights), data=None if data is None else str(data),
+                              batches=batches, input_shape=None,
                               logits=None, data_root="", scale=None, mean_value=None, mean_file=None, crop_size=None)
     for key, value in kw.items():
         setattr(args, key, value)

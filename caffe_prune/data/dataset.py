@@ -18,7 +18,8 @@ net's, else none (with a note).
 
 Validation: ``cifar10.validation_indices`` (the paper's 10,000 of 50,000 training images, the same
 fraction of a smaller set), seeded. A source with no training part (one LMDB, one list) is split
-instead: the validation images are drawn from it the same way and the test split is the rest.
+instead when pruning needs validation images (``holdout``): they are drawn from it the same way and
+the test split is the rest; ``evaluate`` (no holdout) scores every image of the source.
 
 Each split records the sha256 of its records as read (images and labels), so that a run can tell
 the same data at another path from other data at the same path.
@@ -79,9 +80,13 @@ class Dataset:
     """Test and validation splits, transformed; ``identity`` is what a run records about them."""
 
     def __init__(self, description: str, transform: Transform, test: _Source, train: _Source | None,
-                 seed: int = 0):
+                 seed: int = 0, holdout: bool = True):
         self.description, self.transform, self.seed = description, transform, seed
-        self._test, self._train = test, train
+        self._test, self._train, self.holdout = test, train, holdout
+        if transform.mirror:
+            warnings.warn(f"{transform.where}: mirror: true; Caffe flips images at random even in the TEST phase "
+                          f"(data_transformer.cpp has no phase test); they are fed unflipped here, as Caffe does "
+                          f"for the images its coin leaves alone", stacklevel=3)
 
     def _split(self, images, labels, index) -> Split:
         picked = images[index] if not isinstance(images, list) else [images[i] for i in index]
@@ -93,7 +98,8 @@ class Dataset:
         images, labels = self._test.records()
         if self._train is None:      # one source: validation drawn from it, the rest is the test split
             val = cifar10.validation_indices(len(labels), self.seed)
-            return {"validation": val, "test": np.setdiff1d(np.arange(len(labels)), val)}
+            rest = np.setdiff1d(np.arange(len(labels)), val) if self.holdout else np.arange(len(labels))
+            return {"validation": val, "test": rest}
         return {"test": np.arange(len(labels))}
 
     @cached_property
@@ -208,9 +214,10 @@ def _phase_layer(net_param, phase):
 
 
 def open_dataset(network, data=None, transform=None, root: str = "", seed: int = 0,
-                 progress: bool = True) -> Dataset:
+                 progress: bool = True, holdout: bool = True) -> Dataset:
     """The dataset for ``network`` (a caffe_prune.session.Network); see the module docstring.
-    ``transform``: a Transform from the command line, replacing the data layers' own."""
+    ``transform``: a Transform from the command line, replacing the data layers' own; ``holdout``:
+    keep the validation images of a single source out of its test split (pruning; not evaluate)."""
     test_layer = _phase_layer(network.param, "test")
     own_transform = Transform.of(test_layer, f"{network.where}: layer {test_layer.name!r}") \
         if test_layer is not None and test_layer.type != "Input" else None
@@ -227,7 +234,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
         train = _layer_source(train_layer, network.where, progress) \
             if train_layer is not None and train_layer is not test_layer and _readable(train_layer) else None
         return Dataset(f"{network.where}'s data layers", transform or own_transform,
-                       _layer_source(test_layer, network.where, progress), train, seed)
+                       _layer_source(test_layer, network.where, progress), train, seed, holdout)
     if data == "cifar10" or "://" in data or data.endswith((".tar.gz", ".tgz")) or \
             (Path(data).is_dir() and cifar10._holds_batches(Path(data))):
         description, test, train = _cifar(None if data == "cifar10" else data, progress)
@@ -241,7 +248,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
             if train_layer is not None and train_layer is not test_layer and _readable(train_layer) else None
         own = Transform.of(test_layer, f"{data}: layer {test_layer.name!r}")
         return Dataset(f"{data}'s data layers", transform or own, _layer_source(test_layer, data, progress),
-                       train, seed)
+                       train, seed, holdout)
     tp = None
     if transform is not None and (transform.force_color or transform.force_gray):
         tp = engine.caffe_pb2().TransformationParameter(force_color=transform.force_color,
@@ -250,7 +257,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
     source = _layer_source(layer, "--data", progress)
     chosen = Transform(where="HDF5Data (no transform)") if layer.type == "HDF5Data" \
         else _or_identity(transform or own_transform, data)
-    return Dataset(f"{layer.type} {data}", chosen, source, None, seed)
+    return Dataset(f"{layer.type} {data}", chosen, source, None, seed, holdout)
 
 
 def _or_identity(transform, description) -> Transform:
