@@ -4,7 +4,17 @@ SYSTEM_PYTHON ?= /usr/bin/python3
 VENV          ?= .venv
 PY            := $(VENV)/bin/python
 GPU           ?=
+# with GPU=1: more tools/caffe/build.sh options, e.g. GPU_FLAGS='--no-cudnn --allow-tf32 --cuda-arch "75 80 90"'
+GPU_FLAGS     ?=
 export PYTHONUNBUFFERED := 1
+# Local mirrors of the data and the published weights, where a read-only copy sits beside the project
+# (the library itself never looks there; see README "Data" and "Published models").
+ifneq ($(wildcard ../shared/data/cifar10-subset/cifar-10-batches-bin),)
+export CAFFE_PRUNE_DATA ?= $(abspath ../shared/data/cifar10-subset)
+endif
+ifneq ($(wildcard ../shared/models/published),)
+export CAFFE_PRUNE_MODELS ?= $(abspath ../shared/models/published)
+endif
 
 .PHONY: setup system-deps caffe demo test clean-venv
 setup: caffe
@@ -21,7 +31,7 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	@touch $@
 
 caffe: $(VENV)/.installed
-	@bash tools/caffe/build.sh $(abspath $(PY)) $(if $(GPU),--gpu,)
+	@bash tools/caffe/build.sh $(abspath $(PY)) $(if $(filter-out 0 no off,$(GPU)),--gpu $(GPU_FLAGS),)
 
 demo: setup
 	@$(PY) -m caffe_prune demo

@@ -254,8 +254,15 @@ def add_prune_options(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage stays one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="caffe-prune", description=__doc__)
+    parser = Parser(prog="caffe-prune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="report Caffe's build, BLAS, mode, Python and protobuf versions")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -269,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("import", help="published model in the authors' format -> stock prototxt + caffemodel")
-    p.add_argument("src", help="directory like ../shared/models/published/ResNet-20-CIFAR10, a caffemodel, "
+    p.add_argument("src", help="a published model's directory (e.g. ResNet-20-CIFAR10 of the authors' release), a caffemodel, "
                                "or a network name whose published weights are fetched (models/published.json)")
     p.add_argument("--out", default="models/imported", help="output directory (default models/imported)")
     p.add_argument("--net", default=None, help="which of the six networks it is (default: from the names)")

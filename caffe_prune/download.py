@@ -18,9 +18,6 @@ from tqdm import tqdm
 # One cache for everything fetched or built: the Caffe build (tools/caffe/build.sh reads the same
 # variable), the CIFAR-10 download and LMDBs, and the published weights.
 CACHE_ROOT = Path(os.environ.get("CAFFE_PRUNE_CACHE") or Path.home() / ".cache" / "caffe-prune")
-# This workplace's read-only material (../shared beside the project): a CIFAR-10 subset, the
-# published models and the published figures, used first when present.
-WORKPLACE_SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 class DownloadError(ValueError):
@@ -49,6 +46,8 @@ def download(url: str, dest: Path, progress: bool = True, instead: str = "downlo
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
     except (urllib.error.URLError, OSError) as exc:
         part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc

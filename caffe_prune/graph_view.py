@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from caffe_prune import engine
+from caffe_prune import engine, fsio
 
 PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#fdb462", "#b3de69", "#fccde5", "#bc80bd",
            "#ccebc5", "#ffed6f"]
@@ -78,7 +78,7 @@ def draw(graph, net_param, path) -> Path:
     clusters = tie_clusters(graph)
     dot = pydot.Dot(graph_type="digraph", rankdir="TB", fontname="Helvetica")
     producer_of = {}
-    for layer in engine.layers_in_phase(net_param, "test"):
+    for layer in engine.instantiated_layers(net_param):
         label = f"{layer.name}\\n{layer.type}"
         style = {"shape": "box", "style": "filled", "fillcolor": "#eeeeee"}
         if layer.name in graph.producers:
@@ -93,9 +93,9 @@ def draw(graph, net_param, path) -> Path:
                 dot.add_edge(pydot.Edge(f'"{producer_of[bottom]}"', f'"{layer.name}"'))
         for top in layer.top:
             producer_of[top] = layer.name
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        (dot.write_png if path.suffix == ".png" else dot.write_svg)(str(path))
+        with fsio.replacing(path) as tmp:
+            (dot.write_png if path.suffix == ".png" else dot.write_svg)(str(tmp))
     except (OSError, FileNotFoundError) as exc:
         raise engine.EngineError(f"Graphviz could not draw {path} ({exc}); apt-get install graphviz") from None
     return path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, netdef
+from caffe_prune import engine, fsio, netdef
 
 UNKNOWN_FIELD = re.compile(r'has no field named "(\w+)"')
 
@@ -200,7 +200,8 @@ def import_published(src, out_dir, net: str | None = None) -> dict:
         for blob, array in zip(blobs, weights[layer]):
             blob.data[...] = array
     model_path = out_dir / f"{name}.caffemodel"
-    net_.save(str(model_path))
+    with fsio.replacing(model_path) as tmp:
+        net_.save(str(tmp))
     return {"network": name, "definition": definition, "prototxt": str(stock_path),
             "deploy": str(deploy_path), "caffemodel": str(model_path), "dropped_fields": sorted(set(dropped)),
             "mask_blobs_applied": masked, "layers": len(net_.params)}

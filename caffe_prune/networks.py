@@ -6,7 +6,7 @@ from it: ``train_test`` (LMDB ``Data`` layers for both phases, ``SoftmaxWithLoss
 ``Accuracy``), ``deploy`` (an ``Input`` layer and a ``Softmax``), the TEST ``transform`` the fed data
 must reproduce, and the ``solver``. ``tools/generate_prototxt.py`` writes them under ``prototxt/``.
 
-Where the authors published a prototxt (``../shared/models/published``: LeNet-5, ResNet-20, AlexNet,
+Where the authors published a prototxt (their release's ``*-CIFAR10`` directories: LeNet-5, ResNet-20, AlexNet,
 SqueezeNet) the layers copy it name for name (so the published caffemodels load by name), shape for
 shape, filler for filler, minus what only the authors' Caffe fork knows: ``convolution_mask_param``
 and the extra mask ``param {}`` entries (a stock Convolution takes at most 2 param specs). CIFAR10 is

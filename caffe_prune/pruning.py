@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,8 @@ class Config:
 
     # where things are, not what they are: a resume compares their contents (sha256) instead
     LOCATIONS = ("net", "weights", "data", "data_root")
+    # when to stop, not what to decide: a resume may extend or shorten a run
+    STOPS = ("max_steps", "max_drop", "floor")
 
     def check(self) -> None:
         if (self.metric is None) == (not self.oracle):
@@ -97,9 +99,6 @@ class Config:
                 metrics.parse(name)
             except metrics.MetricError as exc:   # its message lists the valid names
                 raise engine.EngineError(str(exc)) from None
-
-    def decisive(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.LOCATIONS}
 
 
 def definition_sha256(net_param) -> str:
@@ -149,7 +148,7 @@ class Run:
 
     @staticmethod
     def _decisive(header: dict) -> dict:
-        config = {k: v for k, v in header.get("config", {}).items() if k not in Config.LOCATIONS}
+        config = {k: v for k, v in header.get("config", {}).items() if k not in Config.LOCATIONS + Config.STOPS}
         protocol = {k: v for k, v in header.get("protocol", {}).items() if k != "data"}
         return {"config": config, "identity": header.get("identity"), "protocol": protocol}
 
@@ -170,6 +169,8 @@ class Run:
 
     def _open(self, force: bool) -> list:
         """Create the run directory, or resume the run in it when it is this run."""
+        for stale in self.out.glob(".*.tmp"):      # a write killed before its rename (we hold the lock)
+            stale.unlink()
         previous = self._previous()
         if previous is not None and self._decisive(previous) != self._decisive(self.header):
             if not force:
@@ -181,7 +182,7 @@ class Run:
                                          f"({', '.join(differ) or 'protocol'}); use another --out or --force")
             self._clear()
             previous = None
-        if previous is None:
+        if previous is None or previous["config"] != self.header["config"]:   # new, or new paths/stop rule
             fsio.write_json(self.out / CONFIG, self.header)
         steps = self._read_steps()
         for step in steps[1:]:

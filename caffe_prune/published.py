@@ -1,9 +1,9 @@
 """The authors' trained caffemodels, fetched on demand and verified against models/published.json.
 
 The manifest pins each file to the authors' repository at one commit, with its size and sha256.
-A local mirror is used first (``$CAFFE_PRUNE_MODELS``, else this workplace's
-../shared/models/published), then the cache ($CAFFE_PRUNE_CACHE/models), then a download into that
-cache. A file whose size or sha256 differs is never used: a bad download is moved aside as
+A local mirror is used first (``$CAFFE_PRUNE_MODELS``: a directory holding the manifest's
+``<dir>/original.caffemodel`` files), then the cache ($CAFFE_PRUNE_CACHE/models), then a download
+into that cache. A file whose size or sha256 differs is never used: a bad download is moved aside as
 ``*.corrupt``.
 """
 from __future__ import annotations
@@ -13,11 +13,10 @@ import os
 from pathlib import Path
 
 from caffe_prune import engine
-from caffe_prune.download import CACHE_ROOT, WORKPLACE_SHARED, DownloadError, digest, download
+from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
 
 MANIFEST = Path(__file__).resolve().parents[1] / "models" / "published.json"
 MODELS_ENV = "CAFFE_PRUNE_MODELS"
-WORKPLACE_MIRROR = WORKPLACE_SHARED / "models" / "published"
 CACHE_DIR = CACHE_ROOT / "models"
 
 
@@ -25,8 +24,8 @@ def manifest() -> dict:
     return json.loads(MANIFEST.read_text())
 
 
-def mirror_dir() -> Path:
-    return Path(os.environ.get(MODELS_ENV) or WORKPLACE_MIRROR)
+def mirror_dir() -> Path | None:
+    return Path(os.environ[MODELS_ENV]) if os.environ.get(MODELS_ENV) else None
 
 
 def _mismatch(path: Path, entry: dict) -> str | None:
@@ -44,8 +43,8 @@ def caffemodel(name: str, cache_dir=None, progress: bool = True) -> Path:
         raise engine.EngineError(f"no published weights for {name!r}; the authors released "
                                  f"{', '.join(spec['models'])}")
     entry = spec["models"][name]
-    mirrored = mirror_dir() / entry["dir"] / "original.caffemodel"
-    if mirrored.is_file():
+    mirrored = mirror_dir() / entry["dir"] / "original.caffemodel" if mirror_dir() else None
+    if mirrored is not None and mirrored.is_file():
         why = _mismatch(mirrored, entry)
         if why:
             raise engine.EngineError(f"{mirrored} has {why}: not the published {name}; "

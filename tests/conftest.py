@@ -1,5 +1,6 @@
 """Shared fixtures: the engine's pycaffe, and a tiny net written from prototxt text."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ PUBLISHED = SHARED / "models" / "published"
 SUBSET = SHARED / "data" / "cifar10-subset"
 # papers/004 Table 1, as transcribed in ../shared/reference/published.json
 TABLE1 = json.loads((SHARED / "reference" / "published.json").read_text())["table1_trained_networks"]
+# the local mirrors the Makefile and .ci/run point the library at (set here too for a bare pytest)
+os.environ.setdefault("CAFFE_PRUNE_DATA", str(SUBSET))
+os.environ.setdefault("CAFFE_PRUNE_MODELS", str(PUBLISHED))
 
 
 @pytest.fixture(scope="session")

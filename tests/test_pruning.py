@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from caffe_prune import engine, pruning
@@ -108,7 +109,126 @@ def test_weights_of_another_network(caffe, tmp_path):
 
 def test_out_dir_with_another_run_is_refused_unless_forced(caffe, tmp_path):
     pruning.Run(config(max_steps=2), tmp_path, data=SUBSET, progress=False).run()
-    with pytest.raises(engine.EngineError, match=r"holds a run with a different configuration \(max_steps, seed\)"):
+    with pytest.raises(engine.EngineError, match=r"holds a run with a different configuration \(seed\)"):
         pruning.Run(config(max_steps=3, seed=9), tmp_path, data=SUBSET, progress=False)
     steps = pruning.Run(config(max_steps=3, seed=9), tmp_path, data=SUBSET, force=True, progress=False).run()
     assert len(steps) == 4 and json.loads((tmp_path / "config.json").read_text())["config"]["seed"] == 9
+
+
+# ---- the run directory: atomic writes, torn files, contents not paths, one process at a time ------
+
+def cli_prune(out, *extra, env=None, wait=True):
+    command = [sys.executable, "-m", "caffe_prune", "prune", "LeNet-5", str(LENET), "--oracle", "--k", "4",
+               "--test-size", "2", "--max-drop", "100", "--seed", "5", "--data", str(SUBSET), "--quiet",
+               "--out", str(out), *extra]
+    environment = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+
+
+def lines(run_dir):
+    path = run_dir / "steps.jsonl"
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_and_inside_every_write(caffe, tmp_path):
+    """SIGKILL at 20 seeded random moments, then inside each write of the run directory (the writer's
+    test hook kills the process after a random number of bytes of its n-th write): every restart
+    resumes, no completed step is ever lost (the count of complete lines never goes down), every
+    directory stays readable, and the end equals an uninterrupted run's."""
+    steps = 10
+    whole = tmp_path / "whole"
+    done = cli_prune(whole, "--max-steps", str(steps))
+    assert done.returncode == 0, done.stderr
+    reference = decisions(steps_of(whole))
+
+    rng = np.random.default_rng(7)
+    killed, complete = tmp_path / "killed", []
+    for delay in rng.uniform(0.3, 4.0, size=20):
+        proc = cli_prune(killed, "--max-steps", str(steps), wait=False)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        complete.append(lines(killed))
+        assert all(json.loads(line) for line in (killed / "steps.jsonl").read_text().splitlines()[:-1]) \
+            if (killed / "steps.jsonl").is_file() else True
+    assert complete == sorted(complete)
+
+    # the first process dies inside its first write (config.json); each later one completes one write
+    # (the step its predecessor was killed appending) and dies inside the next append
+    injected = tmp_path / "injected"
+    kills = 0
+    while True:
+        before = lines(injected)
+        line_bytes = int(rng.integers(1, 200))
+        nth = 1 if kills == 0 else 2
+        result = cli_prune(injected, "--max-steps", "4", env={"CAFFE_PRUNE_KILL_AT_WRITE": f"{nth}:{line_bytes}"})
+        if result.returncode == 0:
+            break
+        assert result.returncode == -signal.SIGKILL, result.stderr
+        kills += 1
+        assert lines(injected) == before + (kills > 2)   # the torn line is not a complete step
+        assert kills < 20
+    assert kills == 1 + 5                        # config.json, then each of the 5 appends once
+    assert not list(injected.glob(".*.tmp"))
+
+    for run_dir, expected in ((killed, steps), (injected, 4)):
+        result = cli_prune(run_dir, "--max-steps", str(expected))
+        assert result.returncode == 0, result.stderr
+        assert decisions(steps_of(run_dir)) == reference[:expected + 1]
+
+
+def test_two_processes_on_one_run_directory(caffe, tmp_path):
+    """One wins; the other is refused with the holder's PID and exits non-zero; the record is whole."""
+    first = cli_prune(tmp_path, "--max-steps", "6", wait=False)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "config.json").is_file():
+        time.sleep(0.05)
+    second = cli_prune(tmp_path, "--max-steps", "6")
+    first.wait()
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 2
+    error = second.stderr.strip().splitlines()
+    assert len(error) == 1 and f"is in use by PID {first.pid} on " in error[0] and "Traceback" not in second.stderr
+    assert [s["step"] for s in steps_of(tmp_path)] == list(range(7))
+    assert cli_prune(tmp_path, "--max-steps", "6").returncode == 0       # the lock of an ended process is free
+
+
+def test_torn_config_is_rebuilt_and_bad_steps_are_named(caffe, tmp_path):
+    run = pruning.Run(config(max_steps=2), tmp_path, data=SUBSET, progress=False)
+    run.run()
+    (tmp_path / "config.json").write_text("")          # a kill during the first write, before atomic writes
+    assert len(pruning.Run(config(max_steps=3), tmp_path, data=SUBSET, progress=False, force=False).run()) == 4
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["max_steps"] == 3
+    with open(tmp_path / "steps.jsonl", "a") as stream:
+        stream.write('{"step": 4, "group"')           # torn: cut off, and the step redone
+    assert len(pruning.Run(config(max_steps=4), tmp_path, data=SUBSET, progress=False).run()) == 5
+    assert (tmp_path / "steps.jsonl").read_text().endswith("}\n")
+    with open(tmp_path / "steps.jsonl", "a") as stream:
+        stream.write("{}\n")
+    with pytest.raises(engine.EngineError, match=r"steps.jsonl:6 is not step 5 of this run; the run directory is damaged"):
+        pruning.Run(config(max_steps=5), tmp_path, data=SUBSET, progress=False)
+    other = tmp_path / "dir"
+    (other / "steps.jsonl").mkdir(parents=True)
+    with pytest.raises(engine.EngineError, match="steps.jsonl is a directory"):
+        pruning.Run(config(max_steps=5), other, data=SUBSET, progress=False)
+
+
+def test_resume_compares_contents_not_paths(caffe, tmp_path):
+    weights = tmp_path / "a.caffemodel"
+    weights.write_bytes(LENET.read_bytes())
+    run_dir = tmp_path / "run"
+    pruning.Run(config(weights=str(weights), max_steps=2), run_dir, data=SUBSET, progress=False).run()
+    moved = tmp_path / "b.caffemodel"
+    weights.rename(moved)                           # the same contents at another path: resumed
+    steps = pruning.Run(config(weights=str(moved), max_steps=3), run_dir, data=SUBSET, progress=False).run()
+    assert len(steps) == 4
+    model = engine.read_caffemodel(moved)
+    model.layer[1].blobs[0].data[0] += 1.0          # other contents at the same path: refused
+    moved.write_bytes(model.SerializeToString())
+    with pytest.raises(engine.EngineError, match=r"different configuration \(weights_sha256 contents\)"):
+        pruning.Run(config(weights=str(moved), max_steps=3), run_dir, data=SUBSET, progress=False)

@@ -36,3 +36,104 @@ def test_report_from_two_runs(caffe, tmp_path):
     for png in ("figure6-LeNet-5.png", "phases-LeNet-5.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# ---- reports from a sweep's results store (hand-made results, numbers checked by hand) -------------
+
+def fake_store(directory, results):
+    """A results store holding finished runs: (net, metric or None, seed, removed at the drop[, oracle])."""
+    import dataclasses
+    from caffe_prune import store
+    with store.Store(directory) as s:
+        for i, (net, metric, seed, removed, *oracle) in enumerate(results):
+            constituents = oracle[0] if oracle else []
+            config = dataclasses.asdict(pruning.Config(net=net, weights="w.caffemodel", metric=metric,
+                                                       oracle=constituents, seed=seed))
+            run = {"id": f"r{i:03d}", "net": net, "method": metric or "oracle", "metric": metric,
+                   "oracle": constituents or None, "seed": seed, "config": config, "run_dir": f"runs/r{i:03d}",
+                   "report_drop": 5.0}
+            s.add_runs([run])
+            proposer = [[(constituents or [metric])[seed % len(constituents or [metric])], 0]]
+            steps = [{"step": 0, "group": None, "test": {"top1": 0.70, "top5": 0.9, "loss": 1.0},
+                      "percent_conv_removed": 0.0},
+                     {"step": 1, "group": 3, "proposers": proposer, "test": {"top1": 0.68, "top5": 0.9, "loss": 1.1},
+                      "percent_conv_removed": removed},
+                     {"step": 2, "group": 4, "proposers": proposer, "test": {"top1": 0.60, "top5": 0.8, "loss": 1.5},
+                      "percent_conv_removed": removed + 1}]
+            attempt = s.start_attempt(run["id"], "local", "h", 1)
+            s.finish(run["id"], attempt, {"steps": steps, "removed_at_drop": removed, "host": "h", "pid": 1,
+                                          "wall_s": 1.0, "versions": {}, "protocol": {
+                                              "data": "CIFAR-10 subset: 5085 train / 1017 test images",
+                                              "validation_images": 1017, "test_images_per_measurement": 1017}})
+    return directory
+
+
+def test_taxonomy_report_ranks_and_decomposes(tmp_path):
+    """t(0.975, 1) = 12.706: two seeds give half-width 12.706 * sd / sqrt(2)."""
+    results = []
+    for metric, values in {"activation/taylor/l1/count": (10, 12),              # = taylor, one of the five
+                           "activation/taylor/l1/weights_removed": (20, 22),
+                           "activation/x/l1/count": (8, 8),                     # = mean_activations
+                           "activation/x/l1/weights_removed": (14, 18)}.items():
+        results += [("LeNet-5", metric, seed, v) for seed, v in enumerate(values)]
+    (path,) = report.write_reports(fake_store(tmp_path, results), kinds=["taxonomy"])
+    text = path.read_text()
+    ranked = [line.split("`")[1] for line in text.splitlines() if line.startswith("| 1 |") or line.startswith(
+        "| 2 |") or line.startswith("| 3 |") or line.startswith("| 4 |")]
+    assert ranked == ["activation/taylor/l1/weights_removed", "activation/x/l1/weights_removed",
+                      "activation/taylor/l1/count", "activation/x/l1/count"]
+    assert "| 1 | `activation/taylor/l1/weights_removed` | 21.0 ± 12.7 (n=2) |  |" in text
+    assert "| 2 | `activation/x/l1/weights_removed` | 16.0 ± 25.4 (n=2) |  |" in text
+    assert "| 3 | `activation/taylor/l1/count` | 11.0 ± 12.7 (n=2) | taylor |" in text
+    # scaling: contexts (taylor) {count 11, wr 21} and (x) {count 8, wr 16}: effects +5, +4 -> 4.5 ± 6.4
+    assert "| scaling | weights_removed | 2 | 18.5 ± 31.8 | +4.5 ± 6.4 | 2 |" in text
+    assert "| scaling | count | 2 | 9.5 ± 19.1 | -4.5 ± 6.4 | 2 |" in text
+    assert "| pointwise | taylor | 2 | 16.0 ± 63.5 | +2.0 ± 6.4 | 2 |" in text
+    assert "| count | 2 | +9.0 ± 12.7 | 2 of 2 |" in text                   # weights_removed - count: 10, 8
+    assert ("| LeNet-5 | `activation/taylor/l1/weights_removed` | 21.0 ± 12.7 (n=2) | taylor "
+            "(`activation/taylor/l1/count`) | 11.0 ± 12.7 (n=2) | +10.0 ± 0.0 |") in text       # paired by seed
+    assert "more than 300 saliency metrics" in text and "4 distinct metrics" in text
+    ranking = (tmp_path / "report" / "taxonomy-LeNet-5.csv").read_text().splitlines()
+    assert ranking[1].startswith("1,activation/taylor/l1/weights_removed,activation,taylor,l1,weights_removed,none,,21.0,")
+    for png in ("taxonomy-LeNet-5.png", "components-LeNet-5.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_domino_report_differences(tmp_path):
+    from scipy import stats
+    results = [("AlexNet", "mean_sq_weights", s, v) for s, v in enumerate((30, 32, 34))]
+    results += [("AlexNet", "domino-sum:mean_sq_weights", s, v) for s, v in enumerate((36, 39, 42))]
+    results += [("NIN", "taylor", s, v) for s, v in ((0, 10), (1, 12))]
+    results += [("NIN", "domino-max:taylor", s, v) for s, v in ((2, 11), (3, 15))]     # other seeds: unpaired
+    (path,) = report.write_reports(fake_store(tmp_path, results), kinds=["domino"])
+    text = path.read_text()
+    # paired by seed: differences 6, 7, 8 -> 7 ± t(0.975, 2) / sqrt(3) = 2.48; 7 / 32 = +22%
+    assert "## AlexNet (branches: grouped convolutions)" in text
+    assert "| `mean_sq_weights` | sum | 32.0 ± 5.0 (n=3) | 39.0 ± 7.5 (n=3) | +7.0 ± 2.5 | +22% |" in text
+    assert "the largest improvement is +7.0 points (+22% relative), domino-sum:mean_sq_weights" in text
+    assert "up to 25% in AlexNet on CIFAR-10" in text
+    # Welch: variances 2/2 and 8/2, df = 25 / 17
+    half = stats.t.ppf(0.975, 25 / 17) * 5 ** 0.5
+    assert "## NIN (no branches: the control)" in text
+    assert f"| `taylor` | max | 11.0 ± 12.7 (n=2) | 13.0 ± 25.4 (n=2) | +2.0 ± {half:.1f} | +18% |" in text
+    assert text.index("## AlexNet") < text.index("## NIN")
+    assert (tmp_path / "report" / "domino.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_oracle_report_from_a_store(tmp_path):
+    five = ["mean_activations", "taylor", "fisher", "mean_gradients", "mean_sq_weights"]
+    results = [("LeNet-5", None, s, v, five) for s, v in ((0, 28.0), (1, 32.0))]
+    results += [("LeNet-5", "mean_sq_weights", 0, 6.0), ("SqueezeNet", "mean_sq_weights", 0, 9.0)]
+    directory = fake_store(tmp_path, results)
+    assert report.applicable(report.runs_from_store(directory)) == ["oracle"]
+    (path,) = report.write_reports(directory)
+    text = path.read_text()
+    assert path.name == "oracle.md"
+    # t(0.975, 1) * sd(28, 32) / sqrt(2) = 12.706 * 2.828 / 1.414 = 25.4; SqueezeNet has no published column
+    assert ("| Myopic Oracle (k=16) | 30.0 ± 25.4 (n=2) | 30 ± 10 | - | - |") in text
+    assert "| Mean squares of weights | 6.0 ± 0.0 (n=1) | 7 | 9.0 ± 0.0 (n=1) | - |" in text
+    for png in ("figure6-LeNet-5.png", "phases-LeNet-5.png", "figure6-SqueezeNet.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import pytest
+    with pytest.raises(ValueError, match="unknown report kind\\(s\\) oracles; one of oracle, taxonomy, domino"):
+        report.write_reports(directory, kinds=["oracles"])

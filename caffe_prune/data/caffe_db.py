@@ -17,7 +17,7 @@ import lmdb
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine
+from caffe_prune import engine, fsio
 from caffe_prune.data.cifar10 import DataError
 
 META = "caffe-prune.json"
@@ -70,9 +70,9 @@ def write_lmdb(path, images_rgb: np.ndarray, labels: np.ndarray, split: str, sou
             "split": split, "images": len(bgr), "shape": SHAPE, "channel_order": CHANNEL_ORDER,
             "storage": STORAGE, "label_counts": np.bincount(labels, minlength=10).tolist(),
             "source_sha256": dict(sources)}
-    (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    partial.rename(path)
+    fsio.write_json(partial / META, meta)
+    with fsio.replacing(path) as tmp:          # the old LMDB stays until the new one is complete
+        partial.rename(tmp)
     return path
 
 

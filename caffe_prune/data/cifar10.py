@@ -28,7 +28,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune.download import CACHE_ROOT, WORKPLACE_SHARED, DownloadError, digest, download
+from caffe_prune import fsio
+from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
 
 RECORD_BYTES = 1 + 3 * 32 * 32
 SPLIT_FILES = {
@@ -41,8 +42,6 @@ BIN_DIR = "cifar-10-batches-bin"
 PY_DIR = "cifar-10-batches-py"          # the python release: the same records, pickled
 DATA_ENV = "CAFFE_PRUNE_DATA"
 CACHE_DIR = CACHE_ROOT / "data" / "cifar10"
-# this workplace's real subset of CIFAR-10 (5085 train / 1017 test), used when present
-WORKPLACE_SUBSET = WORKPLACE_SHARED / "data" / "cifar10-subset"
 
 # The official binary release (https://www.cs.toronto.edu/~kriz/cifar.html). Module constants, read
 # at call time, so that tests can point the download at a local file.
@@ -66,12 +65,10 @@ class DataError(ValueError):
 
 
 def default_location() -> Path | None:
-    """Where CIFAR-10 is looked for when no location is given: $CAFFE_PRUNE_DATA, then this
-    workplace's ../shared subset, then the user cache that a download fills."""
+    """Where CIFAR-10 is looked for when no location is given: $CAFFE_PRUNE_DATA (a local mirror,
+    e.g. a partial copy), then the user cache that a download fills."""
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV])
-    if (WORKPLACE_SUBSET / BIN_DIR).is_dir():
-        return WORKPLACE_SUBSET
     return CACHE_DIR
 
 
@@ -120,8 +117,8 @@ def read_split(split: str, location=None):
 
 
 def summary(location=None) -> dict:
-    """Images per split at `location` (from the record files' sizes). A partial copy, such as this
-    workplace's 5085 / 1017 subset, is fine: callers report it against OFFICIAL_COUNTS and go on."""
+    """Images per split at `location` (from the record files' sizes). A partial copy (e.g. 5085 train
+    / 1017 test images) is fine: callers report it against OFFICIAL_COUNTS and go on."""
     directory = binary_dir(location)
     return {split: sum(_record_count(p, p.stat().st_size) for p in _split_paths(split, directory))
             for split in SPLIT_FILES}
@@ -202,14 +199,14 @@ def _from_url(url: str, cache: Path, expected_md5, progress: bool) -> Path:
             download(url, archive, progress, instead="download it elsewhere and pass the .tar.gz as --source")
         except DownloadError as exc:
             raise DataError(str(exc)) from None
-    return _from_archive(archive, cache, expected_md5)
+    return _from_archive(archive, cache, expected_md5, ours=True)
 
 
-def _from_archive(archive: Path, cache: Path, expected_md5) -> Path:
-    md5 = verify_md5(archive, expected_md5)
+def _from_archive(archive: Path, cache: Path, expected_md5, ours: bool = False) -> Path:
+    md5 = verify_md5(archive, expected_md5, move_aside=ours)
     if _fetched_md5(cache) != md5 or not _holds_batches(cache):
         extract_archive(archive, cache)
-        (cache / FETCHED).write_text(json.dumps({"archive": archive.name, "md5": md5}) + "\n")
+        fsio.write_json(cache / FETCHED, {"archive": archive.name, "md5": md5}, indent=None)
     return _from_directory(cache, cache)
 
 
@@ -226,19 +223,22 @@ def _accepted_md5(expected_md5) -> set:
     return {expected_md5} if expected_md5 else set()
 
 
-def verify_md5(archive, expected_md5="official") -> str:
-    """The archive's md5, after checking it (see fetch); a mismatch moves the file to ``*.corrupt``."""
+def verify_md5(archive, expected_md5="official", move_aside: bool = False) -> str:
+    """The archive's md5, after checking it (see fetch). A mismatch moves a file the toolkit
+    downloaded (``move_aside``) to ``*.corrupt``; a file the user named is left where it is."""
     archive = Path(archive)
     md5 = digest(archive, "md5")
     accepted = _accepted_md5(expected_md5)
     if not accepted or md5 in accepted:
         return md5
-    corrupt = archive.with_name(archive.name + ".corrupt")
-    try:
-        archive.replace(corrupt)
-        moved = f"moved it aside to {corrupt}"
-    except OSError as exc:
-        moved = f"could not move it aside ({exc.strerror})"
+    moved = "left it where it is"
+    if move_aside:
+        corrupt = archive.with_name(archive.name + ".corrupt")
+        try:
+            archive.replace(corrupt)
+            moved = f"moved it aside to {corrupt}"
+        except OSError as exc:
+            moved = f"could not move it aside ({exc.strerror})"
     want = "the official CIFAR-10 archive's " + ARCHIVE_MD5 if expected_md5 == "official" else expected_md5
     raise DataError(f"{archive}: md5 {md5} is not {want} (corrupt or incomplete); {moved}; "
                     f"download it again with `caffe-prune data cifar10` or pass another --source")
@@ -394,7 +394,7 @@ def save_validation_indices(path, indices, n_train: int, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# caffe-prune CIFAR-10 validation split: seed={seed} n_train={n_train} n_val={len(indices)} "
               f"(the paper: 10,000 random training images of 50,000)\n")
-    path.write_text(header + "".join(f"{int(i)}\n" for i in indices))
+    fsio.write_text(path, header + "".join(f"{int(i)}\n" for i in indices))
     return path
 
 

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
                             description=cifar10.prepare.__doc__)
     p.add_argument("--source", default=None, metavar="DIR|ARCHIVE|URL",
                    help="a directory with cifar-10-batches-bin/ or cifar-10-batches-py/, a .tar.gz, or a URL "
-                        f"(default: ${cifar10.DATA_ENV}, this workplace's subset, else the official download)")
+                        f"(default: ${cifar10.DATA_ENV}, a local mirror, else the official download)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"where the LMDBs and {cifar10.VAL_FILE} go (default {cifar10.CACHE_DIR})")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
