@@ -49,6 +49,10 @@ def evaluate(net, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128,
         x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
         feed(net, x, y)
         out = net.forward()
+        if not np.isfinite(out[EVAL_TOPS["loss"]]).all():
+            raise engine.EngineError(f"the loss of images {start}..{start + len(x) - 1} is "
+                                     f"{float(out[EVAL_TOPS['loss']])}: the net's weights or inputs hold values "
+                                     f"that are not finite, so no accuracy it reports means anything")
         for key in totals:
             totals[key] += float(out[EVAL_TOPS[key]]) * len(x)
     result = {key: value / len(inputs) for key, value in totals.items()}

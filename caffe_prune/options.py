@@ -99,6 +99,7 @@ def dataset(args, net: Network, progress: bool = True, holdout: bool = True):
 def session(args, net: Network | None = None, with_data: bool = True, batch_size: int = 128, progress=True,
             holdout: bool = True):
     net = net or network(args)
+    net.head(args.logits)                      # a net with no head is refused before any data is read
     data = dataset(args, net, progress, holdout) if with_data else None
     chosen, device = mode(args)
     return Session(net, args.weights, data, batch_size=batch_size, logits=args.logits, mode=chosen,

@@ -61,6 +61,13 @@ class Network:
     def name(self) -> str:
         return self.param.name or Path(self.where).stem
 
+    def declared_shape(self) -> tuple | None:
+        """The input shape the definition (or --input-shape) states, or None when nothing does."""
+        try:
+            return self.input_shape
+        except (engine.EngineError, ValueError):
+            return None
+
     @cached_property
     def input_shape(self) -> tuple:
         """(C, H, W) the prototxt states (or --input-shape); EngineError when nothing does."""
@@ -103,6 +110,11 @@ class Session:
         self.network, self.dataset, self.weights = network, dataset, weights
         self.batch_size = batch_size
         self.input_shape = dataset.shape if dataset is not None else tuple(input_shape or network.input_shape)
+        declared = network.declared_shape()
+        if dataset is not None and declared and declared != self.input_shape:
+            raise engine.EngineError(f"{dataset.description}: the images are {'x'.join(map(str, self.input_shape))} after "
+                                     f"the transform, but {network.where} takes {'x'.join(map(str, declared))}; pass "
+                                     f"--crop-size, other --data or --input-shape")
         self.head = network.head(logits)
         if self.head.note:
             warnings.warn(self.head.note, stacklevel=2)
