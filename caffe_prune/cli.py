@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from caffe_prune import engine, fsio, networks, options, published
+from caffe_prune import bench, engine, fsio, networks, options, published
 from caffe_prune.data import commands as data_commands
 from caffe_prune.metrics import commands as metric_commands
 from caffe_prune import sweep
@@ -190,7 +190,8 @@ def prune_config(args, net, weights, metric=None, oracle=None, seed=None):
                           reading=args.reading, max_steps=args.max_steps, shortlist=args.shortlist,
                           data=args.data, data_root=args.data_root, transform=options.transform_fields(args),
                           logits=args.logits, input_shape=getattr(args, "input_shape", None),
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, engine=getattr(args, "engine", "fast"),
+                          workers=getattr(args, "workers", None), cache_mb=getattr(args, "cache_mb", None))
 
 
 def oracle_list(value):
@@ -261,6 +262,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_engine_options(p) -> None:
+    """How one run's Caffe work is done (caffe_prune.passes); the decisions are the same either way."""
+    p.add_argument("--engine", choices=("fast", "naive"), default="fast",
+                   help="fast (default): suffix-only probes, incremental test, workers; naive: full forwards "
+                        "(the reference)")
+    p.add_argument("--workers", type=int, default=None, help="fast engine's processes (default: one per core)")
+    p.add_argument("--cache-mb", type=int, default=None,
+                   help="fast engine's memory for test checkpoints (default: a quarter of the free memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="caffe-prune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models/exported", help="output directory (default models/exported)")
     p.set_defaults(func=cmd_export)
     data_commands.register(sub)
+    bench.register(sub)
     metric_commands.register(sub)
     p = sub.add_parser("prune", help="Algorithm 1 with one saliency metric or the myopic oracle")
     options.add_network(p)
@@ -319,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--oracle", nargs="?", const="paper",
                         help="the myopic oracle over these constituents (default: the paper's five)")
     add_prune_options(p)
+    add_engine_options(p)
     p.add_argument("--out", required=True, help="run directory (resumed when it holds the same run)")
     p.set_defaults(func=cmd_prune)
     sweep.register(sub)       # sweep, results, report, reproduce

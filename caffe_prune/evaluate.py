@@ -32,6 +32,31 @@ def feed(net, x: np.ndarray, y: np.ndarray) -> int:
     return len(x)
 
 
+def scores(net, first: int = 0) -> tuple:
+    """(loss, top1, top5) of the batch a forward just scored; refuses a loss that is not finite
+    (NaN logits make Caffe's Accuracy count nonsense). ``first``: the batch's first image, for the message."""
+    loss = float(net.blobs[EVAL_TOPS["loss"]].data)
+    if not np.isfinite(loss):
+        n = net.blobs[net.inputs[0]].data.shape[0]
+        raise engine.EngineError(f"the loss of images {first}..{first + n - 1} is {loss}: the net's weights or "
+                                 f"inputs hold values that are not finite, so no accuracy it reports means anything")
+    return loss, float(net.blobs[EVAL_TOPS["top1"]].data), float(net.blobs[EVAL_TOPS["top5"]].data)
+
+
+def combine(rows) -> dict:
+    """Per-batch (images, loss, top1, top5), in batch order -> the means weighted by batch size (the
+    one place this arithmetic is done, so that every engine reports the same bits)."""
+    totals = dict.fromkeys(EVAL_TOPS, 0.0)
+    images = 0
+    for n, *values in rows:
+        for key, value in zip(EVAL_TOPS, values):
+            totals[key] += value * n
+        images += n
+    result = {key: value / images for key, value in totals.items()}
+    result["images"] = int(images)
+    return result
+
+
 def evaluate(net, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128,
              batches: int | None = None, progress: bool = True) -> dict:
     """Run `inputs` (N, C, H, W float32, already transformed) through `net` and score them."""
@@ -43,18 +68,11 @@ def evaluate(net, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128,
         inputs, labels = inputs[:batches * batch_size], labels[:batches * batch_size]
     if len(inputs) == 0:
         raise engine.EngineError("no images to evaluate")
-    totals = dict.fromkeys(EVAL_TOPS, 0.0)
+    rows = []
     starts = range(0, len(inputs), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
         x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
         feed(net, x, y)
-        out = net.forward()
-        if not np.isfinite(out[EVAL_TOPS["loss"]]).all():
-            raise engine.EngineError(f"the loss of images {start}..{start + len(x) - 1} is "
-                                     f"{float(out[EVAL_TOPS['loss']])}: the net's weights or inputs hold values "
-                                     f"that are not finite, so no accuracy it reports means anything")
-        for key in totals:
-            totals[key] += float(out[EVAL_TOPS[key]]) * len(x)
-    result = {key: value / len(inputs) for key, value in totals.items()}
-    result["images"] = int(len(inputs))
-    return result
+        net.forward()
+        rows.append((len(x), *scores(net, start)))
+    return combine(rows)

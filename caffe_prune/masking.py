@@ -73,6 +73,10 @@ class Masker:
         self._regions = {}      # group id -> regions (computed once)
         self._original = {}     # (layer, blob) -> copy of the original values, taken at first touch
 
+    def group_regions(self, group_id: int) -> list:
+        """The (layer, blob, index) regions the group zeroes (masking.regions), computed once."""
+        return self._group(group_id)
+
     def _group(self, group_id: int):
         if group_id not in self.by_id:
             raise MaskError(f"no group {group_id} in this graph ({len(self.by_id)} groups)")

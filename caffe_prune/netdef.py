@@ -240,6 +240,31 @@ def evaluation_form(net_param, input_shape, batch_size: int, head: Head, classes
     return out
 
 
+def gradient_form(form):
+    """The evaluation form for saliency passes: every layer fed by another learnable layer gets
+    lr_mult 0 on its weights, so that Caffe's backward computes the blob diffs the metrics read and
+    skips the weight gradients they never read (about half of a backward's GEMMs); the first
+    learnable layers on each path from the input keep lr_mult 1, which is what makes Caffe run the
+    backward through everything above them. The blob diffs are the same bits."""
+    from caffe_prune.layers import DATA_TYPES
+    out = engine.caffe_pb2().NetParameter()
+    out.CopyFrom(form)
+    learnable = {"Convolution", "InnerProduct", "Deconvolution"}
+    needs = set()                      # blobs Caffe will back-propagate into
+    for layer in out.layer:
+        if layer.type in DATA_TYPES:
+            continue
+        fed = any(b in needs for b in layer.bottom)
+        if layer.type in learnable:
+            if not layer.param:
+                layer.param.add()
+            layer.param[0].lr_mult = 0 if fed else (layer.param[0].lr_mult or 1)
+            fed = True
+        if fed:
+            needs.update(layer.top)
+    return out
+
+
 def write_prototxt(net_param, path):
     """A NetParameter (or SolverParameter) as text, written atomically."""
     from google.protobuf import text_format

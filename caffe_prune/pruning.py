@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, fsio, masking, metrics, oracle
+from caffe_prune import engine, fsio, masking, metrics, oracle, passes
 from caffe_prune.download import digest
 
 STEPS, CONFIG = "steps.jsonl", "config.json"
@@ -72,11 +72,16 @@ class Config:
     transform: dict | None = None         # transform flags replacing the data layer's (options.transform_fields)
     logits: str | None = None
     input_shape: str | None = None
+    engine: str = "fast"                  # how the Caffe work is done (caffe_prune.passes): same decisions
+    workers: int | None = None            # fast engine's processes (default: one per core)
+    cache_mb: int | None = None           # fast engine's test checkpoints (default: a quarter of free memory)
 
     # where things are, not what they are: a resume compares their contents (sha256) instead
     LOCATIONS = ("net", "weights", "data", "data_root")
     # when to stop, not what to decide: a resume may extend or shorten a run
     STOPS = ("max_steps", "max_drop", "floor")
+    # how the work is done, not what it decides: a resume may switch
+    EXECUTION = ("engine", "workers", "cache_mb")
 
     def check(self) -> None:
         if (self.metric is None) == (not self.oracle):
@@ -92,6 +97,12 @@ class Config:
             raise engine.EngineError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.semantics not in masking.SEMANTICS:
             raise engine.EngineError(f"--semantics must be one of {', '.join(masking.SEMANTICS)}")
+        if self.engine not in passes.ENGINES:
+            raise engine.EngineError(f"--engine must be one of {', '.join(passes.ENGINES)}")
+        if self.workers is not None and self.workers < 1:
+            raise engine.EngineError(f"--workers must be at least 1, got {self.workers}")
+        if self.cache_mb is not None and self.cache_mb < 0:
+            raise engine.EngineError(f"--cache-mb must be 0 or more, got {self.cache_mb}")
         if self.shortlist not in oracle.SHORTLISTS:
             raise engine.EngineError(f"--shortlist must be one of {', '.join(oracle.SHORTLISTS)}")
         for name in [self.metric] if self.metric else self.oracle:
@@ -116,6 +127,7 @@ class Run:
         if data is not None and config.data is None:     # the older call: data beside the config
             config.data = os.fsdecode(data)
         self.config, self.out, self.progress = config, Path(out_dir), progress
+        self.timing = {}                 # seconds of the current step's phases (saliency, probes, test)
         self.lock = fsio.RunLock(self.out).acquire()
         try:
             network = Network.open(config.net, parse_shape(config.input_shape))
@@ -140,6 +152,9 @@ class Run:
                 "versions": {k: v for k, v in engine.versions().items() if k in ("caffe", "source", "blas", "python")},
             }
             self.steps = self._open(force)
+            self.test_x, self.test_y = self.test_x[:test_images], self.test_y[:test_images]
+            self.engine = passes.make(config.engine, self.session, self.masker, self.test_x, self.test_y,
+                                      config.workers, config.cache_mb)
         except BaseException:
             self.lock.release()
             raise
@@ -148,7 +163,8 @@ class Run:
 
     @staticmethod
     def _decisive(header: dict) -> dict:
-        config = {k: v for k, v in header.get("config", {}).items() if k not in Config.LOCATIONS + Config.STOPS}
+        ignored = Config.LOCATIONS + Config.STOPS + Config.EXECUTION
+        config = {k: v for k, v in header.get("config", {}).items() if k not in ignored}
         protocol = {k: v for k, v in header.get("protocol", {}).items() if k != "data"}
         return {"config": config, "identity": header.get("identity"), "protocol": protocol}
 
@@ -226,6 +242,9 @@ class Run:
         self.steps.append(record)
 
     def close(self) -> None:
+        engine_ = getattr(self, "engine", None)
+        if engine_ is not None:
+            engine_.close()
         self.lock.release()
 
     # ---- measurements ----
@@ -239,12 +258,10 @@ class Run:
         return [(self.val_x[chosen[i:i + b]], self.val_y[chosen[i:i + b]]) for i in range(0, size, b)]
 
     def _test(self) -> dict:
-        return self.session.evaluate(self.test_x, self.test_y, batches=self.config.test_size)
-
-    def _loss(self, batches) -> float:
-        x = np.concatenate([b[0] for b in batches])
-        y = np.concatenate([b[1] for b in batches])
-        return self.session.evaluate(x, y)["loss"]
+        start = time.perf_counter()
+        scores = self.engine.test()
+        self.timing["test"] = round(time.perf_counter() - start, 4)
+        return scores
 
     def _counts(self, pruned) -> dict:
         g = self.graph
@@ -258,14 +275,16 @@ class Run:
         """Choose the group to prune at `step`: the least salient by the metric, or the oracle's pick."""
         c = self.config
         names = [c.metric] if c.metric else list(c.oracle)
-        batches = self._batches(step, 0, c.eval_size)
-        rankings = metrics.rank(names, self.net, self.graph, batches, pruned, reading=c.reading)
+        start = time.perf_counter()
+        tensors = self.engine.collect(self._batches(step, 0, c.eval_size), names, c.reading)
+        rankings = metrics.rankings(names, tensors, self.graph, pruned)
+        self.timing["saliency"] = round(time.perf_counter() - start, 4)
         if c.metric:
             return {"group": rankings[c.metric][0], "proposers": [[c.metric, 0]]}
         proposals = oracle.shortlist(rankings, c.k, c.shortlist)
-        oracle_batches = self._batches(step, 1, c.oracle_eval_size)
-        sensitivity = oracle.sensitivities([p.group for p in proposals], self.masker,
-                                           lambda: self._loss(oracle_batches))
+        start = time.perf_counter()
+        sensitivity = self.engine.sensitivities([p.group for p in proposals], self._batches(step, 1, c.oracle_eval_size))
+        self.timing["probes"] = round(time.perf_counter() - start, 4)
         group = oracle.choose(sensitivity)
         proposers = next(p.proposers for p in proposals if p.group == group)
         return {"group": group, "proposers": [list(p) for p in proposers],
@@ -280,6 +299,7 @@ class Run:
 
     def _run(self) -> list:
         c = self.config
+        self.timing = {}
         if not self.steps:
             self._append({"step": 0, "group": None, "test": self._test(), **self._counts(set()), "seconds": 0.0})
         initial = 100 * self.steps[0]["test"]["top1"]
@@ -292,8 +312,9 @@ class Run:
                 start = time.perf_counter()
                 if not self.graph.prunable(pruned):
                     break
+                self.timing = {}
                 choice = self.decide(step, pruned)
-                self.masker.commit(choice["group"])
+                self.engine.commit(choice["group"])
                 pruned.add(choice["group"])
                 group = self.graph.groups[choice["group"]]
                 record = {"step": step, **choice, "layers": list(group.layers),
@@ -301,6 +322,7 @@ class Run:
                 if step % c.test_interval == 0:
                     record["test"] = self._test()
                 record["seconds"] = round(time.perf_counter() - start, 4)
+                record["phase_seconds"] = dict(self.timing)
                 self._append(record)
                 bar.update(1)
                 top1 = record.get("test", {}).get("top1")

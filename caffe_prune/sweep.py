@@ -104,7 +104,7 @@ def config_defaults() -> dict:
     from caffe_prune.pruning import Config
     out = {}
     for f in dataclasses.fields(Config):
-        if f.name not in RUN_FIELDS:
+        if f.name not in RUN_FIELDS and f.name not in Config.EXECUTION:
             out[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
     return out
 
@@ -354,7 +354,10 @@ def execute(task: dict) -> dict:
                                  "executor": task.get("executor")}) + "\n")
         stream.flush()
         os.fsync(stream.fileno())
-    steps = pruning.Run(pruning.Config(**task["config"]), run_dir, data=task["data"], progress=False).run()
+    # one process per run: the executor runs runs side by side (workers x threads = cores)
+    config = pruning.Config(**{k: v for k, v in task["config"].items() if k not in pruning.Config.EXECUTION},
+                            workers=1)
+    steps = pruning.Run(config, run_dir, data=task["data"], progress=False).run()
     header = json.loads((run_dir / "config.json").read_text())
     return {"id": task["id"], "steps": steps, "removed_at_drop": pruning.removed_at_drop(steps, task["report_drop"]),
             "protocol": header.get("protocol"), "versions": header.get("versions"),
@@ -1022,7 +1025,7 @@ PAPERS = {   # the paper's networks and methods; the reports print the published
 def reproduce(args, paper: str, nets=None, methods=None, seeds=None, out=None) -> list:
     """A paper's experiment as a sweep (resumable), then its report; returns the report paths.
     `args` carries the prune options (cli.add_prune_options) and, optionally, executor options."""
-    from caffe_prune import report
+    from caffe_prune import pruning, report
     plan = PAPERS[paper]
     nets = nets or (args.nets.split(",") if getattr(args, "nets", None) else plan["nets"])
     if methods is None and getattr(args, "methods", None):
@@ -1040,7 +1043,7 @@ def reproduce(args, paper: str, nets=None, methods=None, seeds=None, out=None) -
     # the protocol exactly as `caffe-prune prune` would build it from the same options
     from caffe_prune.cli import prune_config
     base = dataclasses.asdict(prune_config(args, nets[0], "published", metric=PAPER_FIVE[0]))
-    protocol = {k: v for k, v in base.items() if k not in RUN_FIELDS}
+    protocol = {k: v for k, v in base.items() if k not in RUN_FIELDS and k not in pruning.Config.EXECUTION}
     protocol["stop"] = "end" if protocol["max_drop"] is None else "drop"
     if protocol["stop"] == "end":
         del protocol["max_drop"]

@@ -83,10 +83,6 @@ class Dataset:
                  seed: int = 0, holdout: bool = True):
         self.description, self.transform, self.seed = description, transform, seed
         self._test, self._train, self.holdout = test, train, holdout
-        if transform.mirror:
-            warnings.warn(f"{transform.where}: mirror: true; Caffe flips images at random even in the TEST phase "
-                          f"(data_transformer.cpp has no phase test); they are fed unflipped here, as Caffe does "
-                          f"for the images its coin leaves alone", stacklevel=3)
 
     def _split(self, images, labels, index) -> Split:
         picked = images[index] if not isinstance(images, list) else [images[i] for i in index]
@@ -221,6 +217,11 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
     test_layer = _phase_layer(network.param, "test")
     own_transform = Transform.of(test_layer, f"{network.where}: layer {test_layer.name!r}") \
         if test_layer is not None and test_layer.type != "Input" else None
+    if own_transform is not None and own_transform.mirror and \
+            any(l is test_layer for l in engine.layers_in_phase(network.param, "test")):
+        warnings.warn(f"{own_transform.where}: mirror: true in the TEST phase; Caffe flips images at random even "
+                      f"there (data_transformer.cpp has no phase test); they are fed unflipped here, as Caffe "
+                      f"does for the images its coin leaves alone", stacklevel=2)
     data = None if data is None else str(data)
     if data is None and network.builtin:
         data = "cifar10"

@@ -16,12 +16,16 @@ from caffe_prune.metrics.taxonomy import (ALIASES, AS_PRINTED, DOMINO, EQUATIONS
                                           list_metrics, parse)
 
 
-def rank(names, net, graph, batches, pruned=frozenset(), reading: str = "authors") -> dict:
-    """{name: [group ids of graph.prunable(pruned), least salient first]} from one collect."""
-    names = list(names)
-    tensors = collect(net, graph, batches, names, reading)
+def rankings(names, tensors, graph, pruned=frozenset()) -> dict:
+    """{name: [group ids of graph.prunable(pruned), least salient first]} from collected tensors."""
     return {name: [gid for gid, _ in rank_groups(name, tensors, graph, pruned)] for name in names}
 
 
+def rank(names, net, graph, batches, pruned=frozenset(), reading: str = "authors") -> dict:
+    """``rankings`` of one ``collect`` for all ``names``."""
+    names = list(names)
+    return rankings(names, collect(net, graph, batches, names, reading), graph, pruned)
+
+
 __all__ = ["ALIASES", "AS_PRINTED", "DOMINO", "EQUATIONS", "READINGS", "Metric", "MetricError", "Tensors",
-           "collect", "layer_saliencies", "list_metrics", "parse", "rank", "rank_groups", "saliency"]
+           "collect", "layer_saliencies", "list_metrics", "parse", "rank", "rank_groups", "rankings", "saliency"]

@@ -79,6 +79,22 @@ class Tensors:
     values: dict = field(default_factory=lambda: defaultdict(dict))
     area: dict = field(default_factory=dict)
 
+    @classmethod
+    def merge(cls, static: "Tensors", parts: list) -> "Tensors":
+        """One Tensors from ``static`` (the weights-only metrics, collected without a pass) and the
+        per-batch ``parts`` of the metrics that need passes, in batch order: the same arrays one
+        ``collect`` over all the batches builds."""
+        merged = cls(static.reading, static.metrics + tuple(m for part in parts[:1] for m in part.metrics),
+                     values={k: dict(v) for k, v in static.values.items()})
+        for part in parts:
+            merged.images += part.images
+            merged.batches += part.batches
+            merged.area.update(part.area)
+        for where in {w for part in parts for w in part.values}:
+            for key in {k for part in parts for k in part.values.get(where, {})}:
+                merged.values.setdefault(where, {})[key] = np.concatenate([part.values[where][key] for part in parts])
+        return merged
+
     def get(self, layer: str, side: str, key: tuple) -> np.ndarray:
         try:
             return self.values[(layer, side)][key]
