@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,12 @@ from caffe_prune import engine, fsio, masking, metrics, oracle, passes
 from caffe_prune.download import digest
 
 STEPS, CONFIG = "steps.jsonl", "config.json"
+
+
+def later(default):
+    """A Config field added after runs were stored, whose default behaves as before it existed: sweep
+    ids leave it out while it has that default (caffe_prune.sweep.run_id)."""
+    return field(default=default, metadata={"later": True})
 
 
 @dataclass
@@ -82,6 +88,11 @@ class Config:
     STOPS = ("max_steps", "max_drop", "floor")
     # how the work is done, not what it decides: a resume may switch
     EXECUTION = ("engine", "workers", "cache_mb")
+
+    @classmethod
+    def neutral(cls) -> dict:
+        """{field: default} of the fields added later (see ``later``)."""
+        return {f.name: f.default for f in fields(cls) if f.metadata.get("later")}
 
     def check(self) -> None:
         if (self.metric is None) == (not self.oracle):
@@ -163,8 +174,9 @@ class Run:
 
     @staticmethod
     def _decisive(header: dict) -> dict:
-        ignored = Config.LOCATIONS + Config.STOPS + Config.EXECUTION
-        config = {k: v for k, v in header.get("config", {}).items() if k not in ignored}
+        ignored, neutral = Config.LOCATIONS + Config.STOPS + Config.EXECUTION, Config.neutral()
+        config = {k: v for k, v in header.get("config", {}).items()
+                  if k not in ignored and not (k in neutral and v == neutral[k])}
         protocol = {k: v for k, v in header.get("protocol", {}).items() if k != "data"}
         return {"config": config, "identity": header.get("identity"), "protocol": protocol}
 

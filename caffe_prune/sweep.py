@@ -5,7 +5,7 @@ their weights, a metric set, oracles, seeds and the protocol::
 
     name = "lenet-domino"                       # default: the SPEC file's name
     out = "runs/sweeps/lenet-domino"            # the sweep directory (default runs/sweeps/NAME)
-    data = "../shared/data/cifar10-subset"      # default: as every command finds CIFAR-10
+    data = "data/cifar10"                       # default: as every command finds CIFAR-10
     seeds = [0, 1]                              # or a count: seeds = 8 is 0..7
     metrics = ["mean_sq_weights", "activation/taylor/*/weights_removed"]   # names, aliases, globs
     domino = ["sum"]                            # also every metric's domino-sum: variant
@@ -307,8 +307,12 @@ def stage_weights(path: Path, sweep_dir: Path | None) -> tuple:
 def run_id(config: dict, weights_sha: str, data: str | None) -> str:
     """sha256 of the canonical JSON (sorted keys, no spaces) of the run's whole configuration
     (every field of pruning.Config and the data it reads), the weights by content (sha256) instead
-    of by path."""
-    identity = {**config, "weights": weights_sha, "data": data}
+    of by path. A field added to Config after runs were stored (``pruning.later``) is left out while
+    it has its default, which behaves as before it existed: the ids of stored runs stay valid."""
+    from caffe_prune import pruning
+    neutral = pruning.Config.neutral()
+    identity = {k: v for k, v in {**config, "weights": weights_sha, "data": data}.items()
+                if not (k in neutral and v == neutral[k])}
     return sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
