@@ -191,7 +191,8 @@ def prune_config(args, net, weights, metric=None, oracle=None, seed=None):
                           data=args.data, data_root=args.data_root, transform=options.transform_fields(args),
                           logits=args.logits, input_shape=getattr(args, "input_shape", None),
                           batch_size=args.batch_size, engine=getattr(args, "engine", "fast"),
-                          workers=getattr(args, "workers", None), cache_mb=getattr(args, "cache_mb", None))
+                          workers=getattr(args, "workers", None), cache_mb=getattr(args, "cache_mb", None),
+                          val_split=getattr(args, "val_split", "seeded"))
 
 
 def oracle_list(value):
@@ -249,6 +250,9 @@ def add_prune_options(p) -> None:
     p.add_argument("--shortlist", choices=("paper", "authors-code"), default="paper",
                    help="the oracle's short-listing rule: the paper's text (default) or the authors' released code")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, the paper's)")
+    p.add_argument("--val-split", choices=("seeded", "authors"), default="seeded",
+                   help="validation images: seeded (default; 10,000 random training images, the same fraction of a "
+                        "partial copy) or authors (CIFAR-10 only: the 5,000 the authors' release lists, those present)")
     options.add_head(p)
     options.add_data(p)
     p.add_argument("--force", action="store_true", help="replace a run with another configuration in --out")

@@ -75,6 +75,7 @@ class Config:
     shortlist: str = "paper"              # the oracle's rule: "paper" (the text) or "authors-code" (oracle.SHORTLISTS)
     data: str | None = None               # the dataset (caffe_prune.data.dataset; None: the net's own)
     data_root: str = ""
+    val_split: str = later("seeded")      # the validation images: "seeded" or the authors' own (CIFAR-10; dataset.VAL_SPLITS)
     transform: dict | None = None         # transform flags replacing the data layer's (options.transform_fields)
     logits: str | None = None
     input_shape: str | None = None
@@ -116,6 +117,8 @@ class Config:
             raise engine.EngineError(f"--cache-mb must be 0 or more, got {self.cache_mb}")
         if self.shortlist not in oracle.SHORTLISTS:
             raise engine.EngineError(f"--shortlist must be one of {', '.join(oracle.SHORTLISTS)}")
+        if self.val_split not in ("seeded", "authors"):
+            raise engine.EngineError(f"--val-split must be one of seeded, authors, got {self.val_split!r}")
         for name in [self.metric] if self.metric else self.oracle:
             try:
                 metrics.parse(name)
@@ -143,7 +146,7 @@ class Run:
         try:
             network = Network.open(config.net, parse_shape(config.input_shape))
             dataset = open_dataset(network, config.data, options.transform_of(config.transform), config.data_root,
-                                   progress=progress)
+                                   progress=progress, val_split=config.val_split)
             self.session = Session(network, config.weights, dataset, config.batch_size, config.logits)
             self.net, self.graph = self.session.net, self.session.graph
             self.masker = masking.Masker(self.graph, [self.net], config.semantics)

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from caffe_prune import fsio
 from caffe_prune.metrics.taxonomy import ALIASES, MetricError, parse
 from caffe_prune.pruning import removed_at_drop
 
 ORACLE = "oracle"
 # papers/004 Table 2 as published (conv weights removed, % at most 5 points below the initial top-1;
-# tests check the transcription against the workplace's reference file)
+# tests/test_report.py checks the transcription against a reference copy when there is one)
 PUBLISHED_TABLE2 = {
     "columns": ["LeNet-5", "CIFAR10", "ResNet-20", "NIN", "AlexNet"],
     "Mean of activations": [25, 30, 6, 14, 33],
@@ -42,6 +43,16 @@ PUBLISHED_TABLE2 = {
     "Mean squares of weights": [7, 24, 4, 27, 40],
     "Myopic Oracle (k=16)": {"mean": [30, 43, 12, 32, 55], "ci95": [10, 2, 3, 1, 1], "runs": 8},
 }
+
+
+def save_figure(fig, path) -> Path:
+    """A matplotlib figure as a PNG, written atomically (caffe_prune.fsio), then closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with fsio.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
 
 
 def published_table2() -> dict:
@@ -118,9 +129,7 @@ def figure6(runs, path, title) -> Path:
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -144,9 +153,7 @@ def phases(runs, path, title) -> Path | None:
     ax.set_xlabel("% of convolution weights removed")
     ax.set_title(title)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -234,7 +241,7 @@ def oracle_report(runs, out_dir, name: str = "oracle.md") -> Path:
               "the drop criterion then rest on fewer test images), and the published networks evaluated with "
               "stock Caffe; every other setting follows the protocol of papers/004 §5.1.3.", ""]
     report = out_dir / name
-    report.write_text("\n".join(lines))
+    fsio.write_text(report, "\n".join(lines))
     return report
 
 
@@ -425,9 +432,7 @@ def _plot_ranking(rows, path, title) -> Path:
     ax.set_ylabel("% conv weights removed at the drop")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -445,9 +450,7 @@ def _plot_components(effects: dict, path, title) -> Path:
         ax.set_title(component, fontsize=9)
         ax.set_xlabel("effect (points)", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -456,6 +459,7 @@ def taxonomy_report(runs, out_dir, top: int = 25) -> Path:
     constructed metric against the best of papers/004's five; ``taxonomy-<NET>.csv`` holds the
     whole ranking."""
     import csv
+    import io
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [r for r in runs if r["metric"]]
@@ -477,13 +481,14 @@ def taxonomy_report(runs, out_dir, top: int = 25) -> Path:
     for net in nets:
         scores = _scores([r for r in runs if r["net"] == net])
         rows = ranking(scores)
-        with open(out_dir / f"taxonomy-{net}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["rank", "metric", *COMPONENTS, "paper_five", "mean_removed", "ci95", "runs"])
-            for i, (m, mean, half, n) in enumerate(rows, 1):
-                p = _components(m)
-                writer.writerow([i, m, *(p.get(c) for c in COMPONENTS), paper_five(m) or "", round(mean, 4),
-                                 round(half, 4), n])
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["rank", "metric", *COMPONENTS, "paper_five", "mean_removed", "ci95", "runs"])
+        for i, (m, mean, half, n) in enumerate(rows, 1):
+            p = _components(m)
+            writer.writerow([i, m, *(p.get(c) for c in COMPONENTS), paper_five(m) or "", round(mean, 4),
+                             round(half, 4), n])
+        fsio.write_text(out_dir / f"taxonomy-{net}.csv", table.getvalue())
         lines += [f"## {net}", "", f"{len(rows)} metrics; the top {min(top, len(rows))} "
                   f"(all in `taxonomy-{net}.csv`):", "",
                   "| rank | metric | % removed | papers/004 |", "| ---: | --- | ---: | --- |"]
@@ -535,7 +540,7 @@ def taxonomy_report(runs, out_dir, top: int = 25) -> Path:
         lines.append("")
     lines += _protocol_lines(runs)
     path = out_dir / "taxonomy.md"
-    path.write_text("\n".join(lines))
+    fsio.write_text(path, "\n".join(lines))
     return path
 
 
@@ -613,15 +618,14 @@ def domino_report(runs, out_dir) -> Path:
         ax.set_ylabel("Domino - base (points of % removed)")
         ax.set_title("Domino variants against their base metrics (95% CI)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "domino.png", dpi=110)
+        save_figure(fig, out_dir / "domino.png")
         lines += ["![Domino against base](domino.png)", ""]
     else:
+        plt.close(fig)
         lines += ["No Domino metric was run together with its base metric.", ""]
-    plt.close(fig)
     lines += _protocol_lines(runs)
     path = out_dir / "domino.md"
-    path.write_text("\n".join(lines))
+    fsio.write_text(path, "\n".join(lines))
     return path
 
 

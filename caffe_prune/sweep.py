@@ -65,6 +65,7 @@ from contextlib import contextmanager
 from hashlib import sha256
 from pathlib import Path
 
+from caffe_prune import fsio
 from caffe_prune import store as results_store
 from caffe_prune.metrics import taxonomy
 
@@ -353,12 +354,9 @@ def execute(task: dict) -> dict:
     started = time.time()
     run_dir = Path(task["sweep_dir"]) / task["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "attempts.jsonl", "a") as stream:
-        stream.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started,
-                                 "executor": task.get("executor")}) + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    # one process per run: the executor runs runs side by side (workers x threads = cores)
+    fsio.append_line(run_dir / "attempts.jsonl", json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                             "started": started, "executor": task.get("executor")}))
+    # one process per run: the executor runs runs side by side, one per core
     config = pruning.Config(**{k: v for k, v in task["config"].items() if k not in pruning.Config.EXECUTION},
                             workers=1)
     steps = pruning.Run(config, run_dir, data=task["data"], progress=False).run()
@@ -439,17 +437,19 @@ class _Worker:
 
 
 class LocalExecutor:
-    """A pool of worker processes on this machine, started with ``spawn`` (never forked from a
-    process that has imported Caffe or OpenBLAS), each with BLAS limited so that workers x threads
-    = cores. A worker that dies is replaced; its run is reported ``died``."""
+    """A pool of worker processes on this machine (one per core by default), started with ``spawn``
+    (never forked from a process that has imported Caffe or OpenBLAS). A run computes with one BLAS
+    thread (caffe_prune.passes.BLAS_THREADS: its bits do not depend on the machine), so the runs
+    side by side are the parallelism. A worker that dies is replaced; its run is reported ``died``."""
     name = "local"
 
-    def __init__(self, workers: int | None = None, threads: int | None = None):
+    def __init__(self, workers: int | None = None):
+        from caffe_prune.passes import BLAS_THREADS
         cores = available_cores()
-        self.workers = workers or max(1, cores // (threads or 1))
-        self.threads = threads or max(1, cores // self.workers)
-        if self.workers < 1 or self.threads < 1:
-            raise SweepError(f"--workers and --threads must be at least 1, got {self.workers} and {self.threads}")
+        self.workers = workers or max(1, cores // BLAS_THREADS)
+        self.threads = BLAS_THREADS
+        if self.workers < 1:
+            raise SweepError(f"--workers must be at least 1, got {self.workers}")
         self.cores = cores
         self.context = multiprocessing.get_context("spawn")
         self.idle, self.busy = [], []
@@ -530,20 +530,21 @@ def _ray_task(task: dict) -> dict:
 
 class RayExecutor:
     """The same runs as Ray tasks on an existing cluster (``ray start --head`` on one node,
-    ``ray start --address HEAD:PORT`` on the others). Each task needs ``threads`` CPUs and gets as
-    many BLAS threads; it writes its run directory (the sweep directory must be on storage every
+    ``ray start --address HEAD:PORT`` on the others). Each task needs one CPU (a run computes with
+    one BLAS thread); it writes its run directory (the sweep directory must be on storage every
     node mounts at the same path) and returns its summary, which this driver writes to the store.
     Ray does not retry a task itself: a task whose worker or node died is reported ``died`` and the
     driver gives it to a new one, which resumes it from its directory."""
     name = "ray"
 
-    def __init__(self, address: str, threads: int | None = None):
+    def __init__(self, address: str):
+        from caffe_prune.passes import BLAS_THREADS
         try:
             import ray
         except ImportError:
             raise SweepError("the Ray executor needs the ray package: pip install 'caffe-prune[ray]' "
                              "(here: .venv/bin/pip install ray)") from None
-        self.ray, self.address, self.threads = ray, address, threads or 1
+        self.ray, self.address, self.threads = ray, address, BLAS_THREADS
         if address != "auto":
             check_answers(address)
         try:
@@ -609,17 +610,17 @@ def check_answers(address: str, timeout: float = 5.0) -> None:
                          f"`ray start --head --port {port}` on the head node, or check --address") from None
 
 
-def make_executor(kind: str = "local", workers=None, threads=None, address=None):
+def make_executor(kind: str = "local", workers=None, address=None):
     if kind == "local":
         if address:
             raise SweepError("--address is for --executor ray")
-        return LocalExecutor(workers, threads)
+        return LocalExecutor(workers)
     if kind == "ray":
         if not address:
             raise SweepError("--executor ray needs --address HOST:PORT (the head node's Ray port), or 'auto'")
         if workers:
             raise SweepError("--workers is for the local executor; a Ray cluster runs as many runs as it has CPUs")
-        return RayExecutor(address, threads)
+        return RayExecutor(address)
     raise SweepError(f"unknown executor {kind!r}; one of local, ray")
 
 
@@ -774,9 +775,7 @@ PROTOCOL_FLAGS = {   # flag -> (protocol key, type, help); defaults come from pr
 def add_executor_options(p) -> None:
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: a process pool on this machine (default); ray: tasks on a Ray cluster")
-    p.add_argument("--workers", type=int, default=None, help="local worker processes (default: cores / --threads)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="BLAS threads per run (default: cores / workers locally, 1 on Ray)")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
     p.add_argument("--address", default=None, help="the Ray head's HOST:PORT (with --executor ray)")
     p.add_argument("--retries", type=int, default=2, help="times a run whose worker died is given to another (default 2)")
 
@@ -785,16 +784,16 @@ def executor_factory(args):
     """A function making the executor the options ask for (made once there is work to do); the
     options are checked now, before anything runs."""
     kind, workers = getattr(args, "executor", "local"), getattr(args, "workers", None)
-    threads, address = getattr(args, "threads", None), getattr(args, "address", None)
+    address = getattr(args, "address", None)
     if kind == "local":
-        LocalExecutor(workers, threads)           # only checks the numbers: starts no process
+        LocalExecutor(workers)                    # only checks the numbers: starts no process
         if address:
             raise SweepError("--address is for --executor ray")
     elif not address:
         raise SweepError("--executor ray needs --address HOST:PORT (the head node's Ray port), or 'auto'")
     elif address != "auto":
         check_answers(address)                    # seconds, before anything is written
-    return lambda: make_executor(kind, workers, threads, address)
+    return lambda: make_executor(kind, workers, address)
 
 
 def register(subparsers) -> None:
@@ -963,6 +962,7 @@ def group_rows(rows, by) -> list:
 
 def cmd_results(args) -> int:
     import csv
+    import io
     with results_store.Store(args.sweep_dir, create=False) as store:
         rows = select_runs(store, args.net, args.metric, args.status, args.seed)
         if args.steps:
@@ -979,10 +979,11 @@ def cmd_results(args) -> int:
             table = [{k: r.get(k) for k in RUN_COLUMNS} for r in rows]
         counts = store.counts()
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["id"])
-            writer.writeheader()
-            writer.writerows(table)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(table[0]) if table else ["id"])
+        writer.writeheader()
+        writer.writerows(table)
+        fsio.write_text(args.csv, text.getvalue())
         print(f"wrote {len(table)} rows to {args.csv}")
     if not args.steps:
         shown = table if args.by else [{k: (r[k][:12] if k == "id" else r[k]) for k in

@@ -16,8 +16,10 @@ transformed exactly as its DataTransformer does in the TEST phase (caffe_prune.d
 from the transform flags when given, else the ``--data`` prototxt's TEST data layer, else the
 net's, else none (with a note).
 
-Validation: ``cifar10.validation_indices`` (the paper's 10,000 of 50,000 training images, the same
-fraction of a smaller set), seeded. A source with no training part (one LMDB, one list) is split
+Validation (``val_split``): "seeded", ``cifar10.validation_indices`` (the paper's 10,000 of 50,000
+training images, the same fraction of a smaller set); or, for CIFAR-10 only, "authors",
+``cifar10.authors_validation_indices`` (the 5,000 images the authors' released code judged on; on a
+partial copy the ones it holds). A source with no training part (one LMDB, one list) is split
 instead when pruning needs validation images (``holdout``): they are drawn from it the same way and
 the test split is the rest; ``evaluate`` (no holdout) scores every image of the source.
 
@@ -80,9 +82,11 @@ class Dataset:
     """Test and validation splits, transformed; ``identity`` is what a run records about them."""
 
     def __init__(self, description: str, transform: Transform, test: _Source, train: _Source | None,
-                 seed: int = 0, holdout: bool = True):
+                 seed: int = 0, holdout: bool = True, val_split: str = "seeded", pick=None):
         self.description, self.transform, self.seed = description, transform, seed
         self._test, self._train, self.holdout = test, train, holdout
+        # pick(labels) -> validation indices into the training records; None: seeded
+        self.val_split, self._pick = val_split, pick
 
     def _split(self, images, labels, index) -> Split:
         picked = images[index] if not isinstance(images, list) else [images[i] for i in index]
@@ -107,7 +111,8 @@ class Dataset:
         if self._train is None:
             return self._split(*self._test.records(), self._parts["validation"])
         images, labels = self._train.records()
-        return self._split(images, labels, cifar10.validation_indices(len(labels), self.seed))
+        index = self._pick(labels) if self._pick is not None else cifar10.validation_indices(len(labels), self.seed)
+        return self._split(images, labels, index)
 
     @property
     def shape(self) -> tuple:
@@ -119,7 +124,8 @@ class Dataset:
         """What a run records: where the data came from, how it was split and transformed, and the
         sha256 of the records of each split (contents, not paths)."""
         t = self.transform
-        return {"data": self.description, "test_images": len(self.test.y), "test_sha256": self.test.sha256,
+        split = {} if self.val_split == "seeded" else {"validation_split": self.val_split}   # seeded: as before
+        return {"data": self.description, **split, "test_images": len(self.test.y), "test_sha256": self.test.sha256,
                 "validation_images": len(self.validation.y), "validation_sha256": self.validation.sha256,
                 "validation_from": "the training images" if self._train is not None else "the test source",
                 "seed": self.seed, "transform": {"scale": t.scale, "mean_values": list(t.mean_values),
@@ -138,7 +144,8 @@ class Dataset:
 # ---- where the records come from -----------------------------------------------------------------
 
 def _cifar(location, progress) -> tuple:
-    """CIFAR-10's test and train splits (raw BGR records, as the authors' ImageData layer saw them)."""
+    """CIFAR-10's test and train splits (raw BGR records, as the authors' ImageData layer saw them),
+    and the records each training batch holds."""
     root = cifar10.fetch(location, progress=progress)
     counts = cifar10.summary(root)
     partial = "" if counts == cifar10.OFFICIAL_COUNTS else f", a partial copy: {counts['train']} train / " \
@@ -150,7 +157,7 @@ def _cifar(location, progress) -> tuple:
             images, labels = cifar10.read_split(name, root)
             return images[:, ::-1], labels      # the binary release is RGB; OpenCV gave BGR
         return _Source(f"{description} ({name})", read)
-    return description, split("test"), split("train")
+    return description, split("test"), split("train"), cifar10.train_batch_counts(root)
 
 
 def _layer_source(layer, where, progress) -> _Source:
@@ -209,11 +216,17 @@ def _phase_layer(net_param, phase):
     return next((l for l in layers if l.type in DATA_TYPES), None)
 
 
+VAL_SPLITS = ("seeded", "authors")
+
+
 def open_dataset(network, data=None, transform=None, root: str = "", seed: int = 0,
-                 progress: bool = True, holdout: bool = True) -> Dataset:
+                 progress: bool = True, holdout: bool = True, val_split: str = "seeded") -> Dataset:
     """The dataset for ``network`` (a caffe_prune.session.Network); see the module docstring.
     ``transform``: a Transform from the command line, replacing the data layers' own; ``holdout``:
-    keep the validation images of a single source out of its test split (pruning; not evaluate)."""
+    keep the validation images of a single source out of its test split (pruning; not evaluate);
+    ``val_split``: "seeded" or, for CIFAR-10, "authors" (the authors' own validation images)."""
+    if val_split not in VAL_SPLITS:
+        raise DataError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
     test_layer = _phase_layer(network.param, "test")
     own_transform = Transform.of(test_layer, f"{network.where}: layer {test_layer.name!r}") \
         if test_layer is not None and test_layer.type != "Input" else None
@@ -226,6 +239,8 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
     if data is None and network.builtin:
         data = "cifar10"
     if data is None:
+        if val_split == "authors":
+            _not_cifar(f"{network.where}'s own data layers")
         if test_layer is None or test_layer.type not in ("Data", "ImageData", "HDF5Data") or not _readable(test_layer):
             what = f"its data layer {test_layer.name!r} reads {_source_path(test_layer) or 'nothing'}, which " \
                    f"does not exist" if test_layer is not None and test_layer.type != "Input" else "it is fed by an Input layer"
@@ -238,8 +253,13 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
                        _layer_source(test_layer, network.where, progress), train, seed, holdout)
     if data == "cifar10" or "://" in data or data.endswith((".tar.gz", ".tgz")) or \
             (Path(data).is_dir() and cifar10._holds_batches(Path(data))):
-        description, test, train = _cifar(None if data == "cifar10" else data, progress)
-        return Dataset(description, _or_identity(transform or own_transform, description), test, train, seed)
+        description, test, train, counts = _cifar(None if data == "cifar10" else data, progress)
+        pick = (lambda labels: cifar10.authors_validation_indices(len(labels), counts, labels)) \
+            if val_split == "authors" else None
+        return Dataset(description, _or_identity(transform or own_transform, description), test, train, seed,
+                       val_split=val_split, pick=pick)
+    if val_split == "authors":
+        _not_cifar(data)
     if data.endswith(".prototxt"):
         param = engine.read_prototxt(data)
         test_layer, train_layer = _phase_layer(param, "test"), _phase_layer(param, "train")
@@ -259,6 +279,11 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
     chosen = Transform(where="HDF5Data (no transform)") if layer.type == "HDF5Data" \
         else _or_identity(transform or own_transform, data)
     return Dataset(f"{layer.type} {data}", chosen, source, None, seed, holdout)
+
+
+def _not_cifar(what) -> None:
+    raise DataError(f"--val-split authors: the authors' validation images are CIFAR-10 training images, and {what} "
+                    f"is not CIFAR-10 (cifar10, or a CIFAR-10 directory, archive or URL); use --val-split seeded")
 
 
 def _or_identity(transform, description) -> Transform:
