@@ -9,37 +9,42 @@ it to keep every tensor dense, and Θ_C, every parameter removed with the group.
 
 Building
 --------
-``ChannelGraph.build(net_param, shapes)`` walks the layers Caffe instantiates in the TEST phase
-(``engine.layers_in_phase``; the TRAIN phase for a definition saved from the TRAIN net, as
-``netdef.evaluation_form`` does) in net order. ``shapes`` maps every blob name to its shape as
-Caffe computed it (``{name: blob.data.shape for name, blob in net.blobs.items()}``): no shape
-inference is re-implemented here. Each blob name holds the *current* tensor, so an in-place layer
-(top == bottom) writes a new version under the same name and later readers see it; auto-inserted
-Split layers never appear in a NetParameter (Caffe adds them in ``Net::Init``), explicit Split layers
-pass channels through, and data/Input layers start the graph. ``build_graph(net_param)`` gets the
-shapes by building ``netdef.evaluation_form(net_param)`` once in Caffe.
+``ChannelGraph.build(net_param, shapes)`` walks the layers Caffe instantiates
+(``engine.instantiated_layers``: the TEST phase, or the TRAIN phase for a definition saved from the
+TRAIN net) in net order. ``shapes`` maps every blob name to its shape as Caffe computed it
+(``{name: blob.data.shape for name, blob in net.blobs.items()}``): no shape inference is
+re-implemented here. Each blob name holds the *current* tensor, so an in-place layer (top ==
+bottom) writes a new version under the same name and later readers see it; auto-inserted Split
+layers never appear in a NetParameter (Caffe adds them in ``Net::Init``), explicit Split layers pass
+channels through, and data/Input layers start the graph. ``build_graph(net_param, input_shape)``
+builds ``netdef.structure_form`` (data layers as one Input, label readers dropped) once in Caffe.
 
 A *unit* is ``Channel(layer, index)``: output channel ``index`` of Convolution ``layer``. Channel c
 of a tensor is the set of units it comes from (empty for a channel no convolution produces: the
-image, an InnerProduct output, whatever leaves a barrier). How layers move channels:
+image, an InnerProduct output, whatever leaves a barrier). How each layer type moves channels is
+its ``kind`` in caffe_prune.layers (the one registry):
 
-- ReLU, Pooling, Dropout, LRN, BatchNorm, Scale, Bias, Split, TanH, Sigmoid, AbsVal, Power pass
-  them through unchanged; across-channel LRN is noted in ``lrn_across`` (pruning a channel changes
-  its neighbours' normalisation, a data dependence that is not a weight dependence). BatchNorm,
-  Scale and Bias record *riders*: their per-channel parameters fall with the channel.
-- Eltwise (SUM, PROD, MAX) ties the units of channel c of all inputs (papers/004 §3.2: the
-  transitive closure, by union-find). Concat on axis 1 offsets channels.
-- Convolution consumes its input (channel i owns the weight slice [:, i % (M/g)]) and produces new
+- ``pass`` (ReLU, Pooling, Dropout, LRN, BatchNorm, Scale, Bias, PReLU, Crop on spatial axes, ...)
+  passes them through unchanged; across-channel LRN is noted in ``lrn_across`` (pruning a channel
+  changes its neighbours' normalisation, a data dependence that is not a weight dependence). A layer
+  with per-channel blobs (BatchNorm, Scale, Bias, PReLU) records *riders*: they fall with the channel
+  (``riding``: which blobs are sliced, which zeroed).
+- ``eltwise`` (SUM, PROD, MAX) ties the units of channel c of all inputs (papers/004 §3.2: the
+  transitive closure, by union-find). ``concat`` and ``slice`` on axis 1 offset channels.
+- ``conv`` consumes its input (channel i owns the weight slice [:, i % (M/g)]) and produces new
   units. Grouped convolution (papers/004 §3.1, AlexNet): a consumer with ``group`` g and M input
   channels ties input channels i and j when i % (M/g) == j % (M/g); a grouped producer with N
   outputs ties output channels i and j when i % (N/g) == j % (N/g) (Caffe needs every group to
-  keep the same width: num_output % group == 0).
-- InnerProduct consumes: channel c of a (N, C, H, W) input owns the weight columns
-  [c*H*W, (c+1)*H*W) (Caffe flattens C, H, W in that order); a Flatten/Reshape in between keeps the
-  mapping when it only flattens C, H, W.
-- Softmax/SoftmaxWithLoss/Accuracy after an InnerProduct see classes, not channels. Units that
-  reach one directly (NIN's cccp6: its 10 channels ARE the classes) are unprunable.
-- Any other layer type, Concat on another axis, Eltwise with inputs of different channel counts,
+  keep the same width: num_output % group == 0). A **depthwise** convolution (g == M > 1, a channel
+  multiplier N/g) instead ties input channel c with its own group's outputs: they fall together and
+  the layer loses a group (``ProducerInfo.depthwise``).
+- ``fc`` (InnerProduct) consumes: channel c of a (N, C, H, W) input owns the weight columns
+  [c*H*W, (c+1)*H*W) (rows with ``transpose``; Caffe flattens C, H, W in that order); a
+  Flatten/Reshape in between keeps the mapping when it only flattens C, H, W.
+- ``head`` (losses, Accuracy, Softmax) after an InnerProduct see classes, not channels. Units that
+  reach one directly, or a net output (a blob no layer reads), are unprunable: they are what the
+  network computes (NIN's cccp6: its 10 channels ARE the classes).
+- A type with no rule, Concat/Slice on another axis, Eltwise with inputs of different channel counts,
   InnerProduct/Convolution on an axis other than 1, or a Flatten/Reshape that is not a pure
   flattening is a **barrier**: every unit reaching it is unprunable (``barriers`` {layer: reason},
   ``unprunable`` {Channel: reason}), and what leaves it carries no units.
