@@ -195,6 +195,11 @@ def set_mode(mode: str = "auto", device: int = 0) -> str:
     return _mode
 
 
+def on_gpu() -> bool:
+    """Whether set_mode chose a GPU (forked processes cannot use the parent's CUDA context)."""
+    return bool(_mode) and _mode.startswith("GPU")
+
+
 def versions() -> dict:
     """What `caffe-prune doctor` reports: Caffe, its source and options, BLAS, mode, Python, protobuf."""
     import numpy

@@ -26,12 +26,13 @@ scripts did. Kept on purpose, as the reference.
   computed under, and every batch resumes from the last checkpoint before the earliest layer that
   changed, whoever changed it. When the budget holds no checkpoint, every measurement is a full
   forward.
-- **workers**: ``workers`` processes forked after the net is loaded, each holding a copy of the
-  net with the run's committed masks (applied by group id) and its share of the test batches with
-  their checkpoints. The saliency batches, the probes (by batch, or by candidate when there are
-  fewer batches than workers) and the test batches are spread over them; results are combined in
-  batch order with the same arithmetic as the naive engine. A worker that dies is replaced by a new
-  fork of the parent (which holds the same committed state) and its request sent again.
+- **workers** (CPU only: a CUDA context does not survive a fork): ``workers`` processes forked
+  after the net is loaded, each holding a copy of the net with the run's committed masks (applied
+  by group id) and its share of the test batches with their checkpoints. The saliency batches, the
+  probes (by batch, or by candidate when there are fewer batches than workers) and the test batches
+  are spread over them; results are combined in batch order with the same arithmetic as the naive
+  engine. A worker that dies is replaced by a new fork of the parent (which holds the same
+  committed state) and its request sent again.
 
 BLAS threads: OpenBLAS's results depend on its thread count (measured: LeNet-5's logits move by
 1e-5 between 1 and 2 threads, enough to change a probe's loss in its last bits), so a pruning run
@@ -356,7 +357,8 @@ class Fast(Naive):
 
     def __init__(self, session, masker, test_x, test_y, workers: int | None = None, cache_mb: int | None = None):
         super().__init__(session, masker, test_x, test_y)
-        self.workers = max(1, workers or cores())
+        # a CUDA context does not survive fork: on a GPU the one process does the work
+        self.workers = 1 if engine.on_gpu() else max(1, workers or cores())
         budget = (default_cache_mb() if cache_mb is None else cache_mb) * 2 ** 20 // self.workers
         batch = session.batch_size
         self.test_batches = math.ceil(len(test_y) / batch)
