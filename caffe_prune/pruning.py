@@ -150,6 +150,7 @@ class Run:
             self.session = Session(network, config.weights, dataset, config.batch_size, config.logits)
             self.net, self.graph = self.session.net, self.session.graph
             self.masker = masking.Masker(self.graph, [self.net], config.semantics)
+            dataset.check_labels(self.session.classes, network.where, ("validation",))
             self.val_x, self.val_y = dataset.validation.x, dataset.validation.y
             self.test_x, self.test_y = dataset.test.x, dataset.test.y
             test_images = min(len(self.test_y), config.test_size * config.batch_size)

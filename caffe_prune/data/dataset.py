@@ -131,10 +131,10 @@ class Dataset:
                 "seed": self.seed, "transform": {"scale": t.scale, "mean_values": list(t.mean_values),
                                                  "mean_file": t.mean_file, "crop_size": t.crop_size}}
 
-    def check_labels(self, classes: int, where: str) -> None:
+    def check_labels(self, classes: int, where: str, splits=("test",)) -> None:
         """Labels outside 0..classes-1 make Caffe's SoftmaxWithLoss read past its row (no check in a
         release build): refuse them."""
-        for name in ("test",):
+        for name in splits:
             y = getattr(self, name).y
             if y.min() < 0 or y.max() >= classes:
                 raise DataError(f"{self.description}: {name} labels run {y.min()}..{y.max()} but {where} has "
