@@ -41,8 +41,10 @@ def test_lenet5_fast_equals_naive_for_20_steps(caffe, tmp_path, semantics):
 @pytest.mark.slow
 @pytest.mark.parametrize("semantics", ["zero-downstream", "authors"])
 def test_resnet20_fast_equals_naive_for_20_steps(caffe, tmp_path, semantics):
+    # one oracle batch for two workers: the candidates are split between them (LeNet-5's test above
+    # splits whole batches)
     kw = dict(net="ResNet-20", weights=str(RESNET), oracle=list(pruning_five()), k=16, batch_size=32,
-              test_size=4, semantics=semantics, max_steps=20)
+              test_size=4, eval_size=1, oracle_eval_size=1, semantics=semantics, max_steps=20)
     naive = run(tmp_path, "naive", engine="naive", **kw).run()
     fast = run(tmp_path, "fast", engine="fast", workers=2, cache_mb=64, **kw).run()
     assert decided(fast) == decided(naive)
