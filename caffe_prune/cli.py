@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from caffe_prune import bench, engine, fsio, networks, options, published
+from caffe_prune import bench, engine, finetune, fsio, networks, options, published
 from caffe_prune.data import commands as data_commands
 from caffe_prune.metrics import commands as metric_commands
 from caffe_prune import sweep
@@ -87,17 +87,20 @@ def cmd_import(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """Train NET (a built-in network, a train/test prototxt or a solver) with Caffe's solver, from
+    scratch or from --weights; then score the final weights on the test images."""
     from caffe_prune import train
-    from caffe_prune.data import cifar10
-    prepared = cifar10.prepare(args.data, args.data_out)
-    done = train.train(args.net, prepared["paths"]["train"], prepared["paths"]["test"], args.out or f"runs/train-{args.net}",
-                       n_test=prepared["counts"]["test"], max_iter=args.iters, resume=args.resume,
-                       mode="gpu" if args.gpu else ("cpu" if args.cpu else "auto"))
-    scores, _ = run_evaluation(argparse.Namespace(**{**vars(args), "weights": done["weights"], "batches": None,
-                                                     "input_shape": None, "logits": None, "data_root": "",
-                                                     "scale": None, "mean_value": None, "mean_file": None,
-                                                     "crop_size": None}))
-    print_scores(done["weights"], scores)
+    recipe = train.recipe(args.net, args.data, args.data_out, args.solver_set or (), progress=not args.quiet)
+    out = args.out or f"runs/train-{recipe.name}"
+    done = train.train(recipe, out, weights=args.weights, max_iter=args.iters, resume=args.resume,
+                       mode=options.mode(args)[0], device=options.mode(args)[1], progress=not args.quiet)
+    try:
+        scores = train.score(recipe, done["weights"], progress=not args.quiet)
+    except (engine.EngineError, ValueError) as exc:   # the net trained; only the evaluation path refused it
+        scores = None
+        print(f"note: the final weights were not scored by caffe-prune evaluate: {one_line(exc)}", file=sys.stderr)
+    if scores is not None:
+        print_scores(done["weights"], scores)
     print(json.dumps({**done, "test": scores}, indent=2))
     return 0
 
@@ -192,7 +195,9 @@ def prune_config(args, net, weights, metric=None, oracle=None, seed=None):
                           logits=args.logits, input_shape=getattr(args, "input_shape", None),
                           batch_size=args.batch_size, engine=getattr(args, "engine", "fast"),
                           workers=getattr(args, "workers", None), cache_mb=getattr(args, "cache_mb", None),
-                          val_split=getattr(args, "val_split", "seeded"))
+                          val_split=getattr(args, "val_split", "seeded"),
+                          retrain_every=getattr(args, "retrain_every", None),
+                          retrain_iters=getattr(args, "retrain_iters", None))
 
 
 def oracle_list(value):
@@ -250,6 +255,10 @@ def add_prune_options(p) -> None:
     p.add_argument("--shortlist", choices=("paper", "authors-code"), default="paper",
                    help="the oracle's short-listing rule: the paper's text (default) or the authors' released code")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, the paper's)")
+    p.add_argument("--retrain-every", type=int, default=None, metavar="S",
+                   help="prune-retrain: after every S steps, fine-tune the masked net (pruned groups held at zero)")
+    p.add_argument("--retrain-iters", type=int, default=None, metavar="I",
+                   help="solver iterations of each retraining (the network's schedule; with --retrain-every)")
     p.add_argument("--val-split", choices=("seeded", "authors"), default="seeded",
                    help="validation images: seeded (default; 10,000 random training images, the same fraction of a "
                         "partial copy) or authors (CIFAR-10 only: the 5,000 the authors' release lists, those present)")
@@ -296,17 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models/imported", help="output directory (default models/imported)")
     p.add_argument("--net", default=None, help="which of the six networks it is (default: from the names)")
     p.set_defaults(func=cmd_import)
-    p = sub.add_parser("train", help="train a network with Caffe's SGD solver")
-    p.add_argument("net", help="one of the six networks")
-    p.add_argument("--data", default=None, help="CIFAR-10 source (directory, archive or URL)")
-    p.add_argument("--data-out", default=None, help="where the LMDBs go (default: the data cache)")
-    p.add_argument("--out", default=None, help="run directory (default runs/train-NET)")
-    p.add_argument("--iters", type=int, default=None, help="override the solver's max_iter")
-    p.add_argument("--resume", default=None, help="a .solverstate, or 'latest'")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--gpu", action="store_true", help="require GPU mode")
-    mode.add_argument("--cpu", action="store_true", help="force CPU mode")
+    p = sub.add_parser("train", help="train a network with its solver (Caffe's), from scratch or from weights")
+    p.add_argument("net", help="a built-in network (its schedule), a train/test prototxt (the same schedule), or a "
+                               "solver prototxt whose net: is read relative to the working directory")
+    p.add_argument("--weights", default=None, help="a caffemodel to start from (fine-tuning; by layer name)")
+    options.add_training(p)
+    p.add_argument("--out", default=None, help="run directory (default runs/train-NAME)")
     p.set_defaults(func=cmd_train)
+    finetune.register(sub)
     p = sub.add_parser("graph", help="channel groups, weights removed, barriers; optional picture")
     options.add_network(p, weights=False)
     p.add_argument("--picture", default=None, help="write the layer graph to this .png or .svg")

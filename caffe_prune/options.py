@@ -57,6 +57,21 @@ def add_mode(p) -> None:
     mode.add_argument("--cpu", action="store_true", help="run Caffe on the CPU even in a CUDA build")
 
 
+def add_training(p) -> None:
+    """What `train` and `finetune` share (caffe_prune.train): schedule overrides, data, resume, mode."""
+    p.add_argument("--iters", type=int, default=None, help="the solver's max_iter (same as --solver-set max_iter=N)")
+    p.add_argument("--solver-set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a SolverParameter field (repeatable): base_lr=0.01, lr_policy=step, stepsize=1000, "
+                        "momentum=0.9, weight_decay=5e-4, test_iter=10, snapshot=500, type=Nesterov ...")
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10 (cifar10, a directory, archive or URL) for the net's Data layers, written as LMDBs "
+                        "(default: the built-in networks read CIFAR-10, other nets their own data layers)")
+    p.add_argument("--data-out", default=None, help="where the CIFAR-10 LMDBs go (default: the data cache)")
+    p.add_argument("--resume", default=None, help="a .solverstate, or 'latest' (the newest snapshot in the run directory)")
+    add_mode(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def mode(args) -> tuple:
     """(mode, device) for engine.set_mode."""
     if getattr(args, "gpu", None) is not None:

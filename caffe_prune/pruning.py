@@ -18,6 +18,14 @@ A run lives in a directory, in plain formats that need no code to read:
   uninterrupted run would. Nothing is ever rewritten in place.
 - ``.lock``: held by the process running it; a second process is refused with the first's PID and
   host; the lock of a dead process is taken over.
+- with a prune-retrain schedule (``retrain_every`` S, ``retrain_iters`` I; not in Algorithm 1):
+  after every S committed steps the masked net is fine-tuned for I solver iterations with every
+  pruned group held at zero (caffe_prune.train.retrain), in the training run directory
+  ``retrain-<step>/``, and saved as ``retrained-<step>.caffemodel``; that step's record holds
+  ``"retrain": {"iters", "before", "after", "seconds", ...}`` (test scores before and after), and
+  the stop rule reads the accuracy after. A resume loads the newest ``retrained-<s>.caffemodel`` at
+  or before the last complete step before re-committing the masks; a kill during a retraining
+  resumes it from its newest snapshot (see caffe_prune.train for why that ends with the same bits).
 
 A resume compares contents, not paths: the same weights and data at another path continue the
 run, other contents at the same path are refused (``--force`` starts over). ``config.json`` that is
@@ -26,7 +34,8 @@ empty or torn (a kill during its first write) is rebuilt from the command.
 Randomness: the only RNG is numpy's ``default_rng([seed, step, stream])``, stream 0 drawing the
 saliency batches and stream 1 the oracle's, both without replacement from the validation split.
 A step's draws therefore depend on (seed, step) alone, never on what ran before in the process.
-Caffe's forward and backward are deterministic on the CPU.
+Caffe's forward and backward are deterministic on the CPU (and so is a retraining: its solver's
+random_seed is fixed and its data continue where the previous retraining stopped).
 """
 from __future__ import annotations
 
@@ -82,6 +91,8 @@ class Config:
     engine: str = "fast"                  # how the Caffe work is done (caffe_prune.passes): same decisions
     workers: int | None = None            # fast engine's processes (default: one per core)
     cache_mb: int | None = None           # fast engine's test checkpoints (default: a quarter of free memory)
+    retrain_every: int | None = later(None)   # prune-retrain: fine-tune after every S committed steps (None: never)
+    retrain_iters: int | None = later(None)   # ... for I solver iterations, pruned groups held at zero
 
     # where things are, not what they are: a resume compares their contents (sha256) instead
     LOCATIONS = ("net", "weights", "data", "data_root")
@@ -117,6 +128,11 @@ class Config:
             raise engine.EngineError(f"--cache-mb must be 0 or more, got {self.cache_mb}")
         if self.shortlist not in oracle.SHORTLISTS:
             raise engine.EngineError(f"--shortlist must be one of {', '.join(oracle.SHORTLISTS)}")
+        if (self.retrain_every is None) != (self.retrain_iters is None):
+            raise engine.EngineError("--retrain-every S and --retrain-iters I go together")
+        for name, value in (("retrain_every", self.retrain_every), ("retrain_iters", self.retrain_iters)):
+            if value is not None and value < 1:
+                raise engine.EngineError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.val_split not in ("seeded", "authors"):
             raise engine.EngineError(f"--val-split must be one of seeded, authors, got {self.val_split!r}")
         for name in [self.metric] if self.metric else self.oracle:
@@ -166,6 +182,10 @@ class Run:
                              "conv_weights": self.graph.conv_weights(set())},
                 "versions": {k: v for k, v in engine.versions().items() if k in ("caffe", "source", "blas", "python")},
             }
+            self.retraining = None
+            if config.retrain_every:           # the training form, checked before any step is taken
+                from caffe_prune import train
+                self.retraining = train.recipe_of(network, config.data, progress=progress)
             self.steps = self._open(force)
             self.test_x, self.test_y = self.test_x[:test_images], self.test_y[:test_images]
             self.engine = passes.make(config.engine, self.session, self.masker, self.test_x, self.test_y,
@@ -217,6 +237,11 @@ class Run:
         if previous is None or previous["config"] != self.header["config"]:   # new, or new paths/stop rule
             fsio.write_json(self.out / CONFIG, self.header)
         steps = self._read_steps()
+        if self.config.retrain_every and len(steps) > 1:
+            from caffe_prune import train
+            retrained = train.retrained_weights(self.out, len(steps) - 1, steps)
+            if retrained is not None:       # the net as the last retraining left it (its masks are zeros)
+                self.net.copy_from(str(retrained))
         for step in steps[1:]:
             self.masker.commit(step["group"])
         return steps
@@ -337,6 +362,8 @@ class Run:
                           "channels": [[u.layer, u.index] for u in group.channels], **self._counts(pruned)}
                 if step % c.test_interval == 0:
                     record["test"] = self._test()
+                if c.retrain_every and step % c.retrain_every == 0:
+                    record["retrain"] = self._retrain(step, record.get("test") or self._test())
                 record["seconds"] = round(time.perf_counter() - start, 4)
                 record["phase_seconds"] = dict(self.timing)
                 self._append(record)
@@ -346,26 +373,55 @@ class Run:
                                 active=record["active_channels"], top1="-" if top1 is None else f"{100 * top1:.1f}")
         return self.steps
 
+    def _retrain(self, step: int, before: dict) -> dict:
+        """Fine-tune the masked net in place (caffe_prune.train.retrain); the fast engine's workers hold
+        copies of the old weights, and the masker the old originals, so both are made again."""
+        from caffe_prune import train
+        c = self.config
+        self.engine.close()
+        done = train.retrain(self.session, self.masker, self.retraining, self.out, step, c.retrain_iters,
+                             data_offset=(step // c.retrain_every - 1) * c.retrain_iters, progress=self.progress)
+        committed = list(self.masker.committed)
+        self.masker = masking.Masker(self.graph, [self.net], c.semantics)
+        for group in committed:
+            self.masker.commit(group)
+        self.engine = passes.make(c.engine, self.session, self.masker, self.test_x, self.test_y, c.workers, c.cache_mb)
+        return {**done, "before": before, "after": self._test()}
+
     def _finished(self, initial: float) -> bool:
         c, last = self.config, self.steps[-1]
         if c.max_steps is not None and len(self.steps) > c.max_steps:
             return True
-        if "test" not in last or last["group"] is None:
+        scores = final_scores(last)
+        if scores is None or last["group"] is None:
             return False
-        top1 = 100 * last["test"]["top1"]
+        top1 = 100 * scores["top1"]
         dropped = c.max_drop is not None and top1 < initial - c.max_drop
         return dropped or (c.floor is not None and top1 < c.floor)
+
+
+def final_scores(step: dict) -> dict | None:
+    """A step's test scores as the run continued from it: after its retraining when it had one."""
+    return (step.get("retrain") or {}).get("after") or step.get("test")
+
+
+def step_at_drop(steps: list, max_drop: float | None = 5.0) -> int:
+    """The last measured step within `max_drop` points of the start (after its retraining, when it
+    had one; 5 points when the run itself had no drop stop); 0 when none is."""
+    max_drop = 5.0 if max_drop is None else max_drop
+    initial = 100 * steps[0]["test"]["top1"]
+    best = 0
+    for number, step in enumerate(steps[1:], 1):     # steps[n] is step n
+        scores = final_scores(step)
+        if scores is not None:
+            if 100 * scores["top1"] < initial - max_drop:
+                break
+            best = number
+    return best
 
 
 def removed_at_drop(steps: list, max_drop: float | None = 5.0) -> float:
     """% of conv weights removed at the last measured step within `max_drop` points of the start
     (papers/004 Table 2's figure; 5 points when the run itself had no drop stop)."""
-    max_drop = 5.0 if max_drop is None else max_drop
-    initial = 100 * steps[0]["test"]["top1"]
-    best = 0.0
-    for step in steps[1:]:
-        if "test" in step:
-            if 100 * step["test"]["top1"] < initial - max_drop:
-                break
-            best = step["percent_conv_removed"]
-    return best
+    at = step_at_drop(steps, max_drop)
+    return steps[at]["percent_conv_removed"] if at else 0.0

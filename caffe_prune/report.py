@@ -104,17 +104,20 @@ def band(runs) -> tuple:
 
 def figure6(runs, path, title) -> Path:
     """papers/004 Figure 6: single metrics dashed, the oracle solid; a method with several runs is
-    drawn as its mean with the 95% band (the paper bands the oracle's 8 runs)."""
+    drawn as its mean with the 95% band (the paper bands the oracle's 8 runs). Prune-retrain runs
+    (not in the paper) are a curve of their own per schedule, each retraining an arrow from the
+    top-1 before it to the top-1 after it (a marker), where the run continued from."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_method = defaultdict(list)
     for run in runs:
-        by_method[run["method"]].append(run)
-    for i, (method, group) in enumerate(sorted(by_method.items())):
+        schedule = (run["config"].get("retrain_every"), run["config"].get("retrain_iters"))
+        by_method[(run["method"], *(schedule if schedule[0] else (0, 0)))].append(run)
+    for i, ((method, every, iters), group) in enumerate(sorted(by_method.items())):
         color = f"C{i % 10}"
-        label = PAPER_ROWS.get(method, method)
+        label = PAPER_ROWS.get(method, method) + (f", retrained every {every} steps" if every else "")
         solid = bool(group[0]["config"].get("oracle"))
         if len(group) >= 2 or solid:
             grid, mean, half = band(group)
@@ -123,6 +126,17 @@ def figure6(runs, path, title) -> Path:
             ax.fill_between(grid, mean - half, mean + half, color=color, alpha=0.25 if solid else 0.12)
         else:
             ax.plot(*curve(group[0]["steps"]), color=color, ls="--", lw=1, label=label)
+        # prune-retrain runs: an arrow from the accuracy before each retraining to the accuracy after,
+        # which is where the run continued from (caffe_prune.pruning's retrain records)
+        marked = [(s["percent_conv_removed"], 100 * s["retrain"]["before"]["top1"], 100 * s["retrain"]["after"]["top1"])
+                  for run in group for s in run["steps"] if "retrain" in s]
+        for x, before, after in marked:
+            ax.annotate("", xy=(x, after), xytext=(x, before),
+                        arrowprops=dict(arrowstyle="->", color=color, lw=0.9, shrinkA=0, shrinkB=0))
+        if marked:
+            done = sorted({s["retrain"]["iters"] for run in group for s in run["steps"] if "retrain" in s})
+            ax.scatter([m[0] for m in marked], [m[2] for m in marked], color=color, marker="^", s=22, zorder=3,
+                       label=f"{label}: after retraining ({'/'.join(map(str, done))} iterations)")
     initial = np.mean([100 * r["steps"][0]["test"]["top1"] for r in runs])
     ax.axhline(initial - 5, color="grey", lw=0.8, ls=":", label="5-point drop")
     ax.set_xlabel("% of convolution weights removed (transitively)")

@@ -137,3 +137,35 @@ def test_oracle_report_from_a_store(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="unknown report kind\\(s\\) oracles; one of oracle, taxonomy, domino"):
         report.write_reports(directory, kinds=["oracles"])
+
+
+def test_figure6_marks_the_retraining_points(tmp_path, monkeypatch):
+    """A prune-retrain run (steps carrying "retrain" records, caffe_prune.pruning): one arrow per
+    retraining from the top-1 before it to the top-1 after it, and a marker at the after value; the
+    same method without retraining is a curve of its own, without marks."""
+    from matplotlib.axes import Axes
+    arrows, markers = [], []
+    annotate, scatter = Axes.annotate, Axes.scatter
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, xy, xytext=None, **kw:
+                        arrows.append((xytext, xy)) or annotate(self, text, xy, xytext=xytext, **kw))
+    monkeypatch.setattr(Axes, "scatter", lambda self, x, y, **kw:
+                        markers.append((list(x), list(y), kw.get("label"))) or scatter(self, x, y, **kw))
+
+    def retrain(before, after):
+        return {"iters": 500, "before": {"top1": before}, "after": {"top1": after}, "seconds": 1.0}
+    steps = [{"step": 0, "test": {"top1": 0.70}, "percent_conv_removed": 0.0},
+             {"step": 1, "test": {"top1": 0.66}, "percent_conv_removed": 10.0, "retrain": retrain(0.66, 0.69)},
+             {"step": 2, "test": {"top1": 0.67}, "percent_conv_removed": 20.0},
+             {"step": 3, "test": {"top1": 0.62}, "percent_conv_removed": 30.0, "retrain": retrain(0.62, 0.68)}]
+    retraining = {"retrain_every": 2, "retrain_iters": 500}
+    runs = [{"method": "oracle", "config": {"oracle": ["taylor"], "seed": 0, **retraining}, "steps": steps},
+            {"method": "oracle", "config": {"oracle": ["taylor"], "seed": 0}, "steps": [steps[0]] + [
+                {k: v for k, v in s.items() if k != "retrain"} for s in steps[1:]]},      # the same, not retrained
+            {"method": "taylor", "config": {"oracle": [], "seed": 0, **retraining}, "steps": steps[:3]}]
+    path = report.figure6(runs, tmp_path / "figure6.png", "LeNet-5")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    expected = [((10.0, 66.0), (10.0, 69.0)), ((30.0, 62.0), (30.0, 68.0)), ((10.0, 66.0), (10.0, 69.0))]
+    assert sorted((tuple(map(float, a)), tuple(map(float, b))) for a, b in arrows) == sorted(expected)
+    assert {label: (x, y) for x, y, label in markers} == {
+        "Myopic Oracle (k=16), retrained every 2 steps: after retraining (500 iterations)": ([10.0, 30.0], [69.0, 68.0]),
+        "1st order Taylor, retrained every 2 steps: after retraining (500 iterations)": ([10.0], [69.0])}

@@ -1,0 +1,132 @@
+"""Fine-tuning a masked pruning run: ``caffe-prune finetune DIR --step N``.
+
+A pruning run directory (caffe_prune.pruning) records, step by step, the group each step removed, by
+its id in the channel graph of the run's evaluation form. This module rebuilds that session from
+``config.json`` (the same definition, weights and dataset; the definition and weights are checked by
+sha256 against the run's identity, so that the ids mean what they meant), commits the groups of steps
+1..N (from the run's ``retrained-<s>.caffemodel`` when a prune-retrain schedule left one at or before
+N), and trains the network's training form from those weights with the regions of those groups held
+at exactly zero throughout (caffe_prune.train.HeldZero). The training form is the run's own network
+(a built-in network's train/test definition, or the run's prototxt), or another definition given as
+NET (a solver, say) whose layers fit the run's: every masked blob must exist there with the same
+shape, else the run directory is refused as one of another network.
+
+Test top-1 is measured before and after, on every image of the run's test split, by
+caffe_prune.evaluate. The output is a training run directory (caffe_prune.train; by default
+``DIR/finetune-<N>``) whose ``result.json`` adds ``before``, ``after``, the step, its groups and the %
+of conv weights removed, and the zeros counted on the fine-tuned blobs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from caffe_prune import engine, fsio, masking, options, pruning, train
+from caffe_prune.download import digest
+
+
+class FinetuneError(engine.EngineError):
+    """A fine-tuning request that cannot be carried out; the message is one line."""
+
+
+def read_run(run_dir) -> tuple:
+    """(Config, header, steps) of a pruning run directory, read as plain files."""
+    run_dir = Path(run_dir)
+    try:
+        header = json.loads((run_dir / pruning.CONFIG).read_text())
+        steps = [json.loads(line) for line in (run_dir / pruning.STEPS).read_text().splitlines() if line.endswith("}")]
+    except (OSError, ValueError):
+        raise FinetuneError(f"{run_dir} is not a pruning run directory (no readable {pruning.CONFIG} and "
+                            f"{pruning.STEPS}; make one with `caffe-prune prune ... --out {run_dir}`)") from None
+    known = {f.name for f in dataclasses.fields(pruning.Config)}
+    config = pruning.Config(**{k: v for k, v in header.get("config", {}).items() if k in known})
+    if not steps or steps[0].get("step") != 0:
+        raise FinetuneError(f"{run_dir}/{pruning.STEPS} holds no step 0: the run has not started")
+    return config, header, steps
+
+
+def session_at(run_dir, step: int | None = None, progress: bool = True) -> dict:
+    """The run's session with the groups of steps 1..step committed (default step: the last measured
+    step within the run's drop, pruning.step_at_drop): {session, masker, step, steps, config, weights}."""
+    from caffe_prune.data.dataset import open_dataset
+    from caffe_prune.session import Network, Session, parse_shape
+    run_dir = Path(run_dir)
+    config, header, steps = read_run(run_dir)
+    last = len(steps) - 1
+    if last < 1:
+        raise FinetuneError(f"{run_dir} has no pruning step yet (only step 0)")
+    if step is None:
+        step = pruning.step_at_drop(steps, config.max_drop) or last
+    if not 1 <= step <= last:
+        raise FinetuneError(f"--step {step}: {run_dir} has steps 1..{last}")
+    identity = header.get("identity") or {}
+    network = Network.open(config.net, parse_shape(config.input_shape))
+    if pruning.definition_sha256(network.param) != identity.get("definition_sha256"):
+        raise FinetuneError(f"{config.net} is not the definition {run_dir} was pruned on (its sha256 differs from "
+                            f"the run's): its group ids would mean other channels")
+    if not Path(config.weights).is_file() or digest(config.weights, "sha256") != identity.get("weights_sha256"):
+        raise FinetuneError(f"{config.weights}, the weights {run_dir} was pruned from, is missing or has other "
+                            f"contents (sha256) than the run recorded")
+    weights = train.retrained_weights(run_dir, step, steps) or Path(config.weights)
+    dataset = open_dataset(network, config.data, options.transform_of(config.transform), config.data_root,
+                           progress=progress)
+    session = Session(network, os.fsdecode(weights), dataset, config.batch_size, config.logits)
+    masker = masking.Masker(session.graph, [session.net], config.semantics)
+    for record in steps[1:step + 1]:
+        masker.commit(record["group"])
+    return {"session": session, "masker": masker, "step": step, "steps": steps, "config": config,
+            "weights": weights}
+
+
+def finetune(run_dir, step: int | None = None, spec=None, weights=None, iters: int | None = None, solver_set=(),
+             data=None, data_out=None, out=None, resume=None, mode: str = "auto", device: int = 0,
+             progress: bool = True) -> dict:
+    """Train the run's network at ``step`` with its pruned groups held at zero; see the module docstring."""
+    run_dir = Path(run_dir)
+    state = session_at(run_dir, step, progress)
+    session, masker, step, config = state["session"], state["masker"], state["step"], state["config"]
+    test = session.dataset.test
+    before = session.evaluate(test.x, test.y, progress=False)
+    held = train.HeldZero.of(masker, masker.committed, f"the pruning run {run_dir} (steps 1..{step})")
+    data = data if data is not None else config.data
+    recipe = train.recipe(spec, data, data_out, solver_set, progress) if spec is not None else \
+        train.recipe_of(session.network, data, data_out, solver_set, progress)
+    out = Path(out) if out is not None else run_dir / f"finetune-{step}"
+    done = train.train(recipe, out, weights=weights or state["weights"], max_iter=iters, resume=resume, held=held,
+                       mode=mode, device=device, progress=progress)
+    session.net.copy_from(done["weights"])
+    after = session.evaluate(test.x, test.y, progress=False)
+    record = state["steps"][step]
+    result = {**done, "run": str(run_dir), "step": step, "groups": [s["group"] for s in state["steps"][1:step + 1]],
+              "percent_conv_removed": record["percent_conv_removed"], "run_test_at_step": record.get("test"),
+              "test_images": len(test.y), "before": before, "after": after,
+              "held_zero": {"values": held.values, "nonzero_after": held.nonzero(session.net)}}
+    fsio.write_json(out / train.RESULT, result)
+    return result
+
+
+def cmd_finetune(args) -> int:
+    done = finetune(args.run, args.step, args.net, args.weights, args.iters, args.solver_set or (), args.data,
+                    args.data_out, args.out, args.resume, *options.mode(args), progress=not args.quiet)
+    print(f"{args.run} step {done['step']} ({done['percent_conv_removed']:.1f}% conv weights removed), "
+          f"{done['test_images']} test images: top-1 {100 * done['before']['top1']:.2f}% before, "
+          f"{100 * done['after']['top1']:.2f}% after {done['iterations']} iterations ({done['seconds']:.0f} s); "
+          f"{done['held_zero']['values']} pruned values, {done['held_zero']['nonzero_after']} not zero")
+    print(json.dumps({k: v for k, v in done.items() if k not in ("groups", "test_net")}, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pruning run's network at step N, its pruned groups held at zero")
+    p.add_argument("run", help="a pruning run directory (caffe-prune prune ... --out DIR)")
+    p.add_argument("--step", type=options.positive, default=None,
+                   help="fine-tune the net of steps 1..N (default: the last step within the run's drop)")
+    p.add_argument("--net", default=None,
+                   help="train this definition instead of the run's own (a network name, a train/test prototxt or "
+                        "a solver); its layers must fit the run's")
+    p.add_argument("--weights", default=None, help="start from these weights instead of the run's")
+    options.add_training(p)
+    p.add_argument("--out", default=None, help="training run directory (default DIR/finetune-N)")
+    p.set_defaults(func=cmd_finetune)
