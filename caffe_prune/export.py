@@ -99,22 +99,29 @@ def _outputs(net, x) -> dict:
     return {name: net.blobs[name].data.copy() for name in net.outputs}
 
 
-def export(net_param, graph, pruned, net, out_dir, name: str, input_shape, inputs=None,
-           where: str | None = None, seed: int = 0) -> dict:
-    """Write <out_dir>/<name>.prototxt and <name>.caffemodel (compact) once the compact net, run
-    beside ``net`` (the full-width structure form with the pruned groups masked), is built; return
-    paths, widths and the measured relative deviation of every net output."""
-    where = where or f"net {net_param.name!r}"
+def compact_net(net_param, graph, pruned, net, input_shape, where: str, probe: bool = True) -> tuple:
+    """(compact NetParameter, its weights, the compact structure form built in Caffe with them);
+    ``probe``: build it in a forked child first (engine.probe_construct)."""
     compact_param, weights = compact(net_param, graph, pruned, net)
     form = netdef.structure_form(compact_param, input_shape, where)
     engine.check_net(form, "test", where)
-    small = engine.net_from_param(form, where=f"{where} (compact)")
+    small = engine.net_from_param(netdef.without_fillers(form), probe=probe, where=f"{where} (compact)")
     for layer, arrays in weights.items():
         for blob, array in zip(small.params[layer], arrays):
             if blob.data.shape != array.shape:
                 raise engine.EngineError(f"export: layer {layer!r} blob shape {array.shape} does not fit the "
                                          f"compact net's {blob.data.shape}")
             blob.data[...] = array
+    return compact_param, weights, small
+
+
+def export(net_param, graph, pruned, net, out_dir, name: str, input_shape, inputs=None,
+           where: str | None = None, seed: int = 0) -> dict:
+    """Write <out_dir>/<name>.prototxt and <name>.caffemodel (compact) once the compact net, run
+    beside ``net`` (the full-width structure form with the pruned groups masked), is built; return
+    paths, widths and the measured relative deviation of every net output."""
+    where = where or f"net {net_param.name!r}"
+    compact_param, weights, small = compact_net(net_param, graph, pruned, net, input_shape, where)
     given = inputs is not None
     if not given:
         inputs = np.random.default_rng(seed).normal(size=(4, *input_shape)).astype(np.float32)
@@ -128,11 +135,11 @@ def export(net_param, graph, pruned, net, out_dir, name: str, input_shape, input
         small.save(str(tmp))
     return {"prototxt": str(prototxt), "caffemodel": str(caffemodel), "net": small, "deviation": deviation,
             "images_compared": len(inputs), "inputs": "the dataset's images" if given else f"random normal (seed {seed})",
-            "lrn_across": sorted(set(graph.lrn_across) & _touched_lrn(graph, pruned)),
+            "lrn_across": sorted(set(graph.lrn_across) & touched_lrn(graph, pruned)),
             "widths": {l: len(w[0]) for l, w in weights.items() if l in graph.producers}}
 
 
-def _touched_lrn(graph, pruned) -> set:
+def touched_lrn(graph, pruned) -> set:
     """Across-channel LRN layers whose input lost a channel (their output then deviates)."""
     touched = set()
     by_id = {g.id: g for g in graph.groups}

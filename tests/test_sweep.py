@@ -103,8 +103,8 @@ def wait_until(condition, proc=None, timeout=180):
 def decisions(out) -> dict:
     """{run id: its step records without the timings} from the store."""
     with store.Store(out, create=False) as s:
-        return {r["id"]: [{k: v for k, v in step.items() if k != "seconds"} for step in s.steps(r["id"])]
-                for r in s.runs()}
+        return {r["id"]: [{k: v for k, v in step.items() if k not in ("seconds", "phase_seconds")}
+                          for step in s.steps(r["id"])] for r in s.runs()}
 
 
 def alive(pid) -> bool:
