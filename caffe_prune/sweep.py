@@ -68,12 +68,12 @@ from pathlib import Path
 from caffe_prune import fsio
 from caffe_prune import store as results_store
 from caffe_prune.metrics import taxonomy
+from caffe_prune.report import ORACLE, ORACLE_PRINTED
 
 RUN_FIELDS = ("net", "weights", "metric", "oracle", "seed", "data")   # what a SPEC varies; the rest is protocol
 STOPS = ("drop", "end")
 SPEC_KEYS = ("name", "out", "data", "networks", "metrics", "domino", "oracles", "seeds", "protocol")
 PAPER_FIVE = tuple(taxonomy.ALIASES)          # papers/004's five constituents, in the paper's order
-ORACLE = "oracle"
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -263,9 +263,15 @@ def method_names(spec: Spec) -> list:
 
 
 def oracle_method(constituents, config: dict) -> str:
-    """An oracle run's method name: ``oracle`` for the paper's five (Table 2's row), otherwise
+    """An oracle run's method name: ``oracle`` for the paper's five as the authors' code computes
+    them (Table 2's row), ``oracle (eq. 1-5 as printed)`` for the five as printed, otherwise
     ``oracle:A+B``; a non-default shortlist rule is appended."""
-    name = ORACLE if sorted(constituents) == sorted(PAPER_FIVE) else ORACLE + ":" + "+".join(constituents)
+    if sorted(constituents) == sorted(PAPER_FIVE):
+        name = ORACLE
+    elif sorted(constituents) == sorted(taxonomy.PAPER_FORMS["printed"]):
+        name = ORACLE_PRINTED
+    else:
+        name = ORACLE + ":" + "+".join(constituents)
     return name if config.get("shortlist", "paper") == "paper" else f"{name} [{config['shortlist']} shortlist]"
 
 
@@ -846,6 +852,9 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", default=None, help="taxonomy/domino: metric names or globs (default: the paper's)")
     p.add_argument("--domino", default=None, help="domino: aggregations (default sum,mean,max)")
     p.add_argument("--oracle", default="paper", help="the oracle's constituents (default: the paper's five)")
+    p.add_argument("--forms", choices=tuple(taxonomy.PAPER_FORMS), default="code",
+                   help="the paper's five as the authors' code computes them (code, the default: see README, "
+                        "Faithfulness) or as equations 1-5 are printed (printed: eq1..eq5)")
     p.add_argument("--runs", type=int, default=8, help="seeds per method (default 8)")
     from caffe_prune.cli import add_prune_options
     add_prune_options(p)
@@ -1033,13 +1042,15 @@ def reproduce(args, paper: str, nets=None, methods=None, seeds=None, out=None) -
     from caffe_prune import pruning, report
     plan = PAPERS[paper]
     nets = nets or (args.nets.split(",") if getattr(args, "nets", None) else plan["nets"])
+    five = list(taxonomy.PAPER_FORMS[getattr(args, "forms", "code")])
     if methods is None and getattr(args, "methods", None):
         methods = [m for m in args.methods.split(",") if m]
     if methods is not None:
         metrics, with_oracle = [m for m in methods if m != ORACLE], ORACLE in methods
     else:
         given = getattr(args, "metrics", None)
-        metrics = [m for m in given.split(",") if m] if given else plan["metrics"]
+        metrics = [m for m in given.split(",") if m] if given else \
+            [five[PAPER_FIVE.index(m)] if m in PAPER_FIVE else m for m in plan["metrics"]]
         with_oracle = plan["oracle"]
     domino = getattr(args, "domino", None)
     domino = [d for d in domino.split(",") if d] if domino else plan["domino"]
@@ -1056,7 +1067,7 @@ def reproduce(args, paper: str, nets=None, methods=None, seeds=None, out=None) -
     raw = {"name": f"reproduce-{paper}", "out": out or getattr(args, "out", None) or f"runs/reproduce-{paper}",
            "data": base["data"], "networks": {n: weights.get(n, "published") for n in nets}, "metrics": metrics,
            "domino": domino, "seeds": seeds, "protocol": protocol,
-           "oracles": [constituents if constituents == "paper" else constituents.split(",")] if with_oracle else []}
+           "oracles": [five if constituents == "paper" else constituents.split(",")] if with_oracle else []}
     spec = parse_spec(raw)
     with _sigterm_interrupts():
         outcome = launch(spec, executor_factory(args), retries=getattr(args, "retries", 2),

@@ -169,3 +169,17 @@ def test_figure6_marks_the_retraining_points(tmp_path, monkeypatch):
     assert {label: (x, y) for x, y, label in markers} == {
         "Myopic Oracle (k=16), retrained every 2 steps: after retraining (500 iterations)": ([10.0, 30.0], [69.0, 68.0]),
         "1st order Taylor, retrained every 2 steps: after retraining (500 iterations)": ([10.0], [69.0])}
+
+
+def test_printed_equations_share_the_published_rows():
+    """eq1..eq5 (the five as printed) and the oracle over them are reported in the paper's rows,
+    beside the same published figures; the sweep names that oracle as the report reads it."""
+    from caffe_prune import sweep
+    from caffe_prune.metrics.taxonomy import PAPER_FORMS
+    assert sweep.oracle_method(list(PAPER_FORMS["printed"]), {}) == report.ORACLE_PRINTED
+    assert sweep.oracle_method(list(PAPER_FORMS["code"]), {}) == report.ORACLE
+    steps = [{"test": {"top1": 0.70}, "percent_conv_removed": 0}, {"test": {"top1": 0.69}, "percent_conv_removed": 41}]
+    runs = [{"method": m, "net": "CIFAR10", "steps": steps} for m in ("fisher", "eq4", report.ORACLE_PRINTED)]
+    rows = {line.split(" | ")[0]: line for line in report.table(runs).splitlines()}
+    assert "| 39 |" in rows["| Fisher information (eq. 4 as printed)"] and "| 39 |" in rows["| Fisher information"]
+    assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over eq. 1-5 as printed"]

@@ -267,6 +267,8 @@ AS_PRINTED = {
     "taylor": ("eq5", "activation/taylor/abs_sum/count"),
 }
 EQUATIONS = dict(AS_PRINTED.values())
+# papers/004's five in either form, in the paper's order (``reproduce oracle --forms``)
+PAPER_FORMS = {"code": tuple(ALIASES), "printed": tuple(AS_PRINTED[alias][0] for alias in ALIASES)}
 
 
 def _valid(what, value, choices, name):
