@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	@echo "venv: installing Python dependencies into $(VENV)"
 	@$(PY) -m pip install -q 'numpy>=2' -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c "import numpy, google.protobuf, h5py, tqdm, skimage, lmdb, pydot" || { echo "venv: dependency install failed" >&2; exit 1; }
+	@$(PY) -c "import numpy, google.protobuf, h5py, tqdm, skimage, lmdb, plyvel, pydot, threadpoolctl" || { echo "venv: dependency install failed" >&2; exit 1; }
 	@touch $@
 
 caffe: $(VENV)/.installed
