@@ -68,7 +68,7 @@ from pathlib import Path
 from caffe_prune import fsio
 from caffe_prune import store as results_store
 from caffe_prune.metrics import taxonomy
-from caffe_prune.report import ORACLE, ORACLE_PRINTED
+from caffe_prune.report import ORACLE, oracle_of_forms
 
 RUN_FIELDS = ("net", "weights", "metric", "oracle", "seed", "data")   # what a SPEC varies; the rest is protocol
 STOPS = ("drop", "end")
@@ -264,12 +264,11 @@ def method_names(spec: Spec) -> list:
 
 def oracle_method(constituents, config: dict) -> str:
     """An oracle run's method name: ``oracle`` for the paper's five as the authors' code computes
-    them (Table 2's row), ``oracle (eq. 1-5 as printed)`` for the five as printed, otherwise
-    ``oracle:A+B``; a non-default shortlist rule is appended."""
-    if sorted(constituents) == sorted(PAPER_FIVE):
-        name = ORACLE
-    elif sorted(constituents) == sorted(taxonomy.PAPER_FORMS["printed"]):
-        name = ORACLE_PRINTED
+    them, ``oracle (FORM forms)`` for another of taxonomy.PAPER_FORMS (each reported in Table 2's
+    oracle row), otherwise ``oracle:A+B``; a non-default shortlist rule is appended."""
+    forms = [f for f, five in taxonomy.PAPER_FORMS.items() if sorted(constituents) == sorted(five)]
+    if forms:
+        name = ORACLE if forms[0] == "code" else oracle_of_forms(forms[0])
     else:
         name = ORACLE + ":" + "+".join(constituents)
     return name if config.get("shortlist", "paper") == "paper" else f"{name} [{config['shortlist']} shortlist]"
@@ -852,9 +851,10 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", default=None, help="taxonomy/domino: metric names or globs (default: the paper's)")
     p.add_argument("--domino", default=None, help="domino: aggregations (default sum,mean,max)")
     p.add_argument("--oracle", default="paper", help="the oracle's constituents (default: the paper's five)")
-    p.add_argument("--forms", choices=tuple(taxonomy.PAPER_FORMS), default="code",
-                   help="the paper's five as the authors' code computes them (code, the default: see README, "
-                        "Faithfulness) or as equations 1-5 are printed (printed: eq1..eq5)")
+    p.add_argument("--forms", choices=tuple(taxonomy.PAPER_FORMS), default="table2",
+                   help="the paper's five (singly and as the oracle's constituents): table2 (default), the forms "
+                        "that reproduce Table 2 (the authors' code's, Fisher as eq. 4 is printed; README, "
+                        "Faithfulness); code, as the authors' code computes all five; printed, eq1..eq5")
     p.add_argument("--runs", type=int, default=8, help="seeds per method (default 8)")
     from caffe_prune.cli import add_prune_options
     add_prune_options(p)
@@ -1042,7 +1042,7 @@ def reproduce(args, paper: str, nets=None, methods=None, seeds=None, out=None) -
     from caffe_prune import pruning, report
     plan = PAPERS[paper]
     nets = nets or (args.nets.split(",") if getattr(args, "nets", None) else plan["nets"])
-    five = list(taxonomy.PAPER_FORMS[getattr(args, "forms", "code")])
+    five = list(taxonomy.PAPER_FORMS[getattr(args, "forms", "table2")])
     if methods is None and getattr(args, "methods", None):
         methods = [m for m in args.methods.split(",") if m]
     if methods is not None:

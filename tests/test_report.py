@@ -176,10 +176,14 @@ def test_printed_equations_share_the_published_rows():
     beside the same published figures; the sweep names that oracle as the report reads it."""
     from caffe_prune import sweep
     from caffe_prune.metrics.taxonomy import PAPER_FORMS
-    assert sweep.oracle_method(list(PAPER_FORMS["printed"]), {}) == report.ORACLE_PRINTED
+    printed, table2 = report.oracle_of_forms("printed"), report.oracle_of_forms("table2")
+    assert sweep.oracle_method(list(PAPER_FORMS["printed"]), {}) == printed
     assert sweep.oracle_method(list(PAPER_FORMS["code"]), {}) == report.ORACLE
+    assert sweep.oracle_method(list(PAPER_FORMS["table2"]), {}) == table2
+    assert PAPER_FORMS["table2"] == ("mean_activations", "taylor", "eq4", "mean_gradients", "mean_sq_weights")
     steps = [{"test": {"top1": 0.70}, "percent_conv_removed": 0}, {"test": {"top1": 0.69}, "percent_conv_removed": 41}]
-    runs = [{"method": m, "net": "CIFAR10", "steps": steps} for m in ("fisher", "eq4", report.ORACLE_PRINTED)]
+    runs = [{"method": m, "net": "CIFAR10", "steps": steps} for m in ("fisher", "eq4", printed, table2)]
     rows = {line.split(" | ")[0]: line for line in report.table(runs).splitlines()}
     assert "| 39 |" in rows["| Fisher information (eq. 4 as printed)"] and "| 39 |" in rows["| Fisher information"]
     assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over eq. 1-5 as printed"]
+    assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over the Table-2 forms"]
