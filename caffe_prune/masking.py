@@ -13,7 +13,8 @@ Semantics (say which in every record):
   feature map that would still reach residual sums and pooling. So the riders are zeroed too:
   BatchNorm mean (then ``(0 - 0) / sqrt(var + eps) = 0``), Scale gamma and beta, Bias.
 - ``authors``: the authors' release zeroed only the producer's filter and bias and the consumers'
-  input slices; offered to emulate their runs (the constant above then survives through sums).
+  input slices; offered to emulate their runs (the constant above then survives through sums, but
+  reaches only consumer slices that are masked too, so the logits are the same under both).
 
 ``mask`` is temporary (an oracle probe), ``restore`` puts back the original values bit for bit,
 ``commit`` makes a mask permanent for the run. Overlapping regions (a convolution that is both the
