@@ -15,8 +15,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from caffe_prune import bench, engine, finetune, fsio, networks, options, published
+from caffe_prune import bench, engine, finetune, fsio, masking, metrics, networks, options, oracle, passes, published
 from caffe_prune.data import commands as data_commands
+from caffe_prune.data.dataset import VAL_SPLITS
 from caffe_prune.metrics import commands as metric_commands
 from caffe_prune import sweep
 
@@ -92,8 +93,9 @@ def cmd_train(args) -> int:
     from caffe_prune import train
     recipe = train.recipe(args.net, args.data, args.data_out, args.solver_set or (), progress=not args.quiet)
     out = args.out or f"runs/train-{recipe.name}"
+    mode, device = options.mode(args)
     done = train.train(recipe, out, weights=args.weights, max_iter=args.iters, resume=args.resume,
-                       mode=options.mode(args)[0], device=options.mode(args)[1], progress=not args.quiet)
+                       mode=mode, device=device, progress=not args.quiet)
     try:
         scores = train.score(recipe, done["weights"], progress=not args.quiet)
     except (engine.EngineError, ValueError) as exc:   # the net trained; only the evaluation path refused it
@@ -249,17 +251,17 @@ def add_prune_options(p) -> None:
     p.add_argument("--floor", type=float, default=None, help="also stop below this absolute top-1 (%%)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch draws (default 0)")
-    p.add_argument("--semantics", choices=("zero-downstream", "authors"), default="zero-downstream")
-    p.add_argument("--reading", choices=("authors", "conv-output"), default="authors",
+    p.add_argument("--semantics", choices=masking.SEMANTICS, default="zero-downstream")
+    p.add_argument("--reading", choices=metrics.READINGS, default="authors",
                    help="which tensors activation metrics read (default: the authors' blob data/diff)")
-    p.add_argument("--shortlist", choices=("paper", "authors-code"), default="paper",
+    p.add_argument("--shortlist", choices=oracle.SHORTLISTS, default="paper",
                    help="the oracle's short-listing rule: the paper's text (default) or the authors' released code")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, the paper's)")
     p.add_argument("--retrain-every", type=int, default=None, metavar="S",
                    help="prune-retrain: after every S steps, fine-tune the masked net (pruned groups held at zero)")
     p.add_argument("--retrain-iters", type=int, default=None, metavar="I",
                    help="solver iterations of each retraining (the network's schedule; with --retrain-every)")
-    p.add_argument("--val-split", choices=("seeded", "authors"), default="seeded",
+    p.add_argument("--val-split", choices=VAL_SPLITS, default="seeded",
                    help="validation images: seeded (default; 10,000 random training images, the same fraction of a "
                         "partial copy) or authors (CIFAR-10 only: the 5,000 the authors' release lists, those present)")
     options.add_head(p)
@@ -277,7 +279,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_engine_options(p) -> None:
     """How one run's Caffe work is done (caffe_prune.passes); the decisions are the same either way."""
-    p.add_argument("--engine", choices=("fast", "naive"), default="fast",
+    p.add_argument("--engine", choices=passes.ENGINES, default="fast",
                    help="fast (default): suffix-only probes, incremental test, workers; naive: full forwards "
                         "(the reference)")
     p.add_argument("--workers", type=int, default=None, help="fast engine's processes (default: one per core)")
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     chosen.add_argument("--groups", help="comma-separated group ids (see `caffe-prune graph`)")
     chosen.add_argument("--random-fraction", type=float, help="prune this fraction of the groups at random")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-fraction and the random check inputs")
-    p.add_argument("--semantics", choices=("zero-downstream", "authors"), default="zero-downstream")
+    p.add_argument("--semantics", choices=masking.SEMANTICS, default="zero-downstream")
     p.add_argument("--images", type=options.positive, default=16,
                    help="test images to compare masked and compact nets on (with --data)")
     options.add_data(p)

@@ -133,8 +133,9 @@ class Config:
         for name, value in (("retrain_every", self.retrain_every), ("retrain_iters", self.retrain_iters)):
             if value is not None and value < 1:
                 raise engine.EngineError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.val_split not in ("seeded", "authors"):
-            raise engine.EngineError(f"--val-split must be one of seeded, authors, got {self.val_split!r}")
+        from caffe_prune.data.dataset import VAL_SPLITS
+        if self.val_split not in VAL_SPLITS:
+            raise engine.EngineError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {self.val_split!r}")
         for name in [self.metric] if self.metric else self.oracle:
             try:
                 metrics.parse(name)

@@ -65,7 +65,7 @@ from contextlib import contextmanager
 from hashlib import sha256
 from pathlib import Path
 
-from caffe_prune import fsio
+from caffe_prune import fsio, passes
 from caffe_prune import store as results_store
 from caffe_prune.metrics import taxonomy
 from caffe_prune.report import ORACLE, oracle_of_forms
@@ -383,13 +383,6 @@ def _classify(message: str) -> str:
 
 # ---- executors -------------------------------------------------------------------------------------
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 @contextmanager
 def _environ(values: dict):
     saved = {k: os.environ.get(k) for k in values}
@@ -449,10 +442,9 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, workers: int | None = None):
-        from caffe_prune.passes import BLAS_THREADS
-        cores = available_cores()
-        self.workers = workers or max(1, cores // BLAS_THREADS)
-        self.threads = BLAS_THREADS
+        cores = passes.cores()
+        self.workers = workers or max(1, cores // passes.BLAS_THREADS)
+        self.threads = passes.BLAS_THREADS
         if self.workers < 1:
             raise SweepError(f"--workers must be at least 1, got {self.workers}")
         self.cores = cores
@@ -543,13 +535,12 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str):
-        from caffe_prune.passes import BLAS_THREADS
         try:
             import ray
         except ImportError:
             raise SweepError("the Ray executor needs the ray package: pip install 'caffe-prune[ray]' "
                              "(here: .venv/bin/pip install ray)") from None
-        self.ray, self.address, self.threads = ray, address, BLAS_THREADS
+        self.ray, self.address, self.threads = ray, address, passes.BLAS_THREADS
         if address != "auto":
             check_answers(address)
         try:
