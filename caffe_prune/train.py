@@ -63,6 +63,7 @@ import numpy as np
 from tqdm import tqdm
 
 from caffe_prune import engine, fsio, netdef, networks
+from caffe_prune.data import sources
 from caffe_prune.download import digest
 from caffe_prune.layers import DATA_TYPES, LOSS_TYPES
 
@@ -177,7 +178,7 @@ def _solver_net(solver, where: str) -> tuple:
 
 def _finish(net_param, solver, where, name, source, data, data_out, solver_set, progress, builtin=None,
             solver_given=False) -> Recipe:
-    from caffe_prune.data import caffe_db, cifar10, sources
+    from caffe_prune.data import caffe_db, cifar10
     source["definition_sha256"] = _sha256(net_param)
     train_layers = [l for l in engine.layers_in_phase(net_param, "train") if l.type in DATA_TYPES]
     test_layers = [l for l in engine.layers_in_phase(net_param, "test") if l.type in DATA_TYPES]
@@ -208,7 +209,7 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
         for phase in ("train", "test"):
             engine.check_net(net_param, phase, where, sources=True)
         data_record = {"kind": "the net's data layers",
-                       "layers": [[l.name, l.type, _source_path(l)] for l in train_layers + test_layers]}
+                       "layers": [[l.name, l.type, sources.source_path(l)] for l in train_layers + test_layers]}
         test_images = None
         if test_layers and test_layers[0].type in ("Data", "ImageData", "HDF5Data"):
             try:
@@ -242,11 +243,6 @@ def _with_sources(net_param, train_lmdb, test_lmdb):
             layer.data_param.source = str(train_lmdb if pb2.TRAIN in phases else test_lmdb)
             layer.data_param.backend = pb2.DataParameter.LMDB
     return out
-
-
-def _source_path(layer) -> str:
-    return {"Data": layer.data_param.source, "ImageData": layer.image_data_param.source,
-            "HDF5Data": layer.hdf5_data_param.source}.get(layer.type, "")
 
 
 def _batch_size(layer) -> int:

@@ -161,17 +161,12 @@ def _cifar(location, progress) -> tuple:
 
 
 def _layer_source(layer, where, progress) -> _Source:
-    return _Source(f"{where}: data layer {layer.name!r} ({_source_path(layer)})",
+    return _Source(f"{where}: data layer {layer.name!r} ({sources.source_path(layer)})",
                    lambda: sources.read(layer, progress=progress))
 
 
-def _source_path(layer) -> str:
-    return {"Data": layer.data_param.source, "ImageData": layer.image_data_param.source,
-            "HDF5Data": layer.hdf5_data_param.source}.get(layer.type, "")
-
-
 def _readable(layer) -> bool:
-    path = _source_path(layer)
+    path = sources.source_path(layer)
     return bool(path) and Path(path).exists()
 
 
@@ -242,7 +237,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
         if val_split == "authors":
             _not_cifar(f"{network.where}'s own data layers")
         if test_layer is None or test_layer.type not in ("Data", "ImageData", "HDF5Data") or not _readable(test_layer):
-            what = f"its data layer {test_layer.name!r} reads {_source_path(test_layer) or 'nothing'}, which " \
+            what = f"its data layer {test_layer.name!r} reads {sources.source_path(test_layer) or 'nothing'}, which " \
                    f"does not exist" if test_layer is not None and test_layer.type != "Input" else "it is fed by an Input layer"
             raise DataError(f"{network.where} names no dataset to use: {what}; pass --data (cifar10, an LMDB or "
                             f"LevelDB, an image list, an HDF5 list, or a prototxt with data layers)")

@@ -75,6 +75,12 @@ def record_shape(layer_param) -> tuple:
     return _source(layer_param).record_shape()
 
 
+def source_path(layer) -> str:
+    """What a Data, ImageData or HDF5Data layer reads (its ``source``); "" for any other layer."""
+    return {"Data": layer.data_param.source, "ImageData": layer.image_data_param.source,
+            "HDF5Data": layer.hdf5_data_param.source}.get(layer.type, "")
+
+
 def _source(layer):
     kinds = {"Data": _Db, "ImageData": _ImageList, "HDF5Data": _Hdf5List}
     if layer.type not in kinds:
