@@ -157,8 +157,7 @@ def figure6(runs, path, title) -> Path:
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    save_figure(fig, path)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def phases(runs, path, title) -> Path | None:
@@ -181,8 +180,7 @@ def phases(runs, path, title) -> Path | None:
     ax.set_xlabel("% of convolution weights removed")
     ax.set_title(title)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    save_figure(fig, path)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def table(runs, max_drop: float = 5.0) -> str:
@@ -460,8 +458,7 @@ def _plot_ranking(rows, path, title) -> Path:
     ax.set_ylabel("% conv weights removed at the drop")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    save_figure(fig, path)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _plot_components(effects: dict, path, title) -> Path:
@@ -478,8 +475,7 @@ def _plot_components(effects: dict, path, title) -> Path:
         ax.set_title(component, fontsize=9)
         ax.set_xlabel("effect (points)", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def taxonomy_report(runs, out_dir, top: int = 25) -> Path:
