@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import evaluate, metrics, oracle, passes, pruning
+from caffe_prune import evaluate, options, passes, pruning
 
 PHASES = ("saliency", "probes", "test")
 
@@ -121,7 +121,7 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
                 passes.set_blas_threads(passes.cores())
             runs[name] = Mode(name, run)
         first = next(iter(runs.values())).run
-        graph, plan = first.graph, passes.Plan(first.net)
+        graph, plan = first.graph, passes.Plan(first.net, first.graph)
         for mode in runs.values():                                # step 0: the unpruned measurement
             _set_threads(mode)
             mode.records.append({"test": mode.run._test()})
@@ -239,8 +239,6 @@ def format_table(result: dict) -> str:
 
 
 def register(subparsers) -> None:
-    from caffe_prune import options
-    from caffe_prune.cli import add_prune_options
     p = subparsers.add_parser("bench", help="the same seeded run in the naive and fast engines, timed side by side",
                               description=__doc__.split("\n\n")[0])
     options.add_network(p)
@@ -253,16 +251,15 @@ def register(subparsers) -> None:
     p.add_argument("--fill-test", action="store_true",
                    help="repeat the test images to fill --test-size batches (the full protocol on a subset)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_prune_options(p)
+    options.add_prune(p)
     p.add_argument("--workers", type=int, default=None, help="fast-N's processes (default: one per core)")
     p.add_argument("--cache-mb", type=int, default=None, help="fast engines' test checkpoint memory")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
-    from caffe_prune.cli import oracle_list, prune_config
-    config = prune_config(args, args.net, args.weights, args.metric,
-                          None if args.metric else oracle_list(args.oracle))
+    metric, constituents = options.prune_method(args)
+    config = options.prune_config(args, args.net, args.weights, metric, constituents)
     config = replace(config, max_drop=None, cache_mb=args.cache_mb)
     result = bench(config, args.steps, [m for m in args.modes.split(",") if m], args.workers, args.fill_test,
                    progress=not args.json)

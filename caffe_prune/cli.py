@@ -15,11 +15,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from caffe_prune import bench, engine, finetune, fsio, masking, metrics, networks, options, oracle, passes, published
+from caffe_prune import bench, engine, finetune, fsio, masking, options, published
 from caffe_prune.data import commands as data_commands
-from caffe_prune.data.dataset import VAL_SPLITS
 from caffe_prune.metrics import commands as metric_commands
-from caffe_prune import sweep
+from caffe_prune.sweep import commands as sweep_commands
+from caffe_prune.sweep.reproduce import reproduce
 
 TABLE1_TOP1 = {"LeNet-5": 69, "ResNet-20": 88}   # published top-1 (%), papers/004 Table 1
 
@@ -118,92 +118,33 @@ def cmd_graph(args) -> int:
     return 0
 
 def chosen_groups(g, args) -> set:
-    """The pruning state to export: --groups ids, or a seeded random fraction of the groups, each
-    drawn from what is still prunable (never the last channel of a layer)."""
-    import numpy as np
+    """--groups ids (in order, each still prunable), or a seeded --random-fraction of the groups."""
     if args.groups is not None:
         try:
             ids = [int(x) for x in args.groups.split(",")]
         except ValueError:
             raise engine.EngineError(f"--groups {args.groups!r} is not a comma-separated list of group ids "
                                      f"(see `caffe-prune graph`)") from None
-        bad = sorted(i for i in ids if not 0 <= i < len(g.groups))
-        if bad:
-            raise engine.EngineError(f"--groups: no group {bad[0]}; the net has groups 0..{len(g.groups) - 1}")
-        pruned = set()
-        for i in ids:
-            if i not in g.prunable(pruned) and i not in pruned:
-                layers = ", ".join(g.groups[i].layers)
-                raise engine.EngineError(f"--groups: with groups {sorted(pruned)} pruned, group {i} would leave "
-                                         f"{layers} without a channel (a layer keeps at least one)")
-            pruned.add(i)
-        return pruned
+        try:
+            return g.chosen(ids)
+        except engine.EngineError as exc:
+            raise engine.EngineError(f"--groups: {exc}") from None
     if not 0 < args.random_fraction < 1:
         raise engine.EngineError(f"--random-fraction must be in (0, 1), got {args.random_fraction}")
-    rng, pruned = np.random.default_rng(args.seed), set()
-    for _ in range(int(args.random_fraction * len(g.groups))):
-        offered = g.prunable(pruned)
-        if not offered:
-            break
-        pruned.add(int(rng.choice(offered)))
-    return pruned
+    return g.random_state(args.random_fraction, args.seed)
+
 
 def cmd_export(args) -> int:
     """Prune the chosen groups (masks), verify the compact net beside the masked one, write it."""
-    from caffe_prune import export, masking
-    engine.set_mode(*options.mode(args))
-    network = options.network(args)
-    g = network.graph
-    pruned = chosen_groups(g, args)
-    inputs, shape = None, network.input_shape if args.data is None else None
-    if args.data is not None:
-        data = options.dataset(args, network)
-        inputs, shape = data.test.x[:args.images], data.shape
-    full = engine.net_from_param(network.structure(shape), args.weights, where=network.where)
-    masker = masking.Masker(g, [full], args.semantics)
-    for group_id in sorted(pruned):
-        masker.commit(group_id)
-    done = export.export(network.param, g, pruned, full, args.out, network.name, shape or network.input_shape,
-                         inputs, network.where, args.seed)
-    deviation = max(done["deviation"].values(), default=0.0)
-    report = {"groups_pruned": len(pruned), "semantics": args.semantics,
-              "conv_weights": g.conv_weights(pruned), "conv_weights_original": g.conv_weights(set()),
-              "percent_conv_removed": round(g.percent_conv_removed(pruned), 3),
-              "prototxt": done["prototxt"], "caffemodel": done["caffemodel"], "widths": done["widths"],
-              "max_relative_deviation": deviation, "deviation_by_output": done["deviation"],
-              "compared_on": f"{done['images_compared']} images: {done['inputs']}",
-              "lrn_across_touched": done["lrn_across"]}
+    from caffe_prune import export
+    session = options.session(args, with_data=args.data is not None, form="structure")
+    report = export.export_session(session, chosen_groups(session.graph, args), args.out, args.semantics,
+                                   args.images, args.seed)
+    notes = report.pop("notes")
     print(json.dumps(report, indent=2))
-    if done["lrn_across"]:
-        print(f"note: across-channel LRN {', '.join(done['lrn_across'])} normalises over neighbouring channels, so "
-              f"the compact net is not exactly the masked one; measured deviation {deviation:.3g}", file=sys.stderr)
-    elif args.semantics == "zero-downstream" and deviation > 1e-4:
-        raise engine.EngineError(f"compact export deviates from the masked net by {deviation:.3g} (relative); "
-                                 f"please report this as a bug")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
-
-PAPER_METRICS = ("mean_activations", "taylor", "fisher", "mean_gradients", "mean_sq_weights")
-
-
-def prune_config(args, net, weights, metric=None, oracle=None, seed=None):
-    from caffe_prune import pruning
-    return pruning.Config(net=os.fsdecode(net), weights=os.fsdecode(weights), metric=metric,
-                          oracle=list(oracle or []), k=args.k, eval_size=args.eval_size,
-                          oracle_eval_size=args.oracle_eval_size, test_size=args.test_size,
-                          test_interval=args.test_interval, max_drop=None if args.no_drop_stop else args.max_drop,
-                          floor=args.floor, seed=args.seed if seed is None else seed, semantics=args.semantics,
-                          reading=args.reading, max_steps=args.max_steps, shortlist=args.shortlist,
-                          data=args.data, data_root=args.data_root, transform=options.transform_fields(args),
-                          logits=args.logits, input_shape=getattr(args, "input_shape", None),
-                          batch_size=args.batch_size, engine=getattr(args, "engine", "fast"),
-                          workers=getattr(args, "workers", None), cache_mb=getattr(args, "cache_mb", None),
-                          val_split=getattr(args, "val_split", "seeded"),
-                          retrain_every=getattr(args, "retrain_every", None),
-                          retrain_iters=getattr(args, "retrain_iters", None))
-
-
-def oracle_list(value):
-    return list(PAPER_METRICS) if value in (None, "paper") else [m for m in value.split(",") if m]
 
 
 def run_one(config, out, args) -> list:
@@ -219,9 +160,8 @@ def run_one(config, out, args) -> list:
 
 
 def cmd_prune(args) -> int:
-    config = prune_config(args, args.net, args.weights, args.metric,
-                          oracle_list(args.oracle) if args.metric is None else None)
-    run_one(config, args.out, args)
+    metric, constituents = options.prune_method(args)
+    run_one(options.prune_config(args, args.net, args.weights, metric, constituents), args.out, args)
     return 0
 
 
@@ -234,40 +174,8 @@ def cmd_demo(args) -> int:
     scores, _ = run_evaluation(argparse.Namespace(net="LeNet-5", weights=weights, batches=None, **vars(args)))
     print_scores("published LeNet-5", scores)
     print(f"paper (Table 1): top-1 {TABLE1_TOP1['LeNet-5']}% on the full 10,000-image test set")
-    sweep.reproduce(args, "oracle", ["LeNet-5"], ["mean_sq_weights", "oracle"], [args.seed], args.out)
+    reproduce(args, "oracle", ["LeNet-5"], ["mean_sq_weights", "oracle"], [args.seed], args.out)
     return 0
-
-
-def add_prune_options(p) -> None:
-    """Algorithm 1's knobs, with the paper's defaults (papers/004 §5)."""
-    p.add_argument("--k", type=int, default=16, help="oracle shortlist size (default 16)")
-    p.add_argument("--eval-size", type=int, default=2, help="validation batches per saliency (default 2)")
-    p.add_argument("--oracle-eval-size", type=int, default=2, help="validation batches per sensitivity (default 2)")
-    p.add_argument("--test-size", type=int, default=80, help="test batches per measurement (default 80, or all)")
-    p.add_argument("--test-interval", type=int, default=1, help="measure test top-1 every N steps (default 1)")
-    p.add_argument("--max-drop", type=float, default=5.0, help="stop past this many points below the start")
-    p.add_argument("--no-drop-stop", action="store_true",
-                   help="no drop stop: prune to the end (Figure 6's whole curves; --floor and --max-steps still stop)")
-    p.add_argument("--floor", type=float, default=None, help="also stop below this absolute top-1 (%%)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the batch draws (default 0)")
-    p.add_argument("--semantics", choices=masking.SEMANTICS, default="zero-downstream")
-    p.add_argument("--reading", choices=metrics.READINGS, default="authors",
-                   help="which tensors activation metrics read (default: the authors' blob data/diff)")
-    p.add_argument("--shortlist", choices=oracle.SHORTLISTS, default="paper",
-                   help="the oracle's short-listing rule: the paper's text (default) or the authors' released code")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, the paper's)")
-    p.add_argument("--retrain-every", type=int, default=None, metavar="S",
-                   help="prune-retrain: after every S steps, fine-tune the masked net (pruned groups held at zero)")
-    p.add_argument("--retrain-iters", type=int, default=None, metavar="I",
-                   help="solver iterations of each retraining (the network's schedule; with --retrain-every)")
-    p.add_argument("--val-split", choices=VAL_SPLITS, default="seeded",
-                   help="validation images: seeded (default; 10,000 random training images, the same fraction of a "
-                        "partial copy) or authors (CIFAR-10 only: the 5,000 the authors' release lists, those present)")
-    options.add_head(p)
-    options.add_data(p)
-    p.add_argument("--force", action="store_true", help="replace a run with another configuration in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 class Parser(argparse.ArgumentParser):
@@ -275,16 +183,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def add_engine_options(p) -> None:
-    """How one run's Caffe work is done (caffe_prune.passes); the decisions are the same either way."""
-    p.add_argument("--engine", choices=passes.ENGINES, default="fast",
-                   help="fast (default): suffix-only probes, incremental test, workers; naive: full forwards "
-                        "(the reference)")
-    p.add_argument("--workers", type=int, default=None, help="fast engine's processes (default: one per core)")
-    p.add_argument("--cache-mb", type=int, default=None,
-                   help="fast engine's memory for test checkpoints (default: a quarter of the free memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,14 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--metric", help="a saliency metric (see `caffe-prune metrics list`)")
     method.add_argument("--oracle", nargs="?", const="paper",
                         help="the myopic oracle over these constituents (default: the paper's five)")
-    add_prune_options(p)
-    add_engine_options(p)
+    options.add_prune(p)
+    options.add_engine(p)
     p.add_argument("--out", required=True, help="run directory (resumed when it holds the same run)")
     p.set_defaults(func=cmd_prune)
-    sweep.register(sub)       # sweep, results, report, reproduce
+    sweep_commands.register(sub)       # sweep, results, report, reproduce
     p = sub.add_parser("demo", help="check the engine, evaluate the published LeNet-5, prune it, report")
     p.add_argument("--oracle", default="paper", help=argparse.SUPPRESS)
-    add_prune_options(p)
+    options.add_prune(p)
     p.add_argument("--out", default="runs/demo", help="where the runs and the report go (default runs/demo)")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -22,14 +22,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from caffe_prune import layers as rules
+from caffe_prune.errors import EngineError  # noqa: F401  (every module's engine.EngineError)
+
 BUILD_HINT = "run `make setup` (builds stock Caffe into ~/.cache/caffe-prune) " \
              "or, with conda, `conda env create -f environment.yml`"
 PYCAFFE_ENV = "CAFFE_PRUNE_PYCAFFE"   # a directory holding the `caffe` package, to use instead
 VERBOSE_ENV = "CAFFE_PRUNE_GLOG"      # set to 1 to see Caffe's INFO/WARNING log lines
-
-
-class EngineError(RuntimeError):
-    """A problem with Caffe or with what was about to be handed to it; the message is one line."""
 
 
 _caffe = None
@@ -382,61 +381,19 @@ def layers_in_phase(net_param, phase):
 def instantiated_layers(net_param):
     """The layers of the TEST phase; those of the TRAIN phase for a definition saved from a TRAIN
     net (a caffemodel whose TEST phase has no data layer while its TRAIN phase has one)."""
-    from caffe_prune.layers import DATA_TYPES
     layers = layers_in_phase(net_param, "test")
-    if not any(l.type in DATA_TYPES for l in layers):
+    if not any(l.type in rules.DATA_TYPES for l in layers):
         train = layers_in_phase(net_param, "train")
-        if any(l.type in DATA_TYPES for l in train):
+        if any(l.type in rules.DATA_TYPES for l in train):
             return train
     return layers
-
-
-def _check_parameters(layer, where: str) -> None:
-    """What Caffe's layer setup CHECK-aborts on, for the common layer types: sizes that are zero or
-    negative, groups that do not divide, even LRN windows."""
-    def bad(what):
-        raise EngineError(f"{where}: layer {layer.name!r} ({layer.type}): {what}")
-    if layer.type in ("Convolution", "Deconvolution"):
-        cp = layer.convolution_param
-        if cp.num_output < 1:
-            bad(f"num_output {cp.num_output} must be at least 1")
-        kernels = list(cp.kernel_size) + ([cp.kernel_h, cp.kernel_w] if cp.HasField("kernel_h") else [])
-        if not kernels or min(kernels) < 1:
-            bad("kernel_size (or kernel_h and kernel_w) must be given and at least 1")
-        if any(s < 1 for s in list(cp.stride) + ([cp.stride_h, cp.stride_w] if cp.HasField("stride_h") else [])):
-            bad("stride must be at least 1")
-        if cp.group < 1 or cp.num_output % cp.group:
-            bad(f"num_output {cp.num_output} is not a multiple of group {cp.group}")
-        if any(d < 1 for d in cp.dilation):
-            bad("dilation must be at least 1")
-    elif layer.type == "Pooling":
-        pp = layer.pooling_param
-        if not pp.global_pooling:
-            kernels = [pp.kernel_h, pp.kernel_w] if pp.HasField("kernel_h") else [pp.kernel_size]
-            if min(kernels) < 1:
-                bad("kernel_size must be at least 1 (or global_pooling: true)")
-        strides = [pp.stride_h, pp.stride_w] if pp.HasField("stride_h") else [pp.stride]
-        if min(strides) < 1:
-            bad("stride must be at least 1")
-    elif layer.type == "InnerProduct" and layer.inner_product_param.num_output < 1:
-        bad(f"num_output {layer.inner_product_param.num_output} must be at least 1")
-    elif layer.type == "LRN" and layer.lrn_param.local_size % 2 == 0:
-        bad(f"local_size {layer.lrn_param.local_size} must be odd")
-    elif layer.type == "Dropout" and not 0 <= layer.dropout_param.dropout_ratio < 1:
-        bad(f"dropout_ratio {layer.dropout_param.dropout_ratio} must be in [0, 1)")
-    elif layer.type in ("Data", "ImageData", "HDF5Data", "MemoryData", "WindowData"):
-        param = {"Data": layer.data_param, "ImageData": layer.image_data_param, "HDF5Data": layer.hdf5_data_param,
-                 "MemoryData": layer.memory_data_param, "WindowData": layer.window_data_param}[layer.type]
-        if param.batch_size < 1:
-            bad(f"batch_size {param.batch_size} must be at least 1")
 
 
 def check_net(net_param, phase, path, sources: bool = False) -> None:
     """Check what Caffe would otherwise abort on, or run wrongly without a word: unknown layer
     types (a fork's, named), bottoms nobody produced, layers run in place that cannot be, sizes
-    Caffe CHECKs, and (``sources``) data sources that are missing. ``phase`` None: the phase
-    ``instantiated_layers`` chooses."""
-    from caffe_prune import layers as rules
+    Caffe CHECKs (each type's rule, caffe_prune.layers), and (``sources``) data sources that are
+    missing. ``phase`` None: the phase ``instantiated_layers`` chooses."""
     where = os.fsdecode(path)
     known = set(caffe().layer_type_list())
     blobs = set(net_param.input)
@@ -453,11 +410,12 @@ def check_net(net_param, phase, path, sources: bool = False) -> None:
             raise EngineError(f"{where}: layer {layer.name!r} ({layer.type}) reads and writes blob "
                               f"{sorted(in_place)[0]!r} in place, which Caffe's {layer.type} layer cannot do "
                               f"(it would compute garbage silently); give its top another name")
-        _check_parameters(layer, where)
+        problem = rules.rule(layer.type).check(layer)       # what Caffe's setup CHECK-aborts on
+        if problem:
+            raise EngineError(f"{where}: layer {layer.name!r} ({layer.type}): {problem}")
         blobs.update(layer.top)
-        source = {"ImageData": layer.image_data_param.source, "Data": layer.data_param.source,
-                  "HDF5Data": layer.hdf5_data_param.source}.get(layer.type)
-        if sources and source is not None and not Path(source).exists():
+        source = rules.source(layer)
+        if sources and rules.is_reader(layer) and not Path(source).exists():
             raise EngineError(f"{where}: data layer {layer.name!r} reads {source}, which does not exist "
                               f"(paths are relative to the working directory {os.getcwd()})")
 
@@ -501,7 +459,7 @@ def check_values(net, weights_path) -> None:
                 warnings.warn(f"{os.fsdecode(weights_path)}: layer {name!r} blob {i} holds {bad} non-finite "
                               f"value(s); the file is corrupt or the training diverged", stacklevel=2)
             elif i == 0 and len(data) and np.abs(data).max() > SANE_WEIGHT and \
-                    _layer_type(net, name) in ("Convolution", "InnerProduct"):
+                    rules.rule(_layer_type(net, name)).learns:
                 warnings.warn(f"{os.fsdecode(weights_path)}: layer {name!r} holds a weight of magnitude "
                               f"{float(np.abs(data).max()):.3g}, beyond any trained value (> {SANE_WEIGHT:g}); "
                               f"the file is likely corrupt", stacklevel=2)

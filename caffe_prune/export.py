@@ -17,56 +17,21 @@ equal.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, fsio, netdef
-
-
-def removed_indices(graph, pruned) -> dict:
-    """Per layer, the channel indices that go: 'out' for convolutions, 'in' for consumers,
-    'rider' for per-channel parameter layers; layers untouched by the pruned groups are absent."""
-    by_id = {g.id: g for g in graph.groups}
-    gone = {"out": {}, "in": {}, "rider": {}}
-    for group_id in pruned:
-        group = by_id[group_id]
-        for unit in group.channels:
-            gone["out"].setdefault(unit.layer, set()).add(unit.index)
-        for consumer in group.consumers:
-            gone["in"].setdefault(consumer.layer, set()).add(consumer.input_channel)
-        for rider in group.riders:
-            gone["rider"].setdefault(rider.layer, set()).add(rider.channel)
-    return gone
-
-
-def _keep(width: int, removed: set) -> np.ndarray:
-    return np.array([c for c in range(width) if c not in removed], dtype=np.int64)
-
-
-def _conv(layer, info, gone, blobs) -> list:
-    keep_out = _keep(info.num_output, gone["out"].get(layer.name, set()))
-    keep_in = _keep(info.in_channels, gone["in"].get(layer.name, set()))
-    if info.depthwise:        # whole groups go: one input channel each, its outputs with it
-        layer.convolution_param.group = len(keep_in)
-        local_keep = np.array([0], dtype=np.int64)
-    else:
-        per_group_in = info.in_channels // info.group
-        local = [set(int(c) % per_group_in for c in keep_in if c // per_group_in == g) for g in range(info.group)]
-        if any(l != local[0] for l in local):
-            raise engine.EngineError(f"layer {layer.name!r}: groups keep different input channels "
-                                     f"{[sorted(l) for l in local]}; the graph's ties were violated")
-        local_keep = np.array(sorted(local[0]), dtype=np.int64)
-    blobs[0] = blobs[0][keep_out][:, local_keep]
-    if len(blobs) > 1:
-        blobs[1] = blobs[1][keep_out]
-    layer.convolution_param.num_output = len(keep_out)
-    return blobs
+from caffe_prune import engine, fsio, layers, netdef
 
 
 def compact(net_param, graph, pruned, net) -> tuple:
-    """Return (compact NetParameter, {layer: [arrays]}) from the full-width ``net``'s parameters."""
-    gone = removed_indices(graph, pruned)
+    """Return (compact NetParameter, {layer: [arrays]}) from the full-width ``net``'s parameters:
+    every blob with the pruned groups' slices deleted along their axes (graph.removed_positions),
+    and each resized layer's parameters following (its rule's ``resize``: num_output, group)."""
+    removed = defaultdict(list)
+    for (layer, blob, axis), positions in graph.removed_positions(pruned).items():
+        removed[layer].append((blob, axis, positions))
     out = engine.caffe_pb2().NetParameter()
     out.CopyFrom(net_param)
     weights = {}
@@ -75,17 +40,10 @@ def compact(net_param, graph, pruned, net) -> tuple:
         if layer.name not in net.params:
             continue
         blobs = [b.data.copy() for b in net.params[layer.name]]
-        if layer.type == "Convolution" and layer.name in graph.producers:
-            blobs = _conv(layer, graph.producers[layer.name], gone, blobs)
-        elif layer.type == "InnerProduct" and layer.name in gone["in"]:
-            info = graph.fc[layer.name]
-            keep_in = _keep(info.in_channels, gone["in"][layer.name])
-            columns = (keep_in[:, None] * info.block + np.arange(info.block)[None, :]).ravel()
-            blobs[0] = blobs[0][columns] if info.transpose else blobs[0][:, columns]
-        elif layer.name in gone["rider"]:
-            keep = _keep(blobs[0].shape[0], gone["rider"][layer.name])
-            sliced = graph.riding[layer.name][0]
-            blobs = [b[keep] if i in sliced else b for i, b in enumerate(blobs)]
+        for blob, axis, positions in removed.get(layer.name, ()):
+            blobs[blob] = np.delete(blobs[blob], positions, axis=axis)
+        if layer.name in graph.producers and layer.name in removed:
+            layers.rule(layer.type).resize(layer, blobs, graph.producers[layer.name])
         weights[layer.name] = blobs
     return out, weights
 
@@ -136,7 +94,12 @@ def export(net_param, graph, pruned, net, out_dir, name: str, input_shape, input
     return {"prototxt": str(prototxt), "caffemodel": str(caffemodel), "net": small, "deviation": deviation,
             "images_compared": len(inputs), "inputs": "the dataset's images" if given else f"random normal (seed {seed})",
             "lrn_across": sorted(set(graph.lrn_across) & touched_lrn(graph, pruned)),
-            "widths": {l: len(w[0]) for l, w in weights.items() if l in graph.producers}}
+            "widths": {l: int(compact_param.layer[_index(compact_param, l)].convolution_param.num_output)
+                       for l in weights if l in graph.producers}}
+
+
+def _index(net_param, name) -> int:
+    return next(i for i, layer in enumerate(net_param.layer) if layer.name == name)
 
 
 def touched_lrn(graph, pruned) -> set:
@@ -147,3 +110,37 @@ def touched_lrn(graph, pruned) -> set:
         if any(unit in set(by_id[g].channels) for g in pruned for unit in units):
             touched.add(lrn)
     return touched
+
+
+def export_session(session, pruned, out_dir, semantics: str = "zero-downstream", images: int = 16,
+                   seed: int = 0) -> dict:
+    """`caffe-prune export`: the groups ``pruned`` masked in a structure-form session's net
+    (caffe_prune.session.Session.open(..., form="structure")), the compact network written to
+    ``out_dir`` after it is checked beside the masked one (on the session's test images when it has
+    a dataset, else seeded random ones), and the report. The deviation policy: across-channel LRN
+    touched by the pruning is reported with its measured deviation (a note); otherwise, under the
+    zero-downstream semantics, a relative deviation above 1e-4 is a bug and refused."""
+    from caffe_prune import masking
+    g, network = session.graph, session.network
+    masker = masking.Masker(g, [session.net], semantics)
+    for group_id in sorted(pruned):
+        masker.commit(group_id)
+    inputs = session.dataset.test.x[:images] if session.dataset is not None else None
+    done = export(network.param, g, pruned, session.net, out_dir, network.name, session.input_shape, inputs,
+                  network.where, seed)
+    deviation = max(done["deviation"].values(), default=0.0)
+    report = {"groups_pruned": len(pruned), "semantics": semantics,
+              "conv_weights": g.conv_weights(pruned), "conv_weights_original": g.conv_weights(set()),
+              "percent_conv_removed": round(g.percent_conv_removed(pruned), 3),
+              "prototxt": done["prototxt"], "caffemodel": done["caffemodel"], "widths": done["widths"],
+              "max_relative_deviation": deviation, "deviation_by_output": done["deviation"],
+              "compared_on": f"{done['images_compared']} images: {done['inputs']}",
+              "lrn_across_touched": done["lrn_across"], "notes": []}
+    if done["lrn_across"]:
+        report["notes"].append(f"across-channel LRN {', '.join(done['lrn_across'])} normalises over neighbouring "
+                               f"channels, so the compact net is not exactly the masked one; measured deviation "
+                               f"{deviation:.3g}")
+    elif semantics == "zero-downstream" and deviation > 1e-4:
+        raise engine.EngineError(f"compact export deviates from the masked net by {deviation:.3g} (relative); "
+                                 f"please report this as a bug")
+    return report

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from caffe_prune import engine, fsio, masking, options, pruning, train
 from caffe_prune.download import digest
+from caffe_prune.rundir import RunDir
+from caffe_prune.session import Network, Session, parse_shape
 
 
 class FinetuneError(engine.EngineError):
@@ -32,26 +33,18 @@ class FinetuneError(engine.EngineError):
 
 
 def read_run(run_dir) -> tuple:
-    """(Config, header, steps) of a pruning run directory, read as plain files."""
-    run_dir = Path(run_dir)
+    """(Config, header, steps) of a pruning run directory, read through caffe_prune.rundir."""
     try:
-        header = json.loads((run_dir / pruning.CONFIG).read_text())
-        steps = [json.loads(line) for line in (run_dir / pruning.STEPS).read_text().splitlines() if line.endswith("}")]
-    except (OSError, ValueError):
-        raise FinetuneError(f"{run_dir} is not a pruning run directory (no readable {pruning.CONFIG} and "
-                            f"{pruning.STEPS}; make one with `caffe-prune prune ... --out {run_dir}`)") from None
+        header, steps = RunDir(run_dir).read()
+    except engine.EngineError as exc:
+        raise FinetuneError(str(exc)) from None
     known = {f.name for f in dataclasses.fields(pruning.Config)}
-    config = pruning.Config(**{k: v for k, v in header.get("config", {}).items() if k in known})
-    if not steps or steps[0].get("step") != 0:
-        raise FinetuneError(f"{run_dir}/{pruning.STEPS} holds no step 0: the run has not started")
-    return config, header, steps
+    return pruning.Config(**{k: v for k, v in header["config"].items() if k in known}), header, steps
 
 
 def session_at(run_dir, step: int | None = None, progress: bool = True) -> dict:
     """The run's session with the groups of steps 1..step committed (default step: the last measured
     step within the run's drop, pruning.step_at_drop): {session, masker, step, steps, config, weights}."""
-    from caffe_prune.data.dataset import open_dataset
-    from caffe_prune.session import Network, Session, parse_shape
     run_dir = Path(run_dir)
     config, header, steps = read_run(run_dir)
     last = len(steps) - 1
@@ -69,10 +62,8 @@ def session_at(run_dir, step: int | None = None, progress: bool = True) -> dict:
     if not Path(config.weights).is_file() or digest(config.weights, "sha256") != identity.get("weights_sha256"):
         raise FinetuneError(f"{config.weights}, the weights {run_dir} was pruned from, is missing or has other "
                             f"contents (sha256) than the run recorded")
-    weights = train.retrained_weights(run_dir, step, steps) or Path(config.weights)
-    dataset = open_dataset(network, config.data, options.transform_of(config.transform), config.data_root,
-                           progress=progress)
-    session = Session(network, os.fsdecode(weights), dataset, config.batch_size, config.logits)
+    weights = RunDir(run_dir).retrained_weights(step, steps) or Path(config.weights)
+    session = Session.from_config(config, weights=weights, progress=progress)
     masker = masking.Masker(session.graph, [session.net], config.semantics)
     for record in steps[1:step + 1]:
         masker.commit(record["group"])

@@ -10,7 +10,10 @@ new one, never a torn one; and the lock that keeps two processes out of one run 
   reads such a file back, truncating a torn last line (a kill during the append) in one call.
 - ``RunLock``: ``fcntl.flock`` on ``DIR/.lock``, holding the owner's PID and host. A second
   process gets "DIR is in use by PID N on HOST"; the kernel drops the lock when its owner dies, so
-  a stale lock from a killed run is simply taken over.
+  a stale lock from a killed run is simply taken over. A flock belongs to the open file, which a
+  fork shares: so every forked child closes the locks it inherited (``os.register_at_fork``), and
+  the toolkit's long-lived children (the fast engine's workers, a sweep's) also
+  ``die_with_parent``: a ``kill -9`` of a run frees its lock at once.
 
 Every OSError raised here names the path and what was attempted (the CLI prints it as one line).
 
@@ -31,6 +34,7 @@ from pathlib import Path
 
 KILL_ENV = "CAFFE_PRUNE_KILL_AT_WRITE"
 _writes = 0
+_held = set()       # descriptors of the locks this process holds
 
 
 class FileError(OSError):
@@ -163,9 +167,10 @@ def append_line(path, line: str) -> None:
         _fail("append to", path, exc)
 
 
-def complete_lines(path) -> list:
+def complete_lines(path, repair: bool = True) -> list:
     """The complete lines of a file written by ``append_line``; a torn last line (no newline: a
-    kill during the append) is cut off the file. A missing file has no lines."""
+    kill during the append) is cut off the file (``repair``: only the process that owns the file
+    may; a reader leaves it, as its writer may be appending right now). A missing file has no lines."""
     path = Path(path)
     if not path.exists():
         return []
@@ -174,7 +179,7 @@ def complete_lines(path) -> list:
     except OSError as exc:
         _fail("read", path, exc)
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    if end < len(data) and repair:
         try:
             os.truncate(path, end)
         except OSError as exc:
@@ -213,10 +218,12 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
         self._fd = fd
+        _held.add(fd)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            _held.discard(self._fd)
             os.close(self._fd)     # closing drops the flock
             self._fd = None
 
@@ -226,3 +233,30 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the lock descriptors of the parent (the flock is the open file's,
+    so a child keeping the descriptor would keep the lock after its parent died)."""
+    for fd in list(_held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this (forked or spawned) child when its parent dies, even by
+    SIGKILL (PR_SET_PDEATHSIG), so that no orphan keeps computing for, or writing to, a run that
+    the same command resumes; exits at once when the parent is already gone."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)

@@ -1,9 +1,10 @@
 """Channel masks written straight into the parameter blobs of the Caffe nets in use.
 
 Pruning a group (caffe_prune.graph) zeroes, in every given ``caffe.Net`` (a TEST net, and a TRAIN
-net that may share its params), the regions of Θ_C: the producers' filters and biases, the
-consumers' input slices (a convolution's weights for that input channel, in the right group; an
-InnerProduct's block of H*W inputs) and, under the default semantics, the per-channel riders.
+net that may share its params), the regions of Θ_C, its slices (``graph.group_slices``, the one
+geometry export and the counts read too): the producers' filters and biases, the consumers' input
+slices (a convolution's weights for that input channel, in the right group; an InnerProduct's block
+of H*W inputs) and, under the default semantics, the per-channel riders.
 
 Semantics (say which in every record):
 
@@ -24,6 +25,8 @@ group still masked on the layers touched.
 """
 from __future__ import annotations
 
+from caffe_prune.graph import group_slices
+
 SEMANTICS = ("zero-downstream", "authors")
 
 
@@ -32,33 +35,13 @@ class MaskError(ValueError):
 
 
 def regions(graph, group, semantics: str = "zero-downstream"):
-    """The (layer, blob index, numpy index) regions a group zeroes, in the net's parameter blobs."""
+    """The (layer, blob index, numpy index) regions a group zeroes in the net's parameter blobs: its
+    slices (caffe_prune.graph.group_slices) that masking zeroes; the riders only under the
+    zero-downstream semantics."""
     if semantics not in SEMANTICS:
         raise MaskError(f"semantics {semantics!r} is not one of {', '.join(SEMANTICS)}")
-    out = []
-    for unit in group.channels:
-        info = graph.producers[unit.layer]
-        out.append((unit.layer, 0, (unit.index,)))
-        if info.bias:
-            out.append((unit.layer, 1, (unit.index,)))
-    for consumer in group.consumers:
-        if consumer.kind == "conv":
-            info = graph.producers[consumer.layer]
-            per_group_in = info.in_channels // info.group
-            per_group_out = info.num_output // info.group
-            g = consumer.input_channel // per_group_in
-            outs = slice(g * per_group_out, (g + 1) * per_group_out)
-            out.append((consumer.layer, 0, (outs, consumer.input_channel % per_group_in)))
-        else:
-            info = graph.fc[consumer.layer]
-            c = consumer.input_channel
-            columns = slice(c * info.block, (c + 1) * info.block)
-            out.append((consumer.layer, 0, (columns, slice(None)) if info.transpose else (slice(None), columns)))
-    if semantics == "zero-downstream":
-        for rider in group.riders:
-            for blob in graph.riding[rider.layer][1]:
-                out.append((rider.layer, blob, (rider.channel,)))
-    return out
+    return [(s.layer, s.blob, s.index) for s in group_slices(graph, group)
+            if s.zero and (s.role != "rider" or semantics == "zero-downstream")]
 
 
 class Masker:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from caffe_prune import engine, fsio
-from caffe_prune.layers import DATA_TYPES, LOSS_TYPES
+from caffe_prune.layers import DATA_TYPES, LEARNED_TYPES, LOSS_TYPES
 
 # the tops of the scoring layers evaluation_form adds (a slash keeps them apart from user blobs)
 EVAL_TOPS = {"loss": "caffe_prune/loss", "top1": "caffe_prune/top1", "top5": "caffe_prune/top5"}
@@ -168,10 +168,12 @@ def without_fillers(form):
     return fast
 
 
-def blob_shapes(form) -> dict:
-    """{blob: shape} of a form as Caffe computes them."""
+def shapes(form) -> dict:
+    """{"blobs": {blob: shape}, "params": {layer: [shape of each parameter blob]}} of a form, as
+    Caffe computes them."""
     net = engine.net_from_param(without_fillers(form))
-    return {name: tuple(blob.data.shape) for name, blob in net.blobs.items()}
+    return {"blobs": {name: tuple(blob.data.shape) for name, blob in net.blobs.items()},
+            "params": {name: [tuple(b.data.shape) for b in blobs] for name, blobs in net.params.items()}}
 
 
 @dataclass(frozen=True)
@@ -246,16 +248,14 @@ def gradient_form(form):
     skips the weight gradients they never read (about half of a backward's GEMMs); the first
     learnable layers on each path from the input keep lr_mult 1, which is what makes Caffe run the
     backward through everything above them. The blob diffs are the same bits."""
-    from caffe_prune.layers import DATA_TYPES
     out = engine.caffe_pb2().NetParameter()
     out.CopyFrom(form)
-    learnable = {"Convolution", "InnerProduct", "Deconvolution"}
     needs = set()                      # blobs Caffe will back-propagate into
     for layer in out.layer:
         if layer.type in DATA_TYPES:
             continue
         fed = any(b in needs for b in layer.bottom)
-        if layer.type in learnable:
+        if layer.type in LEARNED_TYPES:
             if not layer.param:
                 layer.param.add()
             layer.param[0].lr_mult = 0 if fed else (layer.param[0].lr_mult or 1)

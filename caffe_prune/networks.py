@@ -19,7 +19,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from caffe_prune import engine, layers
+from caffe_prune import engine
 from caffe_prune.data.transform import Transform
 
 NETWORKS = ("LeNet-5", "CIFAR10", "ResNet-20", "NIN", "AlexNet", "SqueezeNet")
@@ -340,46 +340,6 @@ def solver(name, net_path=None):
     return engine.caffe_pb2().SolverParameter(
         net=net_path or f"prototxt/{name}/train_test.prototxt",
         snapshot_prefix=f"snapshots/{name}", **schedule)
-
-
-# ---- what Table 1 counts --------------------------------------------------------------------------
-
-def conv_weight_count(net_param, channels: int = IMAGE_SHAPE[0]) -> int:
-    """Convolution weights of a NetParameter, by shape arithmetic (no net is built).
-
-    Counted: for every Convolution layer (1x1 cccp, squeeze/expand and projection convolutions
-    included), its weight blob num_output x (input channels / group) x kernel_h x kernel_w, which is
-    papers/004 Table 1's "conv params" (e.g. LeNet-5 26.5K). Not counted: convolution biases,
-    InnerProduct weights, BatchNorm and Scale blobs. Input channels follow the blobs from the data
-    layer (`channels` for a Data layer, the shape of an Input layer) through Concat (sum) and the
-    layers that keep channels (ReLU, Pooling, BatchNorm, ...)."""
-    width = {top: None for top in net_param.input}
-    total = 0
-    for layer in engine.layers_in_phase(net_param, "test"):
-        bottoms = [width.get(b) for b in layer.bottom]
-        if layer.type == "Input":
-            out = [shape.dim[1] if len(shape.dim) > 1 else None for shape in layer.input_param.shape]
-        elif layer.type in ("Data", "ImageData"):
-            out = [channels, None]
-        elif layer.type == "Convolution":
-            cp = layer.convolution_param
-            if bottoms[0] is None or bottoms[0] % cp.group:
-                raise engine.EngineError(f"layer {layer.name!r}: cannot tell its input channels "
-                                         f"({bottoms[0]}) or they do not divide into {cp.group} groups")
-            kernel_h = cp.kernel_h or cp.kernel_size[0]
-            kernel_w = cp.kernel_w or cp.kernel_size[-1]
-            total += cp.num_output * (bottoms[0] // cp.group) * kernel_h * kernel_w
-            out = [cp.num_output]
-        elif layer.type == "InnerProduct":
-            out = [layer.inner_product_param.num_output]
-        elif layer.type == "Concat" and layer.concat_param.axis == 1 and None not in bottoms:
-            out = [sum(bottoms)]
-        elif layers.rule(layer.type).kind in ("pass", "eltwise") or layer.type == "Softmax":
-            out = bottoms[:1] * len(layer.top)
-        else:   # Flatten, Reshape, losses: channels no longer mean feature maps
-            out = [None] * len(layer.top)
-        width.update(zip(layer.top, out))
-    return total
 
 
 # ---- the generated files --------------------------------------------------------------------------

@@ -1,13 +1,19 @@
 """The command line's shared options, parsed once at the boundary into the objects inner code takes:
-a ``Network`` (NET, ``--input-shape``), a ``Transform`` (``--scale``, ``--mean-value``,
-``--mean-file``, ``--crop-size``), a ``Dataset`` (``--data``, ``--data-root``) and a ``Session``
-(``--logits``, ``--batch-size``, ``--gpu``/``--cpu``)."""
+a ``Network`` (NET, ``--input-shape``), the transform flags (``--scale``, ``--mean-value``,
+``--mean-file``, ``--crop-size``), a ``Session`` (``--data``, ``--data-root``, ``--logits``,
+``--batch-size``, ``--gpu``/``--cpu``: caffe_prune.session.Session.open) and a pruning run's
+``Config`` (Algorithm 1's knobs: their defaults are read from caffe_prune.pruning.Config, never
+restated here)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 
-from caffe_prune import engine
-from caffe_prune.data.transform import Transform
+from caffe_prune import masking, metrics, oracle, passes
+from caffe_prune.data.dataset import VAL_SPLITS
+from caffe_prune.metrics.methods import DEFAULT_FORMS, PAPER_FORMS
+from caffe_prune.pruning import Config
 from caffe_prune.session import Network, Session, parse_shape
 
 DATA_HELP = ("cifar10 or a CIFAR-10 directory/archive/URL, an LMDB or LevelDB of Datums, an ImageData list file, "
@@ -72,6 +78,65 @@ def add_training(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_engine(p) -> None:
+    """How one run's Caffe work is done (caffe_prune.passes); the decisions are the same either way."""
+    p.add_argument("--engine", choices=passes.ENGINES, default=Config.default("engine"),
+                   help="fast (default): suffix-only probes, incremental test, workers; naive: full forwards "
+                        "(the reference)")
+    p.add_argument("--workers", type=int, default=None, help="fast engine's processes (default: one per core)")
+    p.add_argument("--cache-mb", type=int, default=None,
+                   help="fast engine's memory for test checkpoints (default: a quarter of the free memory)")
+
+
+def add_forms(p, default: str | None = DEFAULT_FORMS) -> None:
+    p.add_argument("--forms", choices=tuple(PAPER_FORMS), default=default,
+                   help="papers/004's five where they are named as a set (an oracle over `paper`, and `reproduce`'s "
+                        "metrics): table2 (the default), the forms that reproduce Table 2 (the authors' code's, Fisher "
+                        "as eq. 4 is printed); code, as the authors' code computes all five; printed, eq1..eq5 (README, "
+                        "Faithfulness)")
+
+
+def add_prune(p) -> None:
+    """Algorithm 1's knobs; each default is pruning.Config's (the paper's protocol, papers/004 §5)."""
+    d = Config.default
+    p.add_argument("--k", type=int, default=d("k"), help=f"oracle shortlist size (default {d('k')})")
+    p.add_argument("--eval-size", type=int, default=d("eval_size"),
+                   help=f"validation batches per saliency (default {d('eval_size')})")
+    p.add_argument("--oracle-eval-size", type=int, default=d("oracle_eval_size"),
+                   help=f"validation batches per sensitivity (default {d('oracle_eval_size')})")
+    p.add_argument("--test-size", type=int, default=d("test_size"),
+                   help=f"test batches per measurement (default {d('test_size')}, or all)")
+    p.add_argument("--test-interval", type=int, default=d("test_interval"),
+                   help=f"measure test top-1 every N steps (default {d('test_interval')})")
+    p.add_argument("--max-drop", type=float, default=d("max_drop"),
+                   help=f"stop past this many points below the start (default {d('max_drop'):g})")
+    p.add_argument("--no-drop-stop", action="store_true",
+                   help="no drop stop: prune to the end (Figure 6's whole curves; --floor and --max-steps still stop)")
+    p.add_argument("--floor", type=float, default=d("floor"), help="also stop below this absolute top-1 (%%)")
+    p.add_argument("--max-steps", type=int, default=d("max_steps"), help="stop after N steps")
+    p.add_argument("--seed", type=int, default=d("seed"), help=f"seed of the batch draws (default {d('seed')})")
+    p.add_argument("--semantics", choices=masking.SEMANTICS, default=d("semantics"))
+    p.add_argument("--reading", choices=metrics.READINGS, default=d("reading"),
+                   help="which tensors activation metrics read (default: the authors' blob data/diff)")
+    p.add_argument("--shortlist", choices=oracle.SHORTLISTS, default=d("shortlist"),
+                   help="the oracle's short-listing rule: the paper's text (default) or the authors' released code")
+    p.add_argument("--batch-size", type=int, default=d("batch_size"),
+                   help=f"images per batch (default {d('batch_size')}, the paper's)")
+    p.add_argument("--retrain-every", type=int, default=d("retrain_every"), metavar="S",
+                   help="prune-retrain: after every S steps, fine-tune the masked net (pruned groups held at zero)")
+    p.add_argument("--retrain-iters", type=int, default=d("retrain_iters"), metavar="I",
+                   help="solver iterations of each retraining (the network's schedule; with --retrain-every)")
+    p.add_argument("--val-split", choices=VAL_SPLITS, default=d("val_split"),
+                   help="validation images: seeded (default; 10,000 random training images, the same fraction of a "
+                        "set smaller than CIFAR-10's 50,000) or authors (CIFAR-10 only: the 5,000 the authors' release "
+                        "lists, those present)")
+    add_forms(p)
+    add_head(p)
+    add_data(p)
+    p.add_argument("--force", action="store_true", help="replace a run with another configuration in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def mode(args) -> tuple:
     """(mode, device) for engine.set_mode."""
     if getattr(args, "gpu", None) is not None:
@@ -87,35 +152,39 @@ def transform_fields(args) -> dict | None:
     return fields or None
 
 
-def transform_of(fields: dict | None) -> Transform | None:
-    if not fields:
-        return None
-    tp = engine.caffe_pb2().TransformationParameter()
-    for key, value in fields.items():
-        if key == "mean_value":
-            tp.mean_value.extend(value)
-        elif key == "crop_size" and value < 0:
-            raise engine.EngineError(f"--crop-size {value} must be at least 0")
-        else:
-            setattr(tp, key, value)
-    return Transform.from_param(tp, "the command line's transform")
-
-
 def network(args) -> Network:
     return Network.open(args.net, parse_shape(getattr(args, "input_shape", None)))
 
 
-def dataset(args, net: Network, progress: bool = True, holdout: bool = True):
-    from caffe_prune.data.dataset import open_dataset
-    return open_dataset(net, args.data, transform_of(transform_fields(args)), args.data_root, progress=progress,
-                        holdout=holdout)
-
-
-def session(args, net: Network | None = None, with_data: bool = True, batch_size: int = 128, progress=True,
-            holdout: bool = True):
-    net = net or network(args)
-    net.head(args.logits)                      # a net with no head is refused before any data is read
-    data = dataset(args, net, progress, holdout) if with_data else None
+def session(args, with_data: bool = True, batch_size: int = 128, progress=True, holdout: bool = True,
+            form: str = "evaluation") -> Session:
     chosen, device = mode(args)
-    return Session(net, args.weights, data, batch_size=batch_size, logits=args.logits, mode=chosen,
-                   device=device)
+    return Session.open(network(args), args.weights, args.data if with_data else None,
+                        transform=transform_fields(args), data_root=args.data_root, logits=getattr(args, "logits", None),
+                        batch_size=batch_size, mode=chosen, device=device, holdout=holdout, with_data=with_data,
+                        form=form, progress=progress)
+
+
+def oracle_list(value, forms: str = DEFAULT_FORMS) -> list:
+    """The oracle's constituents: ``paper`` (or no list) is papers/004's five in ``forms``; otherwise
+    the comma-separated names as given."""
+    return list(PAPER_FORMS[forms]) if value in (None, "paper") else [m for m in value.split(",") if m]
+
+
+def prune_config(args, net, weights, metric=None, oracle=None, seed=None) -> Config:
+    """A pruning run's Config from the parsed options (each field the option of the same name)."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    given.update(net=os.fsdecode(net), weights=os.fsdecode(weights), metric=metric, oracle=list(oracle or []),
+                 max_drop=None if getattr(args, "no_drop_stop", False) else args.max_drop,
+                 seed=args.seed if seed is None else seed, transform=transform_fields(args),
+                 input_shape=getattr(args, "input_shape", None))
+    return Config(**given)
+
+
+def prune_method(args) -> tuple:
+    """(metric, oracle constituents) of `prune`/`bench`'s --metric or --oracle [LIST] and --forms."""
+    if getattr(args, "metric", None):
+        return args.metric, None
+    return None, oracle_list(getattr(args, "oracle", None), getattr(args, "forms", DEFAULT_FORMS))
+

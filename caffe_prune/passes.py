@@ -49,7 +49,7 @@ from multiprocessing.connection import Pipe
 
 import numpy as np
 
-from caffe_prune import engine, evaluate, metrics, netdef, oracle
+from caffe_prune import engine, evaluate, fsio, metrics, netdef, oracle
 from caffe_prune.metrics.collect import Tensors
 from caffe_prune.netdef import EVAL_TOPS
 
@@ -81,9 +81,10 @@ def default_cache_mb() -> int:
 
 class Plan:
     """Static facts about an evaluation net's layers: where each blob is written and read, the
-    frontier before each layer, the first layer a group's masks touch, FLOPs per image."""
+    frontier before each layer, the first layer a group's masks touch, FLOPs per image (twice the
+    multiply-accumulates the channel graph counts, caffe_prune.graph.ChannelGraph.layer_macs)."""
 
-    def __init__(self, net):
+    def __init__(self, net, graph):
         self.names = list(net._layer_names)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.bottoms = [list(net.bottom_names[n]) for n in self.names]
@@ -91,8 +92,8 @@ class Plan:
         self.inputs = set(net.inputs)
         self.end = len(self.names) - 1
         self._frontiers = {}
-        shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
-        self.flops = [self._flops(net, i, shapes) for i in range(len(self.names))]
+        macs = graph.layer_macs()
+        self.flops = [2 * macs.get(name, 0) for name in self.names]
 
     def frontier(self, start: int) -> list:
         """The blobs layers start.. read that layers ..start-1 wrote (net inputs excepted: no layer
@@ -106,16 +107,6 @@ class Plan:
     def start(self, regions) -> int:
         """The first layer a group's mask regions (masking.regions) touch."""
         return min(self.index[layer] for layer, _, _ in regions)
-
-    def _flops(self, net, i, shapes) -> int:
-        """Multiply-adds x 2 per image of layer i (convolutions and InnerProducts; others ~0)."""
-        layer = net.layers[i]
-        if layer.type not in ("Convolution", "InnerProduct") or not self.tops[i]:
-            return 0
-        out = shapes[self.tops[i][0]]
-        weights = net.params[self.names[i]][0].data
-        per_output = weights[0].size                  # C/g * kh * kw, or the InnerProduct's inputs
-        return 2 * int(np.prod(out[1:])) * per_output
 
     def checkpoints(self, shapes, images: int, budget_bytes: int, most: int = 8) -> list:
         """Up to ``most`` layer indices, spread evenly over the forward's FLOPs, whose frontiers for
@@ -161,7 +152,7 @@ class Worker:
         self.net, self.graph, self.masker = net, graph, masker
         self.gradient_net = gradient_net or net
         self.batch_size, self.cache_budget = batch_size, cache_bytes
-        self.plan = Plan(net)
+        self.plan = Plan(net, graph)
         self.shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
         self.test_x = self.test_y = None
         self.test_ids = []
@@ -266,9 +257,11 @@ class _Remote:
 
     def __init__(self, worker: Worker):
         self.conn, child = Pipe()
+        parent = os.getpid()
         self.pid = os.fork()
-        if self.pid == 0:
+        if self.pid == 0:        # (the run's lock is closed in every fork: caffe_prune.fsio)
             self.conn.close()
+            fsio.die_with_parent(parent)
             _serve(worker, child)
         child.close()
 

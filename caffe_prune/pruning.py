@@ -8,24 +8,16 @@ initial accuracy (never, with ``max_drop`` None: Figure 6's whole curves), below
 absolute ``floor``, after ``max_steps``, or when nothing is left to prune. Every decision uses
 validation images (caffe_prune.data.dataset); the test set is only measured.
 
-A run lives in a directory, in plain formats that need no code to read:
-
-- ``config.json``: the configuration, the sha256 of the definition, the weights and the data (test
-  and validation records as read), the protocol and versions; written atomically;
-- ``steps.jsonl``: one JSON object per completed step, appended and fsync'ed; step 0 is the
-  unpruned net. A killed run, restarted with the same command, replays the committed groups and
-  continues after the last complete line (a torn last line is cut off), and ends exactly as an
-  uninterrupted run would. Nothing is ever rewritten in place.
-- ``.lock``: held by the process running it; a second process is refused with the first's PID and
-  host; the lock of a dead process is taken over.
-- with a prune-retrain schedule (``retrain_every`` S, ``retrain_iters`` I; not in Algorithm 1):
-  after every S committed steps the masked net is fine-tuned for I solver iterations with every
-  pruned group held at zero (caffe_prune.train.retrain), in the training run directory
-  ``retrain-<step>/``, and saved as ``retrained-<step>.caffemodel``; that step's record holds
-  ``"retrain": {"iters", "before", "after", "seconds", ...}`` (test scores before and after), and
-  the stop rule reads the accuracy after. A resume loads the newest ``retrained-<s>.caffemodel`` at
-  or before the last complete step before re-committing the masks; a kill during a retraining
-  resumes it from its newest snapshot (see caffe_prune.train for why that ends with the same bits).
+A run lives in a directory of plain files (caffe_prune.rundir: ``config.json``, ``steps.jsonl``,
+the lock, and with a prune-retrain schedule the retrainings): a killed run, restarted with the same
+command, replays the committed groups and continues after the last complete step, and ends exactly
+as an uninterrupted run would. With a prune-retrain schedule (``retrain_every`` S, ``retrain_iters``
+I; not in Algorithm 1) the masked net is fine-tuned for I solver iterations after every S committed
+steps, every pruned group held at zero (caffe_prune.train.retrain); that step's record holds
+``"retrain": {"iters", "before", "after", "seconds", ...}`` (test scores before and after), and the
+stop rule reads the accuracy after. A resume loads the newest retrained caffemodel at or before the
+last complete step before re-committing the masks; a kill during a retraining resumes it from its
+newest snapshot (see caffe_prune.train for why that ends with the same bits).
 
 A resume compares contents, not paths: the same weights and data at another path continue the
 run, other contents at the same path are refused (``--force`` starts over). ``config.json`` that is
@@ -41,19 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, fsio, masking, metrics, oracle, passes
+from caffe_prune import engine, masking, metrics, oracle, passes
 from caffe_prune.download import digest
-
-STEPS, CONFIG = "steps.jsonl", "config.json"
+from caffe_prune.rundir import RunDir
+from caffe_prune.session import Session
 
 
 def later(default):
@@ -106,6 +97,12 @@ class Config:
         """{field: default} of the fields added later (see ``later``)."""
         return {f.name: f.default for f in fields(cls) if f.metadata.get("later")}
 
+    @classmethod
+    def default(cls, name: str):
+        """A field's default (what every command's option of the same name defaults to)."""
+        f = next(f for f in fields(cls) if f.name == name)
+        return f.default_factory() if f.default_factory is not MISSING else f.default
+
     def check(self) -> None:
         if (self.metric is None) == (not self.oracle):
             raise engine.EngineError("give exactly one of --metric M or --oracle M1,M2,...")
@@ -151,20 +148,16 @@ class Run:
     """One pruning run: the session (net, graph, data), the masks, and the run directory."""
 
     def __init__(self, config: Config, out_dir, data=None, force: bool = False, progress: bool = True):
-        from caffe_prune import options
-        from caffe_prune.data.dataset import open_dataset
-        from caffe_prune.session import Network, Session, parse_shape
         config.check()
         if data is not None and config.data is None:     # the older call: data beside the config
             config.data = os.fsdecode(data)
         self.config, self.out, self.progress = config, Path(out_dir), progress
+        self.dir = RunDir(self.out)
         self.timing = {}                 # seconds of the current step's phases (saliency, probes, test)
-        self.lock = fsio.RunLock(self.out).acquire()
+        self.lock = self.dir.lock()
         try:
-            network = Network.open(config.net, parse_shape(config.input_shape))
-            dataset = open_dataset(network, config.data, options.transform_of(config.transform), config.data_root,
-                                   progress=progress, val_split=config.val_split)
-            self.session = Session(network, config.weights, dataset, config.batch_size, config.logits)
+            self.session = Session.from_config(config, progress=progress)
+            dataset, network = self.session.dataset, self.session.network
             self.net, self.graph = self.session.net, self.session.graph
             self.masker = masking.Masker(self.graph, [self.net], config.semantics)
             dataset.check_labels(self.session.classes, network.where, ("validation",))
@@ -195,7 +188,7 @@ class Run:
             self.lock.release()
             raise
 
-    # ---- the run directory ----
+    # ---- the run directory (caffe_prune.rundir) ----
 
     @staticmethod
     def _decisive(header: dict) -> dict:
@@ -205,26 +198,10 @@ class Run:
         protocol = {k: v for k, v in header.get("protocol", {}).items() if k != "data"}
         return {"config": config, "identity": header.get("identity"), "protocol": protocol}
 
-    def _previous(self):
-        """The header in config.json, or None when there is none or it is empty/torn (rebuilt)."""
-        path = self.out / CONFIG
-        if path.is_dir():
-            raise engine.EngineError(f"{path} is a directory; the run directory is damaged: use another --out")
-        try:
-            header = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (ValueError, UnicodeDecodeError):
-            return None          # a kill during its first write: rebuilt from this command
-        except OSError as exc:
-            raise engine.EngineError(f"cannot read {path}: {exc.strerror}") from None
-        return header if isinstance(header, dict) and isinstance(header.get("config"), dict) else None
-
     def _open(self, force: bool) -> list:
         """Create the run directory, or resume the run in it when it is this run."""
-        for stale in self.out.glob(".*.tmp"):      # a write killed before its rename (we hold the lock)
-            stale.unlink()
-        previous = self._previous()
+        self.dir.remove_temporaries()             # a write killed before its rename (we hold the lock)
+        previous = self.dir.header()
         if previous is not None and self._decisive(previous) != self._decisive(self.header):
             if not force:
                 mine, theirs = self._decisive(self.header), self._decisive(previous)
@@ -233,54 +210,21 @@ class Run:
                            if (theirs.get("identity") or {}).get(k) != mine["identity"][k]]
                 raise engine.EngineError(f"{self.out} holds a run with a different configuration "
                                          f"({', '.join(differ) or 'protocol'}); use another --out or --force")
-            self._clear()
+            self.dir.clear()
             previous = None
         if previous is None or previous["config"] != self.header["config"]:   # new, or new paths/stop rule
-            fsio.write_json(self.out / CONFIG, self.header)
-        steps = self._read_steps()
+            self.dir.write_header(self.header)
+        steps = self.dir.steps(len(self.graph.groups))
         if self.config.retrain_every and len(steps) > 1:
-            from caffe_prune import train
-            retrained = train.retrained_weights(self.out, len(steps) - 1, steps)
+            retrained = self.dir.retrained_weights(len(steps) - 1, steps)
             if retrained is not None:       # the net as the last retraining left it (its masks are zeros)
                 self.net.copy_from(str(retrained))
         for step in steps[1:]:
             self.masker.commit(step["group"])
         return steps
 
-    def _clear(self) -> None:
-        """--force: remove the other run's files (the lock stays ours)."""
-        import shutil
-        for entry in self.out.iterdir():
-            if entry.name == ".lock":
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-
-    def _read_steps(self) -> list:
-        path = self.out / STEPS
-        if path.is_dir():
-            raise engine.EngineError(f"{path} is a directory; the run directory is damaged: use --force or another --out")
-        steps = []
-        for number, line in enumerate(fsio.complete_lines(path), 1):
-            try:
-                step = json.loads(line)
-            except ValueError:
-                step = None
-            expected = len(steps)
-            valid = isinstance(step, dict) and step.get("step") == expected and \
-                (step.get("group") is None if expected == 0 else
-                 isinstance(step.get("group"), int) and 0 <= step["group"] < len(self.graph.groups)) and \
-                (expected > 0 or isinstance(step.get("test"), dict))
-            if not valid or (expected and step["group"] in {s["group"] for s in steps[1:]}):
-                raise engine.EngineError(f"{path}:{number} is not step {expected} of this run; the run directory "
-                                         f"is damaged: use --force (starts over) or another --out")
-            steps.append(step)
-        return steps
-
     def _append(self, record: dict) -> None:
-        fsio.append_line(self.out / STEPS, json.dumps(record))
+        self.dir.append(record)
         self.steps.append(record)
 
     def close(self) -> None:
@@ -380,7 +324,7 @@ class Run:
         from caffe_prune import train
         c = self.config
         self.engine.close()
-        done = train.retrain(self.session, self.masker, self.retraining, self.out, step, c.retrain_iters,
+        done = train.retrain(self.session, self.masker, self.retraining, self.dir, step, c.retrain_iters,
                              data_offset=(step // c.retrain_every - 1) * c.retrain_iters, progress=self.progress)
         committed = list(self.masker.committed)
         self.masker = masking.Masker(self.graph, [self.net], c.semantics)

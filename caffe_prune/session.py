@@ -1,12 +1,16 @@
-"""The one way into a network, for every command.
+"""The one way into a network, for every command and library entry point.
 
 ``Network.open(NET)``: NET is one of the six built-in networks, a prototxt, or a caffemodel whose
 embedded definition is used. The structure (``graph``, ``structure``) needs nothing else: the
 input shape comes from the prototxt (caffe_prune.netdef.declared_input_shape) or ``--input-shape``.
 
-``Session(network, weights, dataset)`` adds what evaluation, saliency and pruning need: the
-classifier head (``--logits`` or found), the evaluation form built in Caffe with the weights, the
-channel graph of that form, and the dataset (caffe_prune.data.dataset), checked against the head.
+``Session.open(NET, WEIGHTS, data, ...)`` (or ``Session.from_config(config)`` for a pruning run's
+caffe_prune.pruning.Config) adds what evaluation, saliency, pruning and export need, in one order
+every caller shares: the network, its classifier head (``--logits`` or found; a net without one is
+refused before any data is read), the dataset (caffe_prune.data.dataset, its transform from the
+data layers or the transform flags), the Caffe mode, and the net built in Caffe with the weights:
+the evaluation form (the layers feeding the logits, scored by Caffe's own loss and accuracy
+layers) or, for export, the structure form (every layer), with the channel graph of that net.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from caffe_prune import engine, evaluate, netdef, networks
+from caffe_prune.data.dataset import open_dataset
+from caffe_prune.data.transform import Transform
 from caffe_prune.graph import ChannelGraph
 
 
@@ -76,19 +82,20 @@ class Network:
     def structure(self, input_shape=None):
         return netdef.structure_form(self.param, input_shape or self.input_shape, self.where)
 
-    def shapes(self, input_shape=None) -> dict:
-        """{blob: shape} of the structure form as Caffe computes them."""
+    def shapes(self, input_shape=None, what: str = "blobs") -> dict:
+        """{blob: shape} (``what="params"``: {layer: [parameter blob shapes]}) of the structure form
+        as Caffe computes them."""
         shape = tuple(input_shape or self.input_shape)
         if shape not in self._shapes:
             form = self.structure(shape)
             engine.check_net(form, "test", self.where)
-            self._shapes[shape] = netdef.blob_shapes(form)
-        return self._shapes[shape]
+            self._shapes[shape] = netdef.shapes(form)
+        return self._shapes[shape][what]
 
     @cached_property
     def graph(self) -> ChannelGraph:
         """The channel graph of the whole net (every TEST-phase layer but the label readers)."""
-        return ChannelGraph.build(self.structure(), self.shapes())
+        return ChannelGraph.build(self.structure(), self.shapes(), self.shapes(what="params"))
 
     def head(self, logits: str | None = None) -> netdef.Head:
         return netdef.choose_head(self.param, logits, self.where)
@@ -101,11 +108,18 @@ class Network:
         return int(shape[1])
 
 
+FORMS = ("evaluation", "structure")
+
+
 class Session:
-    """Network + weights + dataset + mode: the evaluation net in Caffe and its channel graph."""
+    """Network + weights + dataset + mode: the net in Caffe (the evaluation form, or the structure
+    form for export) and its channel graph."""
 
     def __init__(self, network: Network, weights=None, dataset=None, batch_size: int = 128,
-                 logits: str | None = None, mode: str = "auto", input_shape=None, device: int = 0):
+                 logits: str | None = None, mode: str = "auto", input_shape=None, device: int = 0,
+                 form: str = "evaluation"):
+        if form not in FORMS:
+            raise engine.EngineError(f"form {form!r} is not one of {', '.join(FORMS)}")
         engine.set_mode(mode, device)
         self.network, self.dataset, self.weights = network, dataset, weights
         self.batch_size = batch_size
@@ -115,16 +129,48 @@ class Session:
             raise engine.EngineError(f"{dataset.description}: the images are {'x'.join(map(str, self.input_shape))} after "
                                      f"the transform, but {network.where} takes {'x'.join(map(str, declared))}; pass "
                                      f"--crop-size, other --data or --input-shape")
-        self.head = network.head(logits)
-        if self.head.note:
-            warnings.warn(self.head.note, stacklevel=2)
-        self.classes = network.classes(self.head, self.input_shape)
-        if dataset is not None:
-            dataset.check_labels(self.classes, network.where)
-        self.form = netdef.evaluation_form(network.param, self.input_shape, batch_size, self.head, self.classes)
+        self.head = self.classes = None
+        if form == "evaluation":
+            self.head = network.head(logits)
+            if self.head.note:
+                warnings.warn(self.head.note, stacklevel=2)
+            self.classes = network.classes(self.head, self.input_shape)
+            if dataset is not None:
+                dataset.check_labels(self.classes, network.where)
+            self.form = netdef.evaluation_form(network.param, self.input_shape, batch_size, self.head, self.classes)
+        else:
+            self.form = network.structure(self.input_shape)
         built = netdef.without_fillers(self.form) if weights is not None else self.form   # every blob is loaded
         self.net = engine.net_from_param(built, weights, where=network.where)
-        self.graph = ChannelGraph.build(self.form, {n: b.data.shape for n, b in self.net.blobs.items()})
+        self.graph = ChannelGraph.of_net(self.form, self.net)
+
+    @classmethod
+    def open(cls, net, weights=None, data=None, *, transform: dict | None = None, data_root: str = "",
+             input_shape=None, logits: str | None = None, batch_size: int = 128, mode: str = "auto",
+             device: int = 0, val_split: str = "seeded", holdout: bool = True, with_data: bool = True,
+             form: str = "evaluation", progress: bool = True) -> "Session":
+        """The session every command and entry point opens: ``net`` a Network or what Network.open
+        takes; ``data`` what caffe_prune.data.dataset.open_dataset takes (None: the net's own data
+        layers, CIFAR-10 for the built-in networks); ``transform`` the transform flags as plain data
+        ({scale, mean_value, mean_file, crop_size}: Transform.from_fields), replacing the data
+        layers'; ``with_data`` False opens no dataset (export with random inputs, structure only)."""
+        network = net if isinstance(net, Network) else Network.open(net, parse_shape(input_shape))
+        if form == "evaluation":
+            network.head(logits)                  # a net with no head is refused before any data is read
+        dataset = open_dataset(network, data, Transform.from_fields(transform), data_root, progress=progress,
+                               holdout=holdout, val_split=val_split) if with_data else None
+        return cls(network, None if weights is None else os.fsdecode(weights), dataset, batch_size, logits, mode,
+                   device=device, form=form)
+
+    @classmethod
+    def from_config(cls, config, weights=None, progress: bool = True, mode: str = "auto") -> "Session":
+        """The session of a pruning run's configuration (caffe_prune.pruning.Config: net, weights,
+        data, data_root, transform, input_shape, logits, batch_size, val_split); ``weights``
+        replaces the configuration's (a retrained caffemodel)."""
+        return cls.open(config.net, weights if weights is not None else config.weights, config.data,
+                        transform=config.transform, data_root=config.data_root, input_shape=config.input_shape,
+                        logits=config.logits, batch_size=config.batch_size, mode=mode,
+                        val_split=config.val_split, progress=progress)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batches: int | None = None, progress: bool = False) -> dict:
         return evaluate.evaluate(self.net, x, y, self.batch_size, batches=batches, progress=progress)

@@ -164,7 +164,7 @@ class Store:
         self.db.row_factory = sqlite3.Row
         try:
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self._wal()
             self.db.execute("PRAGMA synchronous = FULL")
             self.version = self._migrate(target)
         except StoreError:
@@ -173,6 +173,20 @@ class Store:
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise StoreError(f"{self.path} is not a usable results store ({exc})") from None
+
+    def _wal(self) -> None:
+        """WAL journaling. Switching a new file to WAL needs the database to itself, and SQLite
+        answers "locked" at once (no busy handler) while another process opens it too: retried
+        until the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def close(self) -> None:
         self.db.close()

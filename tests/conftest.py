@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from caffe_prune import engine
+from caffe_prune import engine, layers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -51,3 +51,42 @@ def evaluation(net, weights, batches=None, data=SUBSET, **kw):
     for key, value in kw.items():
         setattr(args, key, value)
     return cli.run_evaluation(args, progress=False)[0]
+
+
+def conv_weight_count(net_param, channels: int = 3) -> int:
+    """Convolution weights of a NetParameter, by shape arithmetic (no net is built): an independent
+    count to hold the channel graph's against (it was caffe_prune.networks.conv_weight_count).
+
+    Counted: for every Convolution layer (1x1 cccp, squeeze/expand and projection convolutions
+    included), its weight blob num_output x (input channels / group) x kernel_h x kernel_w, which is
+    papers/004 Table 1's "conv params" (e.g. LeNet-5 26.5K). Not counted: convolution biases,
+    InnerProduct weights, BatchNorm and Scale blobs. Input channels follow the blobs from the data
+    layer (`channels` for a Data layer, the shape of an Input layer) through Concat (sum) and the
+    layers that keep channels (ReLU, Pooling, BatchNorm, ...)."""
+    width = {top: None for top in net_param.input}
+    total = 0
+    for layer in engine.layers_in_phase(net_param, "test"):
+        bottoms = [width.get(b) for b in layer.bottom]
+        if layer.type == "Input":
+            out = [shape.dim[1] if len(shape.dim) > 1 else None for shape in layer.input_param.shape]
+        elif layer.type in ("Data", "ImageData"):
+            out = [channels, None]
+        elif layer.type == "Convolution":
+            cp = layer.convolution_param
+            if bottoms[0] is None or bottoms[0] % cp.group:
+                raise ValueError(f"layer {layer.name!r}: cannot tell its input channels "
+                                         f"({bottoms[0]}) or they do not divide into {cp.group} groups")
+            kernel_h = cp.kernel_h or cp.kernel_size[0]
+            kernel_w = cp.kernel_w or cp.kernel_size[-1]
+            total += cp.num_output * (bottoms[0] // cp.group) * kernel_h * kernel_w
+            out = [cp.num_output]
+        elif layer.type == "InnerProduct":
+            out = [layer.inner_product_param.num_output]
+        elif layer.type == "Concat" and layer.concat_param.axis == 1 and None not in bottoms:
+            out = [sum(bottoms)]
+        elif layers.rule(layer.type).kind in ("pass", "eltwise") or layer.type == "Softmax":
+            out = bottoms[:1] * len(layer.top)
+        else:   # Flatten, Reshape, losses: channels no longer mean feature maps
+            out = [None] * len(layer.top)
+        width.update(zip(layer.top, out))
+    return total

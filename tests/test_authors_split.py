@@ -7,7 +7,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from caffe_prune import cli, engine, pruning
+from caffe_prune import cli, engine, options, pruning
 from caffe_prune.data import cifar10
 from caffe_prune.data.dataset import open_dataset, records_sha256
 from conftest import PUBLISHED, REPO, SUBSET
@@ -162,7 +162,7 @@ def test_config_and_cli_refuse_other_splits(capsys):
     assert "--val-split" in err and err.count("\n") == 1
     args = cli.build_parser().parse_args(["prune", "LeNet-5", str(LENET), "--metric", "mean_activations",
                                           "--out", "x", "--val-split", "authors"])
-    assert cli.prune_config(args, args.net, args.weights, args.metric).val_split == "authors"
+    assert options.prune_config(args, args.net, args.weights, args.metric).val_split == "authors"
     assert pruning.Config.neutral()["val_split"] == "seeded"
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import download, engine, export, masking, networks
+from caffe_prune import download, engine, export, masking
 from caffe_prune.session import Network
+from conftest import conv_weight_count
 
 SOURCE = download.CACHE_ROOT / "downloads" / "caffe_1.0.0+git20180821.99bd997.orig.tar.gz"
 
@@ -108,7 +109,7 @@ def test_groups_and_export(caffe, source_tree, tmp_path, name):
     network = Network.open(source_tree / name, shape)
     g = network.graph
     assert len(g.groups) == groups
-    assert g.conv_weights(set()) == networks.conv_weight_count(network.structure())
+    assert g.conv_weights(set()) == conv_weight_count(network.structure())
     if conv is not None:
         assert g.conv_weights(set()) == conv
     assert not g.barriers

@@ -9,6 +9,7 @@ from google.protobuf import text_format
 from caffe_prune import engine, graph, networks
 from caffe_prune.graph import Channel, ConsumerSlice, Rider
 from caffe_prune.session import Network
+from conftest import conv_weight_count
 
 # SqueezeNet's fire modules: (input channels, squeeze, expand) for fire2..fire9
 FIRES = [(64, 16, 64), (128, 16, 64), (128, 32, 128), (256, 32, 128),
@@ -48,7 +49,7 @@ def test_groups_and_weight_counts(caffe, name):
     g = built(name)
     assert len(g.groups) == GROUPS[name]
     assert [group.id for group in g.groups] == list(range(len(g.groups)))
-    assert g.conv_weights(set()) == networks.conv_weight_count(net_param)
+    assert g.conv_weights(set()) == conv_weight_count(net_param)
     assert g.fc_weights(set()) == FC_WEIGHTS[name]
     # every unit is in exactly one group, or unprunable
     units = [Channel(layer, i) for layer, info in g.producers.items() for i in range(info.num_output)]
@@ -238,9 +239,10 @@ def test_slice_on_channels_offsets(caffe, write_net):
 
 
 def test_unprunable_spreads_over_ties(caffe, write_net):
-    """MVN is not one of the graph's layers: a barrier. Unit a:0 reaches it, and b:0 is tied to a:0 by
+    """Tile is not one of the graph's layers: a barrier. Unit a:0 reaches it, and b:0 is tied to a:0 by
     an Eltwise, so b:0 cannot fall either."""
-    text = (DATA + conv("a", "data", 4) + conv("b", "data", 4) + layer("mvn", "MVN", ["a"], ["e"])
+    text = (DATA + conv("a", "data", 4) + conv("b", "data", 4)
+            + layer("mvn", "Tile", ["a"], ["e"], "tile_param { axis: 1 tiles: 1 }")
             + layer("sum", "Eltwise", ["a", "b"], ["sum"]) + conv("c", "sum", 2) + conv("d", "e", 2) + head("c", "d"))
     g, _ = caffe_graph(write_net, text)
     assert set(g.unprunable) == units("a", 4) | units("b", 4)

@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from caffe_prune import engine, layers, netdef, networks
 from caffe_prune.data import cifar10
 from caffe_prune.data.transform import Transform
-from conftest import PUBLISHED, REPO, SUBSET, TABLE1, evaluation_form
+from conftest import PUBLISHED, REPO, SUBSET, TABLE1, evaluation_form, conv_weight_count
 
 # Counted by hand from the layer shapes: out x in/group x kh x kw, summed over Convolution layers.
 HAND_COUNTS = {
@@ -58,15 +58,15 @@ def test_deploy_builds_and_counts_table1_conv_weights(caffe, write_net, name):
     prob = net.forward()["prob"]
     assert prob.shape == (2, 10)   # (ResNet-20's BatchNorm has no statistics yet: its values are NaN)
     built = sum(net.params[layer.name][0].data.size for layer in net_param.layer if layer.type == "Convolution")
-    assert built == networks.conv_weight_count(net_param)
+    assert built == conv_weight_count(net_param)
     table = TABLE1[name]["conv_params"]
     assert abs(built - table) <= 0.02 * table, f"{name}: {built} conv weights, Table 1 says {table}"
 
 
 @pytest.mark.parametrize("name", networks.NETWORKS)
 def test_conv_weight_count_matches_hand_count(name):
-    assert networks.conv_weight_count(networks.train_test(name)) == HAND_COUNTS[name]
-    assert networks.conv_weight_count(networks.deploy(name, 4)) == HAND_COUNTS[name]
+    assert conv_weight_count(networks.train_test(name)) == HAND_COUNTS[name]
+    assert conv_weight_count(networks.deploy(name, 4)) == HAND_COUNTS[name]
 
 
 def stock_body(net_param):

@@ -136,7 +136,7 @@ def test_plan_frontier_start_and_flops(resnet):
     """Before a block's conv1 the rest of the net needs the block's conv0 output and the block's
     input (the Eltwise reads it again, through Caffe's Split); a group's start is its earliest
     touched layer; FLOPs as counted by hand."""
-    plan, net = passes.Plan(resnet.net), resnet.net
+    plan, net = passes.Plan(resnet.net, resnet.graph), resnet.net
     i = plan.index["group0_block1_conv1"]
     labels = {b for b in plan.frontier(i) if b.startswith("label_")}    # Caffe's Splits of the label input
     assert set(plan.frontier(i)) - labels == {"group0_block1_conv0", net.bottom_names["group0_block1_sum"][1]}

@@ -2,12 +2,14 @@
 import json
 
 from caffe_prune import pruning, report
+from caffe_prune.metrics import methods
+from caffe_prune.report import figures, oracle, published
 from conftest import PUBLISHED, SHARED, SUBSET
 
 
 def test_transcribed_table2_matches_the_workplace_reference():
     shared = json.loads((SHARED / "reference" / "published.json").read_text())
-    assert report.PUBLISHED_TABLE2 == shared["table2_conv_weights_removed_percent_at_max_5pt_test_drop"]
+    assert published.PUBLISHED_TABLE2 == shared["table2_conv_weights_removed_percent_at_max_5pt_test_drop"]
 
 
 def test_mean_ci_by_hand():
@@ -162,7 +164,7 @@ def test_figure6_marks_the_retraining_points(tmp_path, monkeypatch):
             {"method": "oracle", "config": {"oracle": ["taylor"], "seed": 0}, "steps": [steps[0]] + [
                 {k: v for k, v in s.items() if k != "retrain"} for s in steps[1:]]},      # the same, not retrained
             {"method": "taylor", "config": {"oracle": [], "seed": 0, **retraining}, "steps": steps[:3]}]
-    path = report.figure6(runs, tmp_path / "figure6.png", "LeNet-5")
+    path = figures.figure6(runs, tmp_path / "figure6.png", "LeNet-5")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expected = [((10.0, 66.0), (10.0, 69.0)), ((30.0, 62.0), (30.0, 68.0)), ((10.0, 66.0), (10.0, 69.0))]
     assert sorted((tuple(map(float, a)), tuple(map(float, b))) for a, b in arrows) == sorted(expected)
@@ -174,16 +176,15 @@ def test_figure6_marks_the_retraining_points(tmp_path, monkeypatch):
 def test_printed_equations_share_the_published_rows():
     """eq1..eq5 (the five as printed) and the oracle over them are reported in the paper's rows,
     beside the same published figures; the sweep names that oracle as the report reads it."""
-    from caffe_prune import sweep
     from caffe_prune.metrics.taxonomy import PAPER_FORMS
-    printed, table2 = report.oracle_of_forms("printed"), report.oracle_of_forms("table2")
-    assert sweep.oracle_method(list(PAPER_FORMS["printed"]), {}) == printed
-    assert sweep.oracle_method(list(PAPER_FORMS["code"]), {}) == report.ORACLE
-    assert sweep.oracle_method(list(PAPER_FORMS["table2"]), {}) == table2
+    printed, table2 = methods.oracle_of_forms("printed"), methods.oracle_of_forms("table2")
+    assert methods.oracle_method(list(PAPER_FORMS["printed"])) == printed
+    assert methods.oracle_method(list(PAPER_FORMS["code"])) == methods.ORACLE
+    assert methods.oracle_method(list(PAPER_FORMS["table2"])) == table2
     assert PAPER_FORMS["table2"] == ("mean_activations", "taylor", "eq4", "mean_gradients", "mean_sq_weights")
     steps = [{"test": {"top1": 0.70}, "percent_conv_removed": 0}, {"test": {"top1": 0.69}, "percent_conv_removed": 41}]
     runs = [{"method": m, "net": "CIFAR10", "steps": steps} for m in ("fisher", "eq4", printed, table2)]
-    rows = {line.split(" | ")[0]: line for line in report.table(runs).splitlines()}
+    rows = {line.split(" | ")[0]: line for line in oracle.table(runs).splitlines()}
     assert "| 39 |" in rows["| Fisher information (eq. 4 as printed)"] and "| 39 |" in rows["| Fisher information"]
     assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over eq. 1-5 as printed"]
     assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over the Table-2 forms"]

@@ -159,7 +159,13 @@ def test_spec_expands_to_runs_with_stable_ids(tmp_path):
     methods = list(dict.fromkeys(t["method"] for t in tasks))
     assert methods[:6] == ["mean_sq_weights", "taylor", "activation/taylor/abs_sum/weights_removed",
                            "activation/x/l1/l1_layer", "activation/x/l1/l2_layer", "activation/apoz/sum/count"]
-    assert methods[6] == "domino-sum:mean_sq_weights" and methods[-2:] == ["oracle", "oracle:mean_sq_weights+taylor"]
+    # "paper" is papers/004's five in the SPEC's forms: the Table-2 forms by default, the code's on request
+    assert methods[6] == "domino-sum:mean_sq_weights" and \
+        methods[-2:] == ["oracle (table2 forms)", "oracle:mean_sq_weights+taylor"]
+    assert [t["oracle"] for t in tasks if t["method"] == "oracle (table2 forms)"][0] == \
+        ["mean_activations", "taylor", "eq4", "mean_gradients", "mean_sq_weights"]
+    code = sweep.parse_spec({**spec.as_dict(), "oracles": ["paper"], "forms": "code"})
+    assert {t["method"] for t in sweep.expand(code, data)} - set(methods[:-2]) == {"oracle"}
     assert len({t["id"] for t in tasks}) == len(tasks)
     # the id is the sha256 of the canonical JSON of the configuration, weights by content; fields added
     # later (pruning.later) are left out while they keep their default

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from caffe_prune import cli, engine, export, finetune, masking, pruning, train
+from caffe_prune.metrics import methods
 from caffe_prune.data import cifar10
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.session import Network, Session
@@ -147,7 +148,7 @@ def pruned(tmp_path_factory):
     """The published LeNet-5 pruned by the oracle until at least 30% of its conv weights are gone
     (measured: step 11, 30.6%, 71.1% -> 64.8% top-1 on the subset's 1017 test images)."""
     out = tmp_path_factory.mktemp("pruned")
-    config = pruning.Config(net="LeNet-5", weights=str(LENET), oracle=list(cli.PAPER_METRICS), test_size=8,
+    config = pruning.Config(net="LeNet-5", weights=str(LENET), oracle=list(methods.PAPER_FIVE), test_size=8,
                             max_drop=None, max_steps=13, data=str(SUBSET))
     steps = pruning.Run(config, out, progress=False).run()
     step = next(s["step"] for s in steps[1:] if s["percent_conv_removed"] >= 30)

@@ -17,8 +17,8 @@ import lmdb
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, fsio
-from caffe_prune.data.cifar10 import DataError
+from caffe_prune import engine, fsio, layers
+from caffe_prune.errors import DataError
 
 META = "caffe-prune.json"
 CHANNEL_ORDER = "BGR"
@@ -114,7 +114,7 @@ def check_data_layers(net_param, prototxt) -> None:
     Sources are relative to the working directory, as for Caffe."""
     lmdb_backend = engine.caffe_pb2().DataParameter.LMDB
     for layer in net_param.layer:
-        if layer.type == "Data" and layer.data_param.backend == lmdb_backend:
+        if layers.reader(layer) == "db" and layer.data_param.backend == lmdb_backend:
             try:
                 check_lmdb(layer.data_param.source)
             except DataError as exc:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from caffe_prune import fsio
 from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
+from caffe_prune.errors import DataError  # noqa: F401  (raised here; imported from here by older code)
 
 RECORD_BYTES = 1 + 3 * 32 * 32
 SPLIT_FILES = {
@@ -59,10 +60,6 @@ FETCHED = "fetched.json"                # in the cache: the md5 of the archive i
 # The paper judges every pruning decision on 10,000 random training images of the 50,000.
 VALIDATION_IMAGES = 10_000
 VAL_FILE = "val-indices.txt"
-
-
-class DataError(ValueError):
-    """Missing, corrupt or mismatched data; the message is one line naming the file."""
 
 
 def default_location() -> Path | None:

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine
+from caffe_prune import engine, layers
 from caffe_prune.data import cifar10, sources
-from caffe_prune.data.cifar10 import DataError
+from caffe_prune.errors import DataError
 from caffe_prune.data.transform import Transform
 
 
@@ -161,12 +161,12 @@ def _cifar(location, progress) -> tuple:
 
 
 def _layer_source(layer, where, progress) -> _Source:
-    return _Source(f"{where}: data layer {layer.name!r} ({sources.source_path(layer)})",
+    return _Source(f"{where}: data layer {layer.name!r} ({layers.source(layer)})",
                    lambda: sources.read(layer, progress=progress))
 
 
 def _readable(layer) -> bool:
-    path = sources.source_path(layer)
+    path = layers.source(layer)
     return bool(path) and Path(path).exists()
 
 
@@ -186,18 +186,18 @@ def layer_for(path, root: str = "", transform_param=None):
         else:
             raise DataError(f"{path} is a directory but neither an LMDB (data.mdb) nor a LevelDB (CURRENT), "
                             f"nor CIFAR-10; pass a dataset Caffe reads")
-        layer.type = "Data"
+        layer.type = layers.type_reading("db")
         layer.data_param.source, layer.data_param.backend, layer.data_param.batch_size = str(path), backend, 1
         return layer
     if not path.is_file():
         raise DataError(f"--data {path} does not exist")
     first = next((ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()), "")
     if first.lower().endswith((".h5", ".hdf5")):
-        layer.type = "HDF5Data"
+        layer.type = layers.type_reading("hdf5")
         layer.ClearField("transform_param")
         layer.hdf5_data_param.source, layer.hdf5_data_param.batch_size = str(path), 1
     else:
-        layer.type = "ImageData"
+        layer.type = layers.type_reading("list")
         p = layer.image_data_param
         p.source, p.root_folder, p.batch_size = str(path), root, 1
     return layer
@@ -206,9 +206,8 @@ def layer_for(path, root: str = "", transform_param=None):
 def _phase_layer(net_param, phase):
     """The first data layer of a phase; for "test", of the layers Caffe instantiates for evaluation
     (a definition saved from a TRAIN net has its data layers in TRAIN only)."""
-    from caffe_prune.layers import DATA_TYPES
-    layers = engine.instantiated_layers(net_param) if phase == "test" else engine.layers_in_phase(net_param, phase)
-    return next((l for l in layers if l.type in DATA_TYPES), None)
+    found = engine.instantiated_layers(net_param) if phase == "test" else engine.layers_in_phase(net_param, phase)
+    return next((l for l in found if l.type in layers.DATA_TYPES), None)
 
 
 VAL_SPLITS = ("seeded", "authors")
@@ -224,7 +223,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
         raise DataError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
     test_layer = _phase_layer(network.param, "test")
     own_transform = Transform.of(test_layer, f"{network.where}: layer {test_layer.name!r}") \
-        if test_layer is not None and test_layer.type != "Input" else None
+        if test_layer is not None and not layers.is_fed(test_layer) else None
     if own_transform is not None and own_transform.mirror and \
             any(l is test_layer for l in engine.layers_in_phase(network.param, "test")):
         warnings.warn(f"{own_transform.where}: mirror: true in the TEST phase; Caffe flips images at random even "
@@ -236,9 +235,9 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
     if data is None:
         if val_split == "authors":
             _not_cifar(f"{network.where}'s own data layers")
-        if test_layer is None or test_layer.type not in ("Data", "ImageData", "HDF5Data") or not _readable(test_layer):
-            what = f"its data layer {test_layer.name!r} reads {sources.source_path(test_layer) or 'nothing'}, which " \
-                   f"does not exist" if test_layer is not None and test_layer.type != "Input" else "it is fed by an Input layer"
+        if test_layer is None or not layers.is_reader(test_layer) or not _readable(test_layer):
+            what = f"its data layer {test_layer.name!r} reads {layers.source(test_layer) or 'nothing'}, which " \
+                   f"does not exist" if test_layer is not None and not layers.is_fed(test_layer) else "it is fed by an Input layer"
             raise DataError(f"{network.where} names no dataset to use: {what}; pass --data (cifar10, an LMDB or "
                             f"LevelDB, an image list, an HDF5 list, or a prototxt with data layers)")
         train_layer = _phase_layer(network.param, "train")
@@ -271,7 +270,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
                                                         force_gray=transform.force_gray)
     layer = layer_for(data, root, tp)
     source = _layer_source(layer, "--data", progress)
-    chosen = Transform(where="HDF5Data (no transform)") if layer.type == "HDF5Data" \
+    chosen = Transform(where=f"{layer.type} (no transform)") if not layers.transforms(layer) \
         else _or_identity(transform or own_transform, data)
     return Dataset(f"{layer.type} {data}", chosen, source, None, seed, holdout)
 

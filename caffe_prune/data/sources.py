@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from caffe_prune import engine
-from caffe_prune.data.cifar10 import DataError
+from caffe_prune.errors import DataError
 
 WHERE_PATHS = "paths are relative to the working directory"
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine
-from caffe_prune.data.cifar10 import DataError
+from caffe_prune import engine, layers
+from caffe_prune.errors import DataError
 
 
 def read_mean_file(path, where: str) -> np.ndarray:
@@ -89,12 +89,28 @@ class Transform:
         """The transform of a data LayerParameter (Data, ImageData, HDF5Data, ...). HDF5Data
         applies none, and Caffe aborts on an HDF5Data layer that has a transform_param."""
         where = where or f"layer {layer_param.name!r}"
-        if layer_param.type == "HDF5Data":
+        if not layers.transforms(layer_param):      # HDF5Data: no transform, and none accepted
             if layer_param.HasField("transform_param"):
-                raise DataError(f"{where}: HDF5Data does not transform data and Caffe refuses its "
+                raise DataError(f"{where}: {layer_param.type} does not transform data and Caffe refuses its "
                                 f"transform_param; remove it and store the data transformed")
             return cls(where=where)
         return cls.from_param(layer_param.transform_param, where)
+
+    @classmethod
+    def from_fields(cls, fields: dict | None) -> "Transform | None":
+        """From the transform flags as plain data ({scale, mean_value, mean_file, crop_size}, what a
+        run's configuration records); None when none was given."""
+        if not fields:
+            return None
+        tp = engine.caffe_pb2().TransformationParameter()
+        for key, value in fields.items():
+            if key == "mean_value":
+                tp.mean_value.extend(value)
+            elif key == "crop_size" and value < 0:
+                raise DataError(f"--crop-size {value} must be at least 0")
+            else:
+                setattr(tp, key, value)
+        return cls.from_param(tp, "the command line's transform")
 
     @classmethod
     def from_param(cls, tp, where: str) -> "Transform":

@@ -101,7 +101,7 @@ def hessian_diagonal(net, blobs, loss_layer=None, per_sample: bool = False) -> d
     types = [layer.type for layer in net.layers]
     loss_index = _loss_index(net, names, types, loss_layer)
     loss_name = names[loss_index]
-    seeded = list(net.bottom_names[loss_name]) if types[loss_index] == "EuclideanLoss" \
+    seeded = list(net.bottom_names[loss_name]) if rules.rule(types[loss_index]).seeds == "all" \
         else list(net.bottom_names[loss_name][:1])
     upstream, needed = _upstream(net, names, loss_index, seeded)
     for i in upstream:
@@ -109,7 +109,9 @@ def hessian_diagonal(net, blobs, loss_layer=None, per_sample: bool = False) -> d
     producers = _producers(net, names, blobs, set(upstream), needed, loss_name)
     layers = built_layers(net)
     for i in upstream:
-        _check_parameters(layers[i])
+        problem = rules.rule(layers[i].type).hessian_check(layers[i], len(net.bottom_names[names[i]]))
+        if problem:
+            raise engine.EngineError(f"layer {layers[i].name!r} ({layers[i].type}) {problem}")
     seeds = _loss_hessian(net, layers[loss_index], seeded)
 
     result = {}
@@ -202,9 +204,6 @@ def _producers(net, names, blobs, upstream, needed, loss_name) -> dict:
 
 def _check_type(name, kind, n_bottoms) -> None:
     rule = rules.rule(kind)
-    if kind in ("Scale", "Bias") and n_bottoms > 1:
-        raise engine.EngineError(f"layer {name!r} ({kind}) takes its factor from a second bottom; "
-                                 f"only a learned {kind} is diagonal")
     if n_bottoms == 0 or rule.hessian in ("weighted", "diagonal", "routing", "pool"):
         return
     reason = rule.why or "no OBD diagonal rule is implemented for this layer type"
@@ -213,25 +212,12 @@ def _check_type(name, kind, n_bottoms) -> None:
     raise engine.EngineError(f"layer {name!r} ({kind}): {reason}; supported: {', '.join(SUPPORTED)}")
 
 
-def _check_parameters(layer) -> None:
-    pb2 = engine.caffe_pb2()
-    if layer.type == "BatchNorm":
-        param = layer.batch_norm_param
-        global_stats = param.use_global_stats if param.HasField("use_global_stats") else layer.phase == pb2.TEST
-        if not global_stats:
-            raise engine.EngineError(f"layer {layer.name!r} (BatchNorm) normalizes with the mini-batch's "
-                                     f"statistics, which couples the batch; build the net in the TEST phase")
-    if layer.type == "Pooling" and layer.pooling_param.pool not in (pb2.PoolingParameter.MAX,
-                                                                     pb2.PoolingParameter.AVE):
-        raise engine.EngineError(f"layer {layer.name!r} (Pooling): only MAX and AVE pooling are supported")
-
-
 # ---- the loss ------------------------------------------------------------------------------------
 
 def _loss_hessian(net, layer, seeded) -> dict:
     """{bottom blob: h at it}: the diagonal of the loss's Hessian w.r.t. its input(s)."""
     weight = float(net.blob_loss_weights[layer.top[0]])
-    if layer.type == "EuclideanLoss":   # L = w/(2N) Σ (a - b)²: d²L/da² = w/N, for a and for b
+    if rules.rule(layer.type).seeds == "all":   # EuclideanLoss, L = w/(2N) Σ (a - b)²: d²L/da² = w/N, for a and b
         return {name: np.full(net.blobs[name].data.shape, weight / net.blobs[name].data.shape[0])
                 for name in seeded}
     logits = net.blobs[layer.bottom[0]].data.astype(np.float64)
@@ -270,11 +256,12 @@ def _step(net, index, kind, layer) -> None:
     bottoms, tops = net.bottom_names[layer.name], net.top_names[layer.name]
     if not bottoms:
         return
-    if kind == "Pooling" and layer.pooling_param.pool == engine.caffe_pb2().PoolingParameter.AVE:
+    rule = rules.rule(kind)
+    if rule.hessian == "pool" and rule.averages(layer):
         top = net.blobs[tops[0]]
         top.diff[...] /= pool_sizes(layer.pooling_param, net.blobs[bottoms[0]].data.shape[2:],
                                     top.data.shape[2:]).astype(np.float32)
-    if rules.rule(kind).hessian != "diagonal":
+    if rule.hessian != "diagonal":
         net._backward(index, index)
         return
     h_top = net.blobs[tops[0]].diff.astype(np.float64)   # a copy: in place, Caffe overwrites it

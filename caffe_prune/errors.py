@@ -1,0 +1,18 @@
+"""The toolkit's errors, in one small module every other one can import.
+
+Each carries a one-line message naming the file, layer, record or argument and what to do;
+``caffe-prune``'s error boundary (caffe_prune.cli) prints it as one line with exit status 2.
+
+- ``EngineError``: a problem with Caffe or with what was about to be handed to it (a prototxt, a
+  caffemodel, a pruning state, an option);
+- ``DataError``: data that cannot be read or used as given (a data set, a record, a transform);
+  a ValueError, as the other input errors are.
+"""
+
+
+class EngineError(RuntimeError):
+    """A problem with Caffe or with what was about to be handed to it; the message is one line."""
+
+
+class DataError(ValueError):
+    """Data that cannot be read or used as given; the message is one line naming the source."""
