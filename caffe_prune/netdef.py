@@ -65,7 +65,7 @@ def _old_style_shape(net_param):
 def declared_input_shape(net_param, where: str) -> tuple:
     """(C, H, W) of the images as the definition states it (see the module docstring); raises
     EngineError saying what is known and what to pass when nothing states it."""
-    from caffe_prune.data import sources
+    from caffe_prune.data import records
     _, _, layer = input_blobs(net_param)
     if layer is None:
         shape = _old_style_shape(net_param)
@@ -87,7 +87,7 @@ def declared_input_shape(net_param, where: str) -> tuple:
         raise engine.EngineError(f"{where}: DummyData layer {layer.name!r} has no shape; {INPUT_SHAPE_HINT}")
     crop = layer.transform_param.crop_size
     try:
-        channels, height, width = sources.record_shape(layer)
+        channels, height, width = records.record_shape(layer)
     except ValueError as exc:      # the source is absent or unreadable: say what the prototxt gives
         known = _partial_shape(layer)
         raise engine.EngineError(f"{where}: the image shape is unknown: {exc}"

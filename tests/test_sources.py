@@ -1,4 +1,4 @@
-"""sources.read + transform.Transform against Caffe's own TEST-phase data layers, element for
+"""records.read + transform.Transform against Caffe's own TEST-phase data layers, element for
 element, on every kind of data layer (LMDB, LevelDB, encoded Datums, ImageData, HDF5Data); and
 every bad input as a one-line DataError raised in this process (a Caffe CHECK would abort it)."""
 import shutil
@@ -13,7 +13,7 @@ import skimage.io
 from google.protobuf import text_format
 
 from caffe_prune import engine
-from caffe_prune.data import sources
+from caffe_prune.data import records as data_records, sources
 from caffe_prune.data.cifar10 import DataError
 from caffe_prune.data.transform import Transform
 
@@ -42,7 +42,7 @@ def caffe_top(param):
 
 def assert_as_caffe(param):
     """Transform.of(layer).apply(read(layer).images) and the labels equal Caffe's top blobs."""
-    records = sources.read(param, progress=False)
+    records = data_records.read(param, progress=False)
     got = Transform.of(param).apply(records.images)     # first: it refuses what Caffe aborts on
     want_data, want_labels = caffe_top(param)
     assert got.dtype == np.float32
@@ -109,8 +109,8 @@ def test_lmdb_uint8_mnist_like():
     assert records.images.dtype == np.uint8
     np.testing.assert_array_equal(records.images, images)
     np.testing.assert_array_equal(records.labels, labels)
-    assert sources.count(param) == 14 and sources.record_shape(param) == (1, 28, 28)
-    np.testing.assert_array_equal(sources.read(param, limit=5, progress=False).images, images[:5])
+    assert data_records.count(param) == 14 and data_records.record_shape(param) == (1, 28, 28)
+    np.testing.assert_array_equal(data_records.read(param, limit=5, progress=False).images, images[:5])
 
 
 def test_lmdb_centre_crop_mean_file_scale():
@@ -141,7 +141,7 @@ def test_leveldb_float_data_is_the_default_backend():
     records, _ = assert_as_caffe(param)
     assert records.images.dtype == np.float32
     np.testing.assert_array_equal(records.images, images)
-    assert sources.count(param) == 5 and sources.record_shape(param) == (2, 5, 6)
+    assert data_records.count(param) == 5 and data_records.record_shape(param) == (2, 5, 6)
 
 
 def test_lmdb_of_encoded_png_of_differing_sizes():
@@ -158,7 +158,7 @@ def test_lmdb_of_encoded_png_of_differing_sizes():
     for got, picture in zip(records.images, pictures):
         assert got.dtype == np.uint8
         np.testing.assert_array_equal(got, bgr(picture))
-    assert sources.record_shape(param) == (3, 36, 40)
+    assert data_records.record_shape(param) == (3, 36, 40)
     gray = layer(text_format.MessageToString(param))
     del gray.transform_param.mean_value[1:]
     gray.transform_param.force_gray = True
@@ -194,15 +194,15 @@ def test_mixed_encoded_and_raw_datums_and_limits_that_stop_before_a_bad_one():
     write_lmdb("bad-lmdb", [engine.caffe_pb2().Datum(encoded=True, data=png[0]),
                             engine.caffe_pb2().Datum(encoded=True, data=png[1][:30])])
     param.data_param.source = "bad-lmdb"
-    assert sources.record_shape(param) == (3, 8, 8)
-    np.testing.assert_array_equal(sources.read(param, limit=1, progress=False).images[0], bgr(pictures[0]))
+    assert data_records.record_shape(param) == (3, 8, 8)
+    np.testing.assert_array_equal(data_records.read(param, limit=1, progress=False).images[0], bgr(pictures[0]))
     with pytest.raises(DataError, match=r"Could not decode datum"):
-        sources.read(param, progress=False)
+        data_records.read(param, progress=False)
     Path("bad.png").write_bytes(png[0][:30])
     Path("list.txt").write_text("0.png 0\nbad.png 1\n")
     images = layer("""name: "img" type: "ImageData" top: "data" top: "label" image_data_param { source: "list.txt" }""")
-    assert sources.record_shape(images) == (3, 8, 8)
-    np.testing.assert_array_equal(sources.read(images, limit=1, progress=False).images[0], bgr(pictures[0]))
+    assert data_records.record_shape(images) == (3, 8, 8)
+    np.testing.assert_array_equal(data_records.read(images, limit=1, progress=False).images[0], bgr(pictures[0]))
 
 
 def test_mirror_flips_at_random_even_in_test_phase():
@@ -215,7 +215,7 @@ def test_mirror_flips_at_random_even_in_test_phase():
         data_param { source: "m-lmdb" backend: LMDB batch_size: 32 }""")
     transform = Transform.of(param)
     assert transform.mirror
-    expected = transform.apply(sources.read(param, progress=False).images)
+    expected = transform.apply(data_records.read(param, progress=False).images)
     caffe_data, _ = caffe_top(param)
     plain = [np.array_equal(c, e) for c, e in zip(caffe_data, expected)]
     flipped = [np.array_equal(c, e[:, :, ::-1]) for c, e in zip(caffe_data, expected)]
@@ -244,7 +244,7 @@ def test_imagedata_crop_and_mean_value():
     records, caffe_data = assert_as_caffe(param)
     np.testing.assert_array_equal(records.images, np.stack([bgr(p) for p in pictures]))
     assert records.labels.tolist() == [4, 0, 9, 9, 1] and caffe_data.shape == (5, 3, 32, 32)
-    assert sources.count(param) == 5 and sources.record_shape(param) == (3, 40, 40)
+    assert data_records.count(param) == 5 and data_records.record_shape(param) == (3, 40, 40)
 
 
 def test_imagedata_resize_gray():
@@ -255,7 +255,7 @@ def test_imagedata_resize_gray():
         image_data_param { source: "list.txt" new_height: 24 new_width: 20 is_color: false batch_size: 4 }""")
     records, _ = assert_as_caffe(param)
     assert records.images.shape == (4, 1, 24, 20) and records.images.dtype == np.uint8
-    assert sources.record_shape(param) == (1, 24, 20)
+    assert data_records.record_shape(param) == (1, 24, 20)
 
 
 def test_image_list_parse_follows_caffe():
@@ -278,8 +278,8 @@ def test_hdf5_list_two_files_no_transform():
     records, _ = assert_as_caffe(param)
     assert Transform.of(param).is_identity and records.images.dtype == np.float32
     np.testing.assert_array_equal(records.images, np.concatenate([first, second]).astype(np.float32))
-    assert sources.count(param) == 7 and sources.record_shape(param) == (2, 3, 5)
-    assert sources.read(param, limit=5, progress=False).labels.tolist() == labels[:5].tolist()
+    assert data_records.count(param) == 7 and data_records.record_shape(param) == (2, 3, 5)
+    assert data_records.read(param, limit=5, progress=False).labels.tolist() == labels[:5].tolist()
 
 
 # ---- Caffe's own tools: convert_imageset (encoded LevelDB) and compute_image_mean ----------------
@@ -365,7 +365,7 @@ def test_hdf5data_with_transform_param_is_refused():
         Transform.of(param)
     one_line(raised)
     with pytest.raises(DataError, match=r"layer 'h5': HDF5Data does not transform data"):
-        sources.read(param)
+        data_records.read(param)
 
 
 def corrupt_png_lmdb():
@@ -403,7 +403,7 @@ BAD_DATA = [
 def test_bad_data_layer(make, fields, match):
     make()
     with pytest.raises(DataError, match=match) as raised:
-        sources.read(data_layer(**fields), progress=False)
+        data_records.read(data_layer(**fields), progress=False)
     one_line(raised)
 
 
@@ -432,7 +432,7 @@ IMAGE = """name: "img" type: "ImageData" top: "data" top: "label"
 def test_bad_image_data_layer(lines, extra, match):
     image_list(lines)
     with pytest.raises(DataError, match=match) as raised:
-        sources.read(layer(IMAGE.format(extra=extra)), progress=False)
+        data_records.read(layer(IMAGE.format(extra=extra)), progress=False)
     one_line(raised)
 
 
@@ -454,7 +454,7 @@ def test_bad_hdf5_data_layer(files, match):
     h5_files(**files)
     param = layer("""name: "h5" type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "h5.txt" batch_size: 2 }""")
     with pytest.raises(DataError, match=match) as raised:
-        sources.read(param)
+        data_records.read(param)
     one_line(raised)
 
 
@@ -462,13 +462,13 @@ def test_hdf5_list_naming_a_missing_or_foreign_file():
     Path("h5.txt").write_text("gone.h5\n")
     param = layer("""name: "h5" type: "HDF5Data" top: "data" hdf5_data_param { source: "h5.txt" batch_size: 1 }""")
     with pytest.raises(DataError, match=r"layer 'h5': h5.txt lists gone.h5, which does not exist"):
-        sources.count(param)
+        data_records.count(param)
     Path("gone.h5").write_text("not hdf5")
     with pytest.raises(DataError, match=r"layer 'h5': gone.h5 \(listed in h5.txt\) is not an HDF5 file"):
-        sources.count(param)
+        data_records.count(param)
 
 
 def test_other_layer_types_are_named():
     with pytest.raises(DataError, match=r"layer 'in' has type 'Input'; records can be read from Data, "
                                         r"ImageData, HDF5Data layers"):
-        sources.read(layer('name: "in" type: "Input" top: "data"'))
+        data_records.read(layer('name: "in" type: "Input" top: "data"'))

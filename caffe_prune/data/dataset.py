@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_prune import engine, layers
-from caffe_prune.data import cifar10, sources
+from caffe_prune.data import cifar10, records
 from caffe_prune.errors import DataError
 from caffe_prune.data.transform import Transform
 
@@ -162,7 +162,7 @@ def _cifar(location, progress) -> tuple:
 
 def _layer_source(layer, where, progress) -> _Source:
     return _Source(f"{where}: data layer {layer.name!r} ({layers.source(layer)})",
-                   lambda: sources.read(layer, progress=progress))
+                   lambda: records.read(layer, progress=progress))
 
 
 def _readable(layer) -> bool:

@@ -1,8 +1,6 @@
-"""The records a Caffe data layer reads, before its transform, exactly as Caffe reads them.
-
-:func:`read` takes a data LayerParameter and returns its records in Caffe's order (TEST phase:
-no shuffle, no skip) as :class:`Records`; ``Transform.of(layer).apply(records.images)``
-(caffe_prune.data.transform) is then what the layer's top blob holds, element for element.
+"""How Caffe's data layers read their records, before the transform: what every reader shares
+(caffe_prune.data.records reads through it): :class:`Records`, Caffe's own decoding in a forked
+child, the rule on records of differing shapes, the image list's syntax.
 
 - ``Data``: an LMDB or LevelDB (``data_param.backend``, LevelDB by default as in Caffe) of
   ``caffe_pb2.Datum`` in key order. Unencoded Datums are read here (uint8 ``data``, else
@@ -29,7 +27,6 @@ in Python is checked before Caffe sees it, and the Caffe reading itself runs in 
 """
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import os
 import re
@@ -57,57 +54,31 @@ class Records(NamedTuple):
     labels: np.ndarray | None
 
 
-def read(layer_param, limit: int | None = None, progress: bool = True) -> Records:
-    """The first `limit` (default: all) records of a Data, ImageData or HDF5Data layer."""
-    if limit is not None and limit < 1:
-        raise DataError(f"layer {layer_param.name!r}: limit {limit} must be at least 1")
-    return _source(layer_param).read(limit, progress)
-
-
-def count(layer_param) -> int:
-    """The number of records the layer reads in one pass (0 for an empty DB or list)."""
-    return _source(layer_param).count()
-
-
-def record_shape(layer_param) -> tuple:
-    """(C, H, W) of the layer's first record before the transform (HDF5: the data dataset's shape
-    without its first axis), without reading the whole set."""
-    return _source(layer_param).record_shape()
-
-
-def source_path(layer) -> str:
-    """What a Data, ImageData or HDF5Data layer reads (its ``source``); "" for any other layer."""
-    return {"Data": layer.data_param.source, "ImageData": layer.image_data_param.source,
-            "HDF5Data": layer.hdf5_data_param.source}.get(layer.type, "")
-
-
-def _source(layer):
-    kinds = {"Data": _Db, "ImageData": _ImageList, "HDF5Data": _Hdf5List}
-    if layer.type not in kinds:
-        raise DataError(f"layer {layer.name!r} has type {layer.type!r}; records can be read from "
-                        f"{', '.join(kinds)} layers")
-    return kinds[layer.type](layer)
-
-
 # ---- checks shared by the readers ----------------------------------------------------------------
 
-def _stack(records, crop_size: int, where: str, decoded: bool = False):
+def _stack(records, crop_size: int, where: str, decoded: bool = False, positions=None, first=None):
     """One (N, C, H, W) array, or the list when shapes differ and crop_size brings them to one
-    (Caffe's Data and ImageData layers abort on a batch of differing shapes otherwise)."""
-    if isinstance(records, np.ndarray):
-        return records
-    first = records[0].shape
-    odd = next((i for i, r in enumerate(records) if r.shape != first), None)
+    (Caffe's Data and ImageData layers abort on a batch of differing shapes otherwise).
+    `positions` name the records in messages (default 0, 1, ...); `first` is (shape, position) of
+    the record an earlier chunk of the same pass began with, so that a pass read in chunks follows
+    the rule as one read of all its records would."""
+    positions = range(len(records)) if positions is None else positions
+    shapes = [records.shape[1:]] * len(records) if isinstance(records, np.ndarray) else [r.shape for r in records]
+    first_shape, first_position = first if first is not None else (shapes[0], positions[0])
+    odd = next((i for i, shape in enumerate(shapes) if shape != first_shape), None)
     if odd is None:
-        return np.stack(records)
+        return records if isinstance(records, np.ndarray) else np.stack(records)
     note = " (encoded images, decoded by Caffe to check)" if decoded else ""
-    shown = f"{'x'.join(map(str, first))} (record 0) and {'x'.join(map(str, records[odd].shape))} (record {odd})"
-    if records[odd].shape[0] != first[0]:
+    shown = f"{'x'.join(map(str, first_shape))} (record {first_position}) and " \
+            f"{'x'.join(map(str, shapes[odd]))} (record {positions[odd]})"
+    if shapes[odd][0] != first_shape[0]:
         raise DataError(f"{where}: records differ in channels: {shown}{note}; Caffe aborts on a batch "
                         f"that mixes them")
     if not crop_size:
         raise DataError(f"{where}: records differ in shape: {shown}{note}; Caffe aborts on a batch of "
                         f"differing shapes unless transform_param crop_size brings them to one")
+    if isinstance(records, np.ndarray) or len(set(shapes)) == 1:
+        return records if isinstance(records, np.ndarray) else np.stack(records)   # one shape, not the first chunk's
     return records
 
 
@@ -188,150 +159,6 @@ def _through_caffe(layer, n: int, where: str, what: str, progress: bool):
     return [part.reshape(shape) for part, shape in zip(np.split(flat, ends[:-1]), shapes)], labels
 
 
-# ---- Data: LMDB and LevelDB of Datums ------------------------------------------------------------
-
-class _Db:
-    def __init__(self, layer):
-        pb2 = engine.caffe_pb2()
-        self.layer, self.where = layer, f"layer {layer.name!r}"
-        self.source = layer.data_param.source
-        self.lmdb = layer.data_param.backend == pb2.DataParameter.LMDB
-        self.kind = "LMDB" if self.lmdb else "LevelDB"
-        self.crop_size = layer.transform_param.crop_size
-        if not self.source:
-            raise DataError(f"{self.where}: data_param has no source")
-        if not Path(self.source).exists():
-            raise DataError(f"{self.where}: {self.kind} {self.source} does not exist ({WHERE_PATHS}, "
-                            f"here {os.getcwd()})")
-
-    @contextlib.contextmanager
-    def _opened(self, counted: bool = True):
-        """(number of records, or None for a LevelDB when not `counted`; iterator over (key, value)
-        in Caffe's cursor order: by key)."""
-        source = self.source
-        if self.lmdb:
-            import lmdb
-            try:
-                env = lmdb.open(source, readonly=True, lock=False)
-            except lmdb.Error as exc:
-                hint = "; it looks like a LevelDB: set backend: LEVELDB" if (Path(source) / "CURRENT").is_file() else ""
-                raise DataError(f"{self.where}: {source} is not an LMDB ({exc}){hint}") from None
-            try:
-                with env.begin(buffers=False) as txn:
-                    yield env.stat()["entries"], iter(txn.cursor())
-            finally:
-                env.close()
-        else:
-            try:
-                import plyvel
-            except ImportError:
-                raise DataError(f"{self.where}: reading the LevelDB {source} needs plyvel; "
-                                f"`pip install plyvel`") from None
-            try:
-                db = plyvel.DB(source, create_if_missing=False)
-            except plyvel.Error as exc:
-                hint = "; it looks like an LMDB: set backend: LMDB" if (Path(source) / "data.mdb").is_file() else ""
-                why = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
-                raise DataError(f"{self.where}: {source} is not a LevelDB ({why}){hint}") from None
-            try:   # LevelDB keeps no count: walk the keys
-                entries = sum(1 for _ in db.iterator(include_value=False)) if counted else None
-                yield entries, db.iterator()
-            finally:
-                db.close()   # before Caffe opens it: LevelDB allows one opener at a time
-
-    def count(self) -> int:
-        with self._opened() as (entries, _):
-            return entries
-
-    def _datum(self, key: bytes, value: bytes):
-        from google.protobuf.message import DecodeError
-        datum = engine.caffe_pb2().Datum()
-        try:
-            datum.ParseFromString(value)
-        except DecodeError as exc:
-            raise DataError(f"{self.where}: record {key!r} of {self.source} is not a Datum ({exc})") from None
-        if datum.encoded and not datum.data:
-            raise DataError(f"{self.where}: record {key!r} of {self.source} is an encoded Datum without data")
-        return datum
-
-    def _pixels(self, key: bytes, datum) -> np.ndarray:
-        """An unencoded Datum's (C, H, W) values, as DataTransformer::Transform(Datum) indexes
-        them: the uint8 `data` when it is non-empty, else `float_data`."""
-        c, h, w = datum.channels, datum.height, datum.width
-        size = c * h * w
-        if min(c, h, w) <= 0:
-            raise DataError(f"{self.where}: record {key!r} of {self.source} is a Datum of shape "
-                            f"{c}x{h}x{w}; Caffe needs positive channels, height and width")
-        if datum.data:
-            if len(datum.data) != size:
-                raise DataError(f"{self.where}: record {key!r} of {self.source} holds {len(datum.data)} "
-                                f"bytes but its header says {c}x{h}x{w} = {size}; rewrite the {self.kind}")
-            return np.frombuffer(datum.data, np.uint8).reshape(c, h, w)
-        if len(datum.float_data) != size:
-            raise DataError(f"{self.where}: record {key!r} of {self.source} holds {len(datum.float_data)} "
-                            f"float_data values but its header says {c}x{h}x{w} = {size}; rewrite the {self.kind}")
-        return np.asarray(datum.float_data, np.float32).reshape(c, h, w)
-
-    def _scan(self, limit, progress):
-        """The first `limit` records: the unencoded ones' values (None where encoded), the
-        encoded ones' raw values by position, the labels, and whether that was every record."""
-        with self._opened(counted=limit is None or self.lmdb) as (entries, items):
-            total = entries if limit is None else (limit if entries is None else min(limit, entries))
-            records, encoded, labels = [], {}, []
-            for i, (key, value) in zip(range(total), tqdm(items, total=total, unit="rec", desc=f"read {self.source}",
-                                                          disable=not progress, leave=False)):
-                datum = self._datum(key, value)
-                labels.append(datum.label)
-                records.append(None if datum.encoded else self._pixels(key, datum))
-                if datum.encoded:
-                    encoded[i] = value
-        if not records:
-            raise DataError(f"{self.where}: {self.kind} {self.source} holds no records")
-        return records, encoded, np.asarray(labels, np.int64), len(records) == entries
-
-    def _decode(self, encoded: dict, everything: bool, progress: bool) -> dict:
-        """Caffe's own decoding of the encoded Datums, by position. Caffe's reader runs ahead of
-        the records asked for, so unless every record of the source is encoded and read, it reads
-        a temporary LMDB holding exactly those Datums."""
-        tp = self.layer.transform_param
-        if tp.force_color and tp.force_gray:
-            raise DataError(f"{self.where}: transform_param sets both force_color and force_gray, which "
-                            f"Caffe refuses for encoded Datums; keep one")
-        layer = engine.caffe_pb2().LayerParameter(name=self.layer.name or "data", type="Data", top=["data", "label"])
-        layer.data_param.CopyFrom(self.layer.data_param)
-        for deprecated in ("scale", "mean_file", "crop_size", "mirror", "force_encoded_color"):
-            layer.data_param.ClearField(deprecated)
-        layer.data_param.batch_size, layer.data_param.rand_skip = 1, 0
-        layer.transform_param.force_color, layer.transform_param.force_gray = tp.force_color, tp.force_gray
-        what = f"{self.kind} {self.source}"
-        with tempfile.TemporaryDirectory(prefix="caffe-prune-decode-") as tmp:
-            if not everything:
-                import lmdb
-                copy = Path(tmp) / "encoded-lmdb"
-                size = sum(len(v) for v in encoded.values())
-                with lmdb.open(str(copy), map_size=2 * size + (1 << 22)) as env, env.begin(write=True) as txn:
-                    for j, value in enumerate(encoded.values()):
-                        txn.put(b"%012d" % j, value)   # key order is record order
-                layer.data_param.source, layer.data_param.backend = str(copy), engine.caffe_pb2().DataParameter.LMDB
-                what = f"{what} (its encoded Datums {', '.join(map(str, list(encoded)[:3]))}" \
-                       f"{' ...' if len(encoded) > 3 else ''})"
-            decoded, _ = _through_caffe(layer, len(encoded), self.where, what, progress)
-        return dict(zip(encoded, decoded))
-
-    def read(self, limit, progress) -> Records:
-        records, encoded, labels, everything = self._scan(limit, progress)
-        if encoded:
-            for i, pixels in self._decode(encoded, everything and len(encoded) == len(records), progress).items():
-                records[i] = pixels
-        return Records(_stack(records, self.crop_size, self.where, decoded=bool(encoded)), labels)
-
-    def record_shape(self) -> tuple:
-        records, encoded, _, everything = self._scan(1, progress=False)
-        if records[0] is None:
-            records[0] = self._decode(encoded, everything, progress=False)[0]
-        return records[0].shape
-
-
 # ---- ImageData: a list of image files ------------------------------------------------------------
 
 _ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
@@ -344,153 +171,16 @@ def _atoi(text: str) -> int:
 
 
 def parse_image_list(text: str) -> list[tuple[str, int]]:
-    """(path, label) per line as ImageDataLayer parses its source: the label is atoi of what
-    follows the last space; the path is what precedes it (the whole line when there is no space,
-    whose label is then atoi of the whole line, usually 0)."""
+    """(path, label) per line as ImageDataLayer parses its source (see parse_image_line)."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()   # std::getline yields no line after the final newline
-    entries = []
-    for line in lines:
-        pos = line.rfind(" ")
-        entries.append((line[:pos] if pos >= 0 else line, _atoi(line[pos + 1:])))
-    return entries
+    return [parse_image_line(line) for line in lines]
 
 
-class _ImageList:
-    def __init__(self, layer):
-        p = layer.image_data_param
-        self.layer, self.where = layer, f"layer {layer.name!r}"
-        self.source, self.root = p.source, p.root_folder
-        self.crop_size = layer.transform_param.crop_size
-        if (p.new_height == 0) != (p.new_width == 0) or p.new_height < 0 or p.new_width < 0:
-            raise DataError(f"{self.where}: image_data_param new_height {p.new_height}, new_width "
-                            f"{p.new_width}; Caffe needs both set (positive) or neither")
-        if not Path(self.source).is_file():
-            raise DataError(f"{self.where}: image list {self.source} does not exist ({WHERE_PATHS}, "
-                            f"here {os.getcwd()})")
-        self.entries = parse_image_list(Path(self.source).read_bytes().decode(errors="surrogateescape"))
-
-    def _checked(self, limit) -> int:
-        if not self.entries:
-            raise DataError(f"{self.where}: image list {self.source} is empty")
-        n = len(self.entries) if limit is None else min(limit, len(self.entries))
-        for number, (name, _) in enumerate(self.entries[:n], start=1):
-            path = self.root + name   # Caffe concatenates: root_folder needs its trailing slash
-            if not name:
-                raise DataError(f"{self.where}: {self.source}:{number} is an empty line; Caffe would "
-                                f"try to load the root_folder {self.root!r} itself")
-            if not Path(path).is_file():
-                raise DataError(f"{self.where}: {self.source}:{number}: image {path} does not exist "
-                                f"(root_folder {self.root!r} + the path before the last space; {WHERE_PATHS})")
-        return n
-
-    def count(self) -> int:
-        return len(self.entries)
-
-    def read(self, limit, progress) -> Records:
-        n = self._checked(limit)
-        layer = engine.caffe_pb2().LayerParameter(name=self.layer.name or "data", type="ImageData",
-                                                  top=["data", "label"])
-        layer.image_data_param.CopyFrom(self.layer.image_data_param)
-        for deprecated in ("scale", "mean_file", "crop_size", "mirror"):
-            layer.image_data_param.ClearField(deprecated)
-        layer.image_data_param.batch_size, layer.image_data_param.rand_skip = 1, 0
-        layer.image_data_param.shuffle = False
-        with tempfile.TemporaryDirectory(prefix="caffe-prune-images-") as tmp:
-            if n < len(self.entries):   # Caffe's reader runs ahead: let it see only the first n lines
-                layer.image_data_param.source = str(Path(tmp) / "list.txt")
-                Path(layer.image_data_param.source).write_bytes(
-                    "".join(f"{name} {label}\n" for name, label in self.entries[:n]).encode(errors="surrogateescape"))
-            decoded, _ = _through_caffe(layer, n, self.where, f"the images of {self.source}", progress)
-        labels = np.asarray([label for _, label in self.entries[:n]], np.int64)
-        return Records(_stack(decoded, self.crop_size, self.where), labels)
-
-    def record_shape(self) -> tuple:
-        p = self.layer.image_data_param
-        if p.new_height and p.new_width:
-            self._checked(1)
-            return (3 if p.is_color else 1), p.new_height, p.new_width
-        return self.read(1, progress=False).images[0].shape
-
-
-# ---- HDF5Data: a list of .h5 files ----------------------------------------------------------------
-
-class _Hdf5List:
-    """Checks every listed file before Caffe would meet it (Caffe opens them one by one as it
-    reads, and aborts on the first bad one)."""
-
-    def __init__(self, layer):
-        import h5py
-        self.layer, self.where = layer, f"layer {layer.name!r}"
-        self.source, self.tops = layer.hdf5_data_param.source, list(layer.top)
-        if layer.HasField("transform_param"):
-            raise DataError(f"{self.where}: HDF5Data does not transform data and Caffe refuses its "
-                            f"transform_param; remove it and store the data transformed")
-        if not self.tops:
-            raise DataError(f"{self.where}: an HDF5Data layer needs a top (its datasets are named by the tops)")
-        if not Path(self.source).is_file():
-            raise DataError(f"{self.where}: HDF5 list {self.source} does not exist ({WHERE_PATHS}, "
-                            f"here {os.getcwd()})")
-        self.files = Path(self.source).read_text(errors="surrogateescape").split()
-        if not self.files:
-            raise DataError(f"{self.where}: HDF5 list {self.source} names no file")
-        self.rows, shapes = [], None
-        for name in self.files:
-            if not Path(name).is_file():
-                raise DataError(f"{self.where}: {self.source} lists {name}, which does not exist ({WHERE_PATHS})")
-            try:
-                with h5py.File(name, "r") as h5:
-                    found = {top: self._dataset(h5, name, top) for top in self.tops}
-            except OSError as exc:
-                raise DataError(f"{self.where}: {name} (listed in {self.source}) is not an HDF5 file ({exc})") from None
-            rows = {top: shape[0] for top, shape in found.items()}
-            if len(set(rows.values())) > 1:
-                raise DataError(f"{self.where}: {name}: datasets {', '.join(f'{t!r} has {r} rows' for t, r in rows.items())}; "
-                                f"Caffe needs the same number in each")
-            if shapes is None:
-                shapes = {top: shape[1:] for top, shape in found.items()}
-            for top, shape in found.items():
-                if shape[1:] != shapes[top]:
-                    raise DataError(f"{self.where}: {name}: dataset {top!r} has records of shape {shape[1:]}, "
-                                    f"{self.files[0]}'s are {shapes[top]}; Caffe reads every file with the first's shape")
-            self.rows.append(rows[self.tops[0]])
-        self.shape = shapes[self.tops[0]]
-
-    def _dataset(self, h5, name, top) -> tuple:
-        import h5py
-        dataset = h5.get(top)
-        if not isinstance(dataset, h5py.Dataset):
-            raise DataError(f"{self.where}: {name} has no dataset {top!r} (HDF5Data reads one dataset per "
-                            f"top, named like it: tops {self.tops})")
-        if dataset.dtype.kind not in "fiu" or dataset.ndim < 1:
-            raise DataError(f"{self.where}: {name}: dataset {top!r} is {dataset.dtype}{dataset.shape}; Caffe "
-                            f"reads numeric (integer or float) datasets of at least one axis")
-        if dataset.shape[0] == 0:
-            raise DataError(f"{self.where}: {name}: dataset {top!r} has no rows")
-        return tuple(dataset.shape)
-
-    def count(self) -> int:
-        return sum(self.rows)
-
-    def record_shape(self) -> tuple:
-        return self.shape
-
-    def read(self, limit, progress) -> Records:
-        import h5py
-        left = self.count() if limit is None else min(limit, self.count())
-        tops = self.tops[:2]
-        parts = {top: [] for top in tops}
-        with tqdm(total=left, unit="rec", desc=f"read {self.source}", disable=not progress, leave=False) as bar:
-            for name, rows in zip(self.files, self.rows):
-                if left == 0:
-                    break
-                take = min(rows, left)
-                with h5py.File(name, "r") as h5:
-                    for top in tops:   # converted by HDF5 itself, as H5LTread_dataset_float does
-                        parts[top].append(h5[top].astype(np.float32)[:take])
-                left -= take
-                bar.update(take)
-        images = np.concatenate(parts[tops[0]])
-        labels = np.concatenate(parts[tops[1]]) if len(tops) > 1 else None
-        return Records(images, labels)
+def parse_image_line(line: str) -> tuple[str, int]:
+    """(path, label) of one line of an image list: the label is atoi of what follows the last
+    space; the path is what precedes it (the whole line when there is no space, whose label is
+    then atoi of the whole line, usually 0)."""
+    pos = line.rfind(" ")
+    return line[:pos] if pos >= 0 else line, _atoi(line[pos + 1:])

@@ -80,7 +80,7 @@ class Transform:
     mean_file: str = ""                 # where `mean` came from, for messages ("" when none)
     crop_size: int = 0                  # 0: no crop
     mirror: bool = False                # recorded; never applied (see the module docstring)
-    force_color: bool = False           # decoding of encoded Datums (sources.read), not here
+    force_color: bool = False           # decoding of encoded Datums (records.read), not here
     force_gray: bool = False
     where: str = field(default="transform_param", compare=False)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from caffe_prune import engine, layers, networks
-from caffe_prune.data import sources
+from caffe_prune.data import records
 from caffe_prune.layers import DATA_TYPES
 
 # a definition given without a solver trains on the authors' published schedule (networks.SOLVERS:
@@ -163,7 +163,7 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
         test_images = None
         if test_layers and layers.is_reader(test_layers[0]):
             try:
-                test_images = sources.count(test_layers[0])
+                test_images = records.count(test_layers[0])
             except ValueError:
                 test_images = None
     for phase in ("train", "test"):
