@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from caffe_prune import bench, engine, finetune, fsio, masking, options, published
+from caffe_prune import bench, engine, finetune, fsio, masking, options, profile, published
 from caffe_prune.data import commands as data_commands
 from caffe_prune.metrics import commands as metric_commands
 from caffe_prune.sweep import commands as sweep_commands
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     data_commands.register(sub)
     bench.register(sub)
+    profile.register(sub)
     metric_commands.register(sub)
     p = sub.add_parser("prune", help="Algorithm 1 with one saliency metric or the myopic oracle")
     options.add_network(p)

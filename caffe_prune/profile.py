@@ -1,0 +1,286 @@
+"""Measured forward latency: `caffe-prune profile`, what Caffe's `caffe time` tool reports, from pycaffe.
+
+Pruning is done to make a network cheaper to run, and the counts the graph gives (conv weights
+removed, MACs) are proxies: what a deploy sees is the time of Caffe's own forward on the physically
+smaller net (caffe_prune.export.compact_net). This module measures it, whole and layer by layer, at
+given batch sizes and BLAS thread counts, so that an original and its compact export can be put side
+by side (``compare``). MACs are not counted here: they belong to the channel graph; ``profile``
+takes them as ``costs`` and copies them into its result.
+
+How it is timed: ``time.perf_counter`` around ``net._forward(0, n - 1)`` for a whole forward, and
+around ``net._forward(i, i)`` for layer i, the layers run one at a time in order (what `caffe time`
+does with ``Layer::Forward``). Medians and the interquartile range, not means: on a shared machine
+background load makes some repeats slow. The whole forward and the layer-by-layer pass alternate,
+repeat after repeat, so that load that drifts hits both alike. On the CPU, Caffe's convolutions and
+InnerProducts are OpenBLAS GEMMs, so the BLAS thread count (caffe_prune.passes.set_blas_threads) is
+part of what is measured; it is restored to ``passes.BLAS_THREADS`` afterwards.
+
+On a GPU, Caffe queues kernels and returns: each timed region therefore ends with a synchronisation,
+made by reading the ``.data`` of a small blob the region wrote (pycaffe's ``.data`` copies a blob the
+GPU last wrote to the host, which waits for the queued kernels). A whole forward reads its smallest
+output (the logits: a copy of a few KiB); a layer reads its smallest top, and that copy is part of
+the layer's time (with the copy back when the next layer reads it: pycaffe's ``.data`` marks the
+blob as held by the CPU), so on a GPU compare per-layer figures between nets rather than read them
+as kernel times. A layer without tops (Silence) has nothing to read and is not synchronised.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+
+from caffe_prune import engine, netdef, passes
+
+THREADS_HELP = "comma-separated BLAS thread counts, whole numbers or 'all' (every core)"
+
+
+def _sync_blob(net, blob_ids):
+    """The smallest of these blobs, read to end a timed region on a GPU (None on the CPU)."""
+    blobs = [net._blobs[j] for j in blob_ids]
+    return min(blobs, key=lambda b: b.count) if engine.on_gpu() and blobs else None
+
+
+def latency(net, repeats: int = 20, warmup: int = 3, per_layer: bool = True) -> dict:
+    """Forward latency of a built TEST-phase caffe.Net whose inputs are filled (a TRAIN net's
+    BatchNorm would update its statistics; a TEST forward changes no parameter).
+
+    ``warmup`` untimed whole forwards, then ``repeats`` timed ones, each followed (``per_layer``) by
+    one timed pass over the layers one at a time. On a GPU every timed region ends by reading a
+    small blob it wrote, which synchronises (see the module docstring). Returns median_ms, iqr_ms,
+    q1_ms, q3_ms, min_ms of the whole forwards; with per_layer, ``layers``: [{name, type, median_ms,
+    share}] in net order (share: of layers_sum_ms, the sum of the layer medians)."""
+    if repeats < 1 or warmup < 0:
+        raise engine.EngineError(f"latency: repeats {repeats} must be at least 1 and warmup {warmup} at least 0")
+    last = len(net.layers) - 1
+    end = _sync_blob(net, list(net._outputs) or list(net._top_ids(last)))
+    tops = [_sync_blob(net, net._top_ids(i)) for i in range(last + 1)]
+    clock = time.perf_counter
+    for _ in range(warmup):
+        net._forward(0, last)
+        if end is not None:
+            end.data
+    whole, layers = np.zeros(repeats), np.zeros((repeats, last + 1))
+    for r in range(repeats):
+        start = clock()
+        net._forward(0, last)
+        if end is not None:
+            end.data
+        whole[r] = clock() - start
+        for i in range(last + 1) if per_layer else ():
+            start = clock()
+            net._forward(i, i)
+            if tops[i] is not None:
+                tops[i].data
+            layers[r, i] = clock() - start
+    q1, median, q3 = np.percentile(whole * 1e3, [25, 50, 75])
+    out = {"repeats": repeats, "warmup": warmup, "median_ms": round(float(median), 4),
+           "iqr_ms": round(float(q3 - q1), 4), "q1_ms": round(float(q1), 4), "q3_ms": round(float(q3), 4),
+           "min_ms": round(float(whole.min() * 1e3), 4)}
+    if per_layer:
+        medians = np.median(layers, axis=0) * 1e3
+        total = float(medians.sum())
+        out["layers_sum_ms"] = round(total, 4)
+        out["layers"] = [{"name": name, "type": layer.type, "median_ms": round(float(m), 4),
+                          "share": round(float(m) / total, 4) if total else 0.0}
+                         for name, layer, m in zip(net._layer_names, net.layers, medians)]
+    return out
+
+
+def thread_counts(threads) -> list:
+    """BLAS thread counts from whole numbers and 'all' (passes.cores()), duplicates dropped."""
+    counts = []
+    for value in threads:
+        text = str(value).strip().lower()
+        count = passes.cores() if text == "all" else int(text) if text.isdigit() else 0
+        if count < 1:
+            raise engine.EngineError(f"--threads: {str(value)!r} is not a thread count; give {THREADS_HELP}, "
+                                     f"e.g. --threads 1,all")
+        if count not in counts:
+            counts.append(count)
+    if not counts:
+        raise engine.EngineError(f"--threads is empty; give {THREADS_HELP}, e.g. --threads 1,all")
+    return counts
+
+
+def _build(form, weights, where: str):
+    """The structure form in Caffe with ``weights``: a caffemodel path, {layer: [arrays]} (as
+    export.compact returns), or None (the definition's own fillers: a toy net's random weights)."""
+    if weights is None:
+        return engine.net_from_param(form, where=where)
+    if not isinstance(weights, dict):
+        return engine.net_from_param(netdef.without_fillers(form), os.fspath(weights), where=where)
+    net = engine.net_from_param(netdef.without_fillers(form), where=where)
+    missing = [name for name in net.params if name not in weights]
+    if missing:
+        raise engine.EngineError(f"{where}: the weights given hold no arrays for layer(s) {', '.join(missing[:4])}; "
+                                 f"pass the {{layer: [arrays]}} that export.compact returned for this net")
+    for name, arrays in weights.items():
+        blobs = net.params[name] if name in net.params else []
+        if name in net.params and len(arrays) != len(blobs):
+            raise engine.EngineError(f"{where}: layer {name!r} is given {len(arrays)} arrays, the net has {len(blobs)} blobs")
+        for i, (blob, array) in enumerate(zip(blobs, arrays)):
+            if tuple(np.shape(array)) != tuple(blob.data.shape):
+                raise engine.EngineError(f"{where}: layer {name!r} blob {i} is given shape {tuple(np.shape(array))}, "
+                                         f"the net has {tuple(blob.data.shape)}; use the weights of this definition")
+            blob.data[...] = array
+    return net
+
+
+def profile(net_param, weights, input_shape=None, batch_sizes=(1, 32), threads=(1, "all"), repeats: int = 20,
+            warmup: int = 3, per_layer: bool = True, costs: dict | None = None, seed: int = 0,
+            where: str | None = None) -> dict:
+    """Latency of ``net_param``'s structure form (netdef.structure_form: data layers as one Input
+    of ``input_shape``, None: the declared one; label readers dropped) with ``weights`` (see _build),
+    for every (batch size, BLAS thread count) pair, on seeded random normal images.
+
+    Returns {net, input_shape, gpu, cores, parameters (the sizes of every parameter blob of the built
+    net, BatchNorm's statistics included), costs (as given, e.g. MACs from the channel graph; None),
+    runs: [{batch, threads, **latency(...)}], ordered by batch then threads}."""
+    where = where or f"net {net_param.name!r}"
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise engine.EngineError(f"{where}: batch sizes {list(batch_sizes)} must be whole numbers of at least 1")
+    if repeats < 1 or warmup < 0:
+        raise engine.EngineError(f"{where}: repeats {repeats} must be at least 1 and warmup {warmup} at least 0")
+    counts = thread_counts(threads)
+    form = netdef.structure_form(net_param, input_shape, where)
+    engine.check_net(form, "test", where)
+    net = _build(form, weights, where)
+    data = net.inputs[0]
+    shape = tuple(net.blobs[data].data.shape[1:])
+    runs = []
+    try:
+        for batch in sorted({int(b) for b in batch_sizes}):
+            net.blobs[data].reshape(batch, *shape)
+            net.reshape()
+            net.blobs[data].data[...] = np.random.default_rng(seed).normal(size=(batch, *shape)).astype(np.float32)
+            for count in counts:
+                passes.set_blas_threads(count)
+                runs.append({"batch": batch, "threads": count, **latency(net, repeats, warmup, per_layer)})
+    finally:
+        passes.set_blas_threads(passes.BLAS_THREADS)
+    return {"net": net_param.name or where, "input_shape": list(shape), "gpu": engine.on_gpu(),
+            "cores": passes.cores(), "parameters": int(sum(b.data.size for blobs in net.params.values() for b in blobs)),
+            "costs": copy.deepcopy(costs), "runs": runs}
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def compare(original: dict, compact: dict) -> dict:
+    """Two profiles side by side: per (batch, threads) pair both measured, the speed-up (original
+    median / compact median) and the per-layer table matched by layer name (a layer only one net has
+    gets None on the other side)."""
+    theirs = {(r["batch"], r["threads"]): r for r in compact["runs"]}
+    runs = []
+    for run in original["runs"]:
+        other = theirs.get((run["batch"], run["threads"]))
+        if other is None:
+            continue
+        row = {"batch": run["batch"], "threads": run["threads"], "original_ms": run["median_ms"],
+               "compact_ms": other["median_ms"], "speedup": _ratio(run["median_ms"], other["median_ms"])}
+        if "layers" in run and "layers" in other:
+            mine, small = {l["name"]: l for l in run["layers"]}, {l["name"]: l for l in other["layers"]}
+            names = list(mine) + [n for n in small if n not in mine]
+            row["layers"] = [{"name": n, "type": (mine.get(n) or small[n])["type"],
+                              "original_ms": mine[n]["median_ms"] if n in mine else None,
+                              "compact_ms": small[n]["median_ms"] if n in small else None,
+                              "speedup": _ratio(mine[n]["median_ms"] if n in mine else None,
+                                                small[n]["median_ms"] if n in small else None)} for n in names]
+        runs.append(row)
+    if not runs:
+        raise engine.EngineError("compare: the two profiles share no (batch, threads) pair; profile both with "
+                                 "the same batch sizes and thread counts")
+    return {"original": original["net"], "compact": compact["net"],
+            "parameters": {"original": original["parameters"], "compact": compact["parameters"],
+                           "ratio": _ratio(original["parameters"], compact["parameters"])}, "runs": runs}
+
+
+def format_table(result: dict, layers: int = 10) -> str:
+    """A profile (or a comparison) for the terminal: the summary per batch size and thread count,
+    then the ``layers`` slowest layers, like `caffe time`'s per-layer "forward: ... ms" lines."""
+    if "compact" in result:
+        return _format_comparison(result, layers)
+    runs = result["runs"]
+    first = runs[0]
+    lines = [f"{result['net']}: input {'x'.join(map(str, result['input_shape']))}, {result['parameters']:,} parameters, "
+             f"{'GPU' if result['gpu'] else 'CPU'} ({result['cores']} cores); {first['repeats']} timed forwards after "
+             f"{first['warmup']} warm-up, medians"]
+    if result.get("costs"):
+        lines.append("costs: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                           for k, v in result["costs"].items()))
+    lines.append(f"{'batch':>5} {'threads':>7} {'median ms':>10} {'IQR ms':>8} {'images/s':>10} {'layer sum ms':>12}")
+    for r in runs:
+        lines.append(f"{r['batch']:>5} {r['threads']:>7} {r['median_ms']:>10.3f} {r['iqr_ms']:>8.3f} "
+                     f"{1e3 * r['batch'] / r['median_ms'] if r['median_ms'] else float('inf'):>10.1f} "
+                     f"{r.get('layers_sum_ms', float('nan')):>12.3f}")
+    timed = [r for r in runs if "layers" in r]
+    if not timed or layers < 1:
+        return "\n".join(lines)
+    ref = max(timed, key=lambda r: (r["batch"], -r["threads"]))     # the largest batch, fewest threads
+    order = sorted(range(len(ref["layers"])), key=lambda i: -ref["layers"][i]["median_ms"])[:layers]
+    width = max(len(ref["layers"][i]["name"]) for i in order) + 1
+    heads = [f"b{r['batch']}/t{r['threads']}" for r in timed]
+    lines += ["", f"per-layer forward, median ms (b: batch, t: threads), the {len(order)} slowest of "
+                  f"{len(ref['layers'])} at batch {ref['batch']}, {ref['threads']} thread(s); share of its layer sum:",
+              f"{'layer':<{width}} {'type':<14}" + "".join(f"{h:>11}" for h in heads) + f"{'share':>8}"]
+    for i in order:
+        row = ref["layers"][i]
+        lines.append(f"{row['name']:<{width}} {row['type']:<14}"
+                     + "".join(f"{r['layers'][i]['median_ms']:>11.3f}" for r in timed) + f"{100 * row['share']:>7.1f}%")
+    return "\n".join(lines)
+
+
+def _format_comparison(result: dict, layers: int) -> str:
+    p = result["parameters"]
+    lines = [f"{result['original']} -> {result['compact']}: parameters {p['original']:,} -> {p['compact']:,} "
+             f"({p['ratio']}x fewer)", f"{'batch':>5} {'threads':>7} {'original ms':>12} {'compact ms':>11} {'speed-up':>9}"]
+    for r in result["runs"]:
+        lines.append(f"{r['batch']:>5} {r['threads']:>7} {r['original_ms']:>12.3f} {r['compact_ms']:>11.3f} "
+                     f"{r['speedup'] or float('nan'):>8.2f}x")
+    timed = [r for r in result["runs"] if "layers" in r]
+    if timed and layers > 0:
+        ref = max(timed, key=lambda r: (r["batch"], -r["threads"]))
+        rows = sorted(ref["layers"], key=lambda l: -(l["original_ms"] or 0))[:layers]
+        width = max(len(l["name"]) for l in rows) + 1
+        lines += ["", f"per-layer forward at batch {ref['batch']}, {ref['threads']} thread(s), median ms:",
+                  f"{'layer':<{width}} {'type':<14}{'original':>10}{'compact':>10}{'speed-up':>10}"]
+        for l in rows:
+            show = [f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in (l["original_ms"], l["compact_ms"])]
+            lines.append(f"{l['name']:<{width}} {l['type']:<14}{''.join(show)}"
+                         + (f"{l['speedup']:>9.2f}x" if l["speedup"] else f"{'-':>10}"))
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    from caffe_prune import options
+    p = subparsers.add_parser("profile", help="measured forward latency, whole and per layer (as `caffe time`)",
+                              description=__doc__.split("\n\n")[0])
+    options.add_network(p)
+    p.add_argument("--batch", type=int, default=32, help="the batch size measured beside batch 1 (default 32)")
+    p.add_argument("--repeats", type=int, default=20, help="timed forwards per measurement (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards before them (default 3)")
+    p.add_argument("--threads", default="1,all", help=f"{THREADS_HELP} (default 1,all)")
+    p.add_argument("--layers", type=int, default=10, help="how many of the slowest layers to print (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (every layer)")
+    options.add_mode(p)
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    from caffe_prune import options
+    for flag, value, least in (("--batch", args.batch, 1), ("--repeats", args.repeats, 1),
+                               ("--warmup", args.warmup, 0), ("--layers", args.layers, 0)):
+        if value < least:
+            raise engine.EngineError(f"{flag} {value} must be at least {least}")
+    counts = thread_counts(args.threads.split(","))
+    engine.set_mode(*options.mode(args))
+    network = options.network(args)
+    result = profile(network.param, args.weights, network.input_shape, (1, args.batch), counts, args.repeats,
+                     args.warmup, where=network.where)
+    result["net"] = network.name
+    print(json.dumps(result, indent=2) if args.json else format_table(result, args.layers))
+    return 0
