@@ -1,6 +1,39 @@
 """caffe-prune: channel pruning research on stock BVLC Caffe (pycaffe).
 
-Data flows one way, one module per arrow: engine (pycaffe) -> data (CIFAR-10 as Caffe saw it) ->
-graph (groups, Theta_C) -> masking (on Caffe blobs) -> metrics -> oracle -> pruning -> report -> cli.
+Data flows one way, one module per arrow: prototxt and caffemodel (``engine``) -> data as Caffe
+reads it (``data``) -> the channel graph (``graph``: groups, Θ_C, their slices) -> masks on Caffe's
+blobs (``masking``) -> saliency metrics from Caffe's passes (``metrics``) -> a decision (a metric or
+the ``oracle``) -> a step record (``pruning``, in its ``rundir``) -> reports (``report``) and sweeps
+(``sweep``) -> the command line (``cli``).
+
+``LAYERS`` is that order as data, lowest first: a module imports only from its own layer or lower
+ones, and never in a circle (tests/test_layout.py draws the import graph and checks both).
 """
 __version__ = "0.1.0"
+
+LAYERS = (
+    # foundations, no Caffe: errors, atomic files and locks, the layer registry, downloads, the
+    # taxonomy's names, the oracle's choice, run directories, the results store
+    ("errors", "fsio", "layers", "download", "oracle", "metrics.taxonomy", "metrics.methods", "rundir", "store",
+     "report.text"),
+    # Caffe itself
+    ("engine", "metrics.inputs"),
+    # data and weights as Caffe reads them
+    ("data", "data.sources", "data.reader", "data.records_db", "data.records", "data.transform", "data.caffe_db",
+     "data.cifar10", "published"),
+    # network definitions and datasets
+    ("netdef", "networks", "data.dataset", "metrics.hessian"),
+    # the channel graph, and what reads a net's blobs
+    ("channels", "graph", "evaluate", "metrics.collect", "metrics.saliency", "metrics"),
+    # masks, export, sessions, measured latency
+    ("masking", "export", "graph_view", "importer", "session", "profile"),
+    # a step's Caffe work, training
+    ("passes", "train", "train.recipe", "train.heldzero", "train.loop", "train.plots", "train.retrain"),
+    # Algorithm 1
+    ("pruning",),
+    # what uses runs: fine-tuning, the bench, reports, sweeps
+    ("finetune", "bench", "report", "report.published", "report.stats", "report.figures", "report.oracle",
+     "report.taxonomy", "report.domino", "sweep", "sweep.spec", "sweep.executors", "sweep.driver"),
+    # the command line: options parsed into the objects above, commands that parse and print
+    ("options", "sweep.reproduce", "sweep.commands", "metrics.commands", "data.commands", "cli", "__main__"),
+)

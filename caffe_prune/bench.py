@@ -19,7 +19,6 @@ mode's effective GFLOP/s (the FLOPs a naive step does, per second of the mode's 
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import evaluate, options, passes, pruning
+from caffe_prune import engine, evaluate, passes, pruning
 
 PHASES = ("saliency", "probes", "test")
 
@@ -101,7 +100,7 @@ def _fill(run: pruning.Run, images: int) -> None:
 def bench(config: pruning.Config, steps: int, modes, workers: int | None = None, fill_test: bool = False,
           progress: bool = True) -> dict:
     """Run ``steps`` steps of ``config`` in every mode; the figures as plain data."""
-    workers = workers or passes.cores()
+    workers = workers or engine.cores()
     engines = {"naive": ("naive", None), "naive-blas": ("naive", None), "fast-1": ("fast", 1),
                f"fast-{workers}": ("fast", workers)}
     unknown = [m for m in modes if m not in engines and m != "fast-N"]
@@ -118,7 +117,7 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
                 _fill(run, config.test_size * config.batch_size)
                 run.engine = passes.make(kind, run.session, run.masker, run.test_x, run.test_y, count, config.cache_mb)
             if name == "naive-blas":
-                passes.set_blas_threads(passes.cores())
+                engine.set_blas_threads(engine.cores())
             runs[name] = Mode(name, run)
         first = next(iter(runs.values())).run
         graph, plan = first.graph, passes.Plan(first.net, first.graph)
@@ -147,7 +146,7 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
     peak = sgemm_gflops()
     flops_naive_step = _naive_step_flops(config, plan, len(first.test_y))
     result = {"net": config.net, "steps": len(next(iter(runs.values())).seconds), "k": config.k,
-              "test_images": len(first.test_y), "oracle": bool(config.oracle), "cores": passes.cores(),
+              "test_images": len(first.test_y), "oracle": bool(config.oracle), "cores": engine.cores(),
               "workers": workers, "sgemm_gflops_1_thread": round(peak, 2),
               "forward_gflops_1_thread": round(forward, 2), "forward_share_of_sgemm": round(forward / peak, 3),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "modes": {}}
@@ -176,12 +175,12 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
 
 
 def _set_threads(mode: Mode) -> None:
-    passes.set_blas_threads(passes.cores() if mode.name == "naive-blas" else passes.BLAS_THREADS)
+    engine.set_blas_threads(engine.cores() if mode.name == "naive-blas" else engine.BLAS_THREADS)
 
 
 def _forward_rate(run: pruning.Run, plan: passes.Plan) -> float:
     """GFLOP/s of one plain forward of a batch (one BLAS thread), best of three."""
-    passes.set_blas_threads(passes.BLAS_THREADS)
+    engine.set_blas_threads(engine.BLAS_THREADS)
     x, y = run.val_x[:run.config.batch_size], run.val_y[:run.config.batch_size]
     evaluate.feed(run.net, x, y)
     best = float("inf")
@@ -236,32 +235,3 @@ def format_table(result: dict) -> str:
                      f"projected speedup on 16 cores at that efficiency: {s['projected_16_cores']}x")
     lines.append(f"peak memory of this process: {result['peak_rss_mib']} MiB")
     return "\n".join(lines)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="the same seeded run in the naive and fast engines, timed side by side",
-                              description=__doc__.split("\n\n")[0])
-    options.add_network(p)
-    method = p.add_mutually_exclusive_group()
-    method.add_argument("--metric", help="a saliency metric (default: the oracle over the paper's five)")
-    method.add_argument("--oracle", nargs="?", const="paper", default="paper", help="the oracle's constituents")
-    p.add_argument("--steps", type=options.positive, default=5, help="pruning steps per mode (default 5)")
-    p.add_argument("--modes", default="naive,naive-blas,fast-1,fast-N",
-                   help="comma-separated: naive, naive-blas, fast-1, fast-N (default: all)")
-    p.add_argument("--fill-test", action="store_true",
-                   help="repeat the test images to fill --test-size batches (the full protocol on a subset)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    options.add_prune(p)
-    p.add_argument("--workers", type=int, default=None, help="fast-N's processes (default: one per core)")
-    p.add_argument("--cache-mb", type=int, default=None, help="fast engines' test checkpoint memory")
-    p.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args) -> int:
-    metric, constituents = options.prune_method(args)
-    config = options.prune_config(args, args.net, args.weights, metric, constituents)
-    config = replace(config, max_drop=None, cache_mb=args.cache_mb)
-    result = bench(config, args.steps, [m for m in args.modes.split(",") if m], args.workers, args.fill_test,
-                   progress=not args.json)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
-    return 0

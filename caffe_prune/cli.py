@@ -8,6 +8,7 @@ only under ``--debug``; notes (warnings) print as "note: ..." lines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -178,6 +179,91 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---- bench, finetune, profile ------------------------------------------------------------------------
+
+def register_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="the same seeded run in the naive and fast engines, timed side by side",
+                              description=bench.__doc__.split("\n\n")[0])
+    options.add_network(p)
+    method = p.add_mutually_exclusive_group()
+    method.add_argument("--metric", help="a saliency metric (default: the oracle over the paper's five)")
+    method.add_argument("--oracle", nargs="?", const="paper", default="paper", help="the oracle's constituents")
+    p.add_argument("--steps", type=options.positive, default=5, help="pruning steps per mode (default 5)")
+    p.add_argument("--modes", default="naive,naive-blas,fast-1,fast-N",
+                   help="comma-separated: naive, naive-blas, fast-1, fast-N (default: all)")
+    p.add_argument("--fill-test", action="store_true",
+                   help="repeat the test images to fill --test-size batches (the full protocol on a subset)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    options.add_prune(p)
+    p.add_argument("--workers", type=int, default=None, help="fast-N's processes (default: one per core)")
+    p.add_argument("--cache-mb", type=int, default=None, help="fast engines' test checkpoint memory")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    metric, constituents = options.prune_method(args)
+    config = options.prune_config(args, args.net, args.weights, metric, constituents)
+    config = dataclasses.replace(config, max_drop=None, cache_mb=args.cache_mb)
+    result = bench.bench(config, args.steps, [m for m in args.modes.split(",") if m], args.workers, args.fill_test,
+                         progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else bench.format_table(result))
+    return 0
+
+
+def register_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pruning run's network at step N, its pruned groups held at zero")
+    p.add_argument("run", help="a pruning run directory (caffe-prune prune ... --out DIR)")
+    p.add_argument("--step", type=options.positive, default=None,
+                   help="fine-tune the net of steps 1..N (default: the last step within the run's drop)")
+    p.add_argument("--net", default=None,
+                   help="train this definition instead of the run's own (a network name, a train/test prototxt or "
+                        "a solver); its layers must fit the run's")
+    p.add_argument("--weights", default=None, help="start from these weights instead of the run's")
+    options.add_training(p)
+    p.add_argument("--out", default=None, help="training run directory (default DIR/finetune-N)")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    done = finetune.finetune(args.run, args.step, args.net, args.weights, args.iters, args.solver_set or (), args.data,
+                             args.data_out, args.out, args.resume, *options.mode(args), progress=not args.quiet)
+    print(f"{args.run} step {done['step']} ({done['percent_conv_removed']:.1f}% conv weights removed), "
+          f"{done['test_images']} test images: top-1 {100 * done['before']['top1']:.2f}% before, "
+          f"{100 * done['after']['top1']:.2f}% after {done['iterations']} iterations ({done['seconds']:.0f} s); "
+          f"{done['held_zero']['values']} pruned values, {done['held_zero']['nonzero_after']} not zero")
+    print(json.dumps({k: v for k, v in done.items() if k not in ("groups", "test_net")}, indent=2))
+    return 0
+
+
+def register_profile(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="measured forward latency, whole and per layer (as `caffe time`)",
+                              description=profile.__doc__.split("\n\n")[0])
+    options.add_network(p)
+    p.add_argument("--batch", type=int, default=32, help="the batch size measured beside batch 1 (default 32)")
+    p.add_argument("--repeats", type=int, default=20, help="timed forwards per measurement (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards before them (default 3)")
+    p.add_argument("--threads", default="1,all", help=f"{profile.THREADS_HELP} (default 1,all)")
+    p.add_argument("--layers", type=int, default=10, help="how many of the slowest layers to print (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (every layer)")
+    options.add_mode(p)
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    for flag, value, least in (("--batch", args.batch, 1), ("--repeats", args.repeats, 1),
+                               ("--warmup", args.warmup, 0), ("--layers", args.layers, 0)):
+        if value < least:
+            raise engine.EngineError(f"{flag} {value} must be at least {least}")
+    counts = profile.thread_counts(args.threads.split(","))
+    engine.set_mode(*options.mode(args))
+    network = options.network(args)
+    result = profile.profile(network.param, args.weights, network.input_shape, (1, args.batch), counts, args.repeats,
+                             args.warmup, where=network.where)
+    result["net"] = network.name
+    print(json.dumps(result, indent=2) if args.json else profile.format_table(result, args.layers))
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (the usage stays one --help away)."""
 
@@ -212,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_training(p)
     p.add_argument("--out", default=None, help="run directory (default runs/train-NAME)")
     p.set_defaults(func=cmd_train)
-    finetune.register(sub)
+    register_finetune(sub)
     p = sub.add_parser("graph", help="channel groups, weights removed, barriers; optional picture")
     options.add_network(p, weights=False)
     p.add_argument("--picture", default=None, help="write the layer graph to this .png or .svg")
@@ -232,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models/exported", help="output directory (default models/exported)")
     p.set_defaults(func=cmd_export)
     data_commands.register(sub)
-    bench.register(sub)
-    profile.register(sub)
+    register_bench(sub)
+    register_profile(sub)
     metric_commands.register(sub)
     p = sub.add_parser("prune", help="Algorithm 1 with one saliency metric or the myopic oracle")
     options.add_network(p)

@@ -194,6 +194,25 @@ def set_mode(mode: str = "auto", device: int = 0) -> str:
     return _mode
 
 
+# OpenBLAS's results depend on its thread count (measured: LeNet-5's logits move by 1e-5 between 1 and
+# 2 threads, enough to change a probe's loss in its last bits), so the toolkit computes with one BLAS
+# thread per process (caffe_prune.passes, .train, .sweep): the same seed gives the same bits on any machine
+BLAS_THREADS = 1
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_blas_threads(threads: int) -> list:
+    """The thread count of every BLAS loaded in this process (Caffe's OpenBLAS, numpy's and scipy's,
+    through threadpoolctl); returns what they are now."""
+    import threadpoolctl
+    threadpoolctl.threadpool_limits(limits=int(threads), user_api="blas")
+    return [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+
+
 def on_gpu() -> bool:
     """Whether set_mode chose a GPU (forked processes cannot use the parent's CUDA context)."""
     return bool(_mode) and _mode.startswith("GPU")

@@ -19,10 +19,9 @@ of conv weights removed, and the zeros counted on the fine-tuned blobs.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from caffe_prune import engine, fsio, masking, options, pruning, train
+from caffe_prune import engine, fsio, masking, pruning, train
 from caffe_prune.download import digest
 from caffe_prune.rundir import RunDir
 from caffe_prune.session import Network, Session, parse_shape
@@ -96,28 +95,3 @@ def finetune(run_dir, step: int | None = None, spec=None, weights=None, iters: i
               "held_zero": {"values": held.values, "nonzero_after": held.nonzero(session.net)}}
     fsio.write_json(out / train.RESULT, result)
     return result
-
-
-def cmd_finetune(args) -> int:
-    done = finetune(args.run, args.step, args.net, args.weights, args.iters, args.solver_set or (), args.data,
-                    args.data_out, args.out, args.resume, *options.mode(args), progress=not args.quiet)
-    print(f"{args.run} step {done['step']} ({done['percent_conv_removed']:.1f}% conv weights removed), "
-          f"{done['test_images']} test images: top-1 {100 * done['before']['top1']:.2f}% before, "
-          f"{100 * done['after']['top1']:.2f}% after {done['iterations']} iterations ({done['seconds']:.0f} s); "
-          f"{done['held_zero']['values']} pruned values, {done['held_zero']['nonzero_after']} not zero")
-    print(json.dumps({k: v for k, v in done.items() if k not in ("groups", "test_net")}, indent=2))
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a pruning run's network at step N, its pruned groups held at zero")
-    p.add_argument("run", help="a pruning run directory (caffe-prune prune ... --out DIR)")
-    p.add_argument("--step", type=options.positive, default=None,
-                   help="fine-tune the net of steps 1..N (default: the last step within the run's drop)")
-    p.add_argument("--net", default=None,
-                   help="train this definition instead of the run's own (a network name, a train/test prototxt or "
-                        "a solver); its layers must fit the run's")
-    p.add_argument("--weights", default=None, help="start from these weights instead of the run's")
-    options.add_training(p)
-    p.add_argument("--out", default=None, help="training run directory (default DIR/finetune-N)")
-    p.set_defaults(func=cmd_finetune)

@@ -402,24 +402,21 @@ class MVN(Pass):
         return "MVN across channels normalises them together" if layer.mvn_param.across_channels else None
 
 
-class Concat(Rule):
-    def __init__(self):
-        super().__init__("concat", hessian="routing")
+class OnChannels(Rule):
+    """Concat and Slice: on the channel axis they offset channels (their ``kind``); on another axis
+    they are a barrier. ``field`` is the parameter message, ``legacy`` its old axis field, read on
+    the blob ``side`` names (Concat's axis is its top's, Slice's its bottom's)."""
+
+    def __init__(self, kind: str, field: str, legacy: str, side: str):
+        super().__init__(kind, hessian="routing")
+        for name, value in (("field", field), ("legacy", legacy), ("side", side)):
+            object.__setattr__(self, name, value)
 
     def barrier(self, layer, axis):
-        cp = layer.concat_param
-        where = cp.concat_dim if cp.HasField("concat_dim") else axis(cp.axis, layer.top[0])
-        return None if where == 1 else f"Concat on axis {where}, not channels"
-
-
-class SliceLayer(Rule):
-    def __init__(self):
-        super().__init__("slice", hessian="routing")
-
-    def barrier(self, layer, axis):
-        sp = layer.slice_param
-        where = sp.slice_dim if sp.HasField("slice_dim") else axis(sp.axis, layer.bottom[0])
-        return None if where == 1 else f"Slice on axis {where}, not channels"
+        param = getattr(layer, self.field)
+        blob = getattr(layer, self.side)[0]
+        where = getattr(param, self.legacy) if param.HasField(self.legacy) else axis(param.axis, blob)
+        return None if where == 1 else f"{layer.type} on axis {where}, not channels"
 
 
 _DATA_PARAMS = {"Data": ("data_param", "db"), "ImageData": ("image_data_param", "list"),
@@ -467,14 +464,17 @@ RULES = {
     "InnerProduct": InnerProduct(),
     # branches
     "Eltwise": Rule("eltwise", hessian="diagonal"),
-    "Concat": Concat(),
-    "Slice": SliceLayer(),
+    "Concat": OnChannels("concat", "concat_param", "concat_dim", "top"),
+    "Slice": OnChannels("slice", "slice_param", "slice_dim", "bottom"),
     "Flatten": Rule("flatten", hessian="routing"),
     "Reshape": Rule("flatten", hessian="routing"),
     "Silence": Rule("sink"),
 }
 
 BARRIER = Rule("barrier", why="no rule for this layer type")
+
+
+FC = next(r for r in RULES.values() if r.kind == "fc")      # the one rule of the fc kind
 
 
 def rule(layer_type: str) -> Rule:

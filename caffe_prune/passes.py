@@ -34,11 +34,9 @@ scripts did. Kept on purpose, as the reference.
   engine. A worker that dies is replaced by a new fork of the parent (which holds the same
   committed state) and its request sent again.
 
-BLAS threads: OpenBLAS's results depend on its thread count (measured: LeNet-5's logits move by
-1e-5 between 1 and 2 threads, enough to change a probe's loss in its last bits), so a pruning run
-computes with one BLAS thread in every process (Caffe's BLAS and numpy's), whichever engine and
-however many cores: the same seed gives the same bits on any machine. The workers are the
-parallelism.
+BLAS threads: a pruning run computes with one BLAS thread in every process (engine.BLAS_THREADS:
+OpenBLAS's results depend on its thread count), whichever engine and however many cores: the same
+seed gives the same bits on any machine. The workers are the parallelism.
 """
 from __future__ import annotations
 
@@ -54,21 +52,6 @@ from caffe_prune.metrics.collect import Tensors
 from caffe_prune.netdef import EVAL_TOPS
 
 ENGINES = ("fast", "naive")
-BLAS_THREADS = 1            # per process, in both engines (see the module docstring)
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def set_blas_threads(threads: int) -> list:
-    """The thread count of every BLAS loaded in this process (Caffe's OpenBLAS, numpy's and scipy's,
-    through threadpoolctl); returns what they are now."""
-    import threadpoolctl
-    threadpoolctl.threadpool_limits(limits=int(threads), user_api="blas")
-    return [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
-
-
 def default_cache_mb() -> int:
     """A quarter of the memory available now, at most 8 GiB."""
     try:
@@ -320,7 +303,7 @@ class Naive:
     name = "naive"
 
     def __init__(self, session, masker, test_x, test_y, **_):
-        set_blas_threads(BLAS_THREADS)
+        engine.set_blas_threads(engine.BLAS_THREADS)
         self.session, self.masker = session, masker
         self.test_x, self.test_y = test_x, test_y
         self.workers = 0
@@ -351,7 +334,7 @@ class Fast(Naive):
     def __init__(self, session, masker, test_x, test_y, workers: int | None = None, cache_mb: int | None = None):
         super().__init__(session, masker, test_x, test_y)
         # a CUDA context does not survive fork: on a GPU the one process does the work
-        self.workers = 1 if engine.on_gpu() else max(1, workers or cores())
+        self.workers = 1 if engine.on_gpu() else max(1, workers or engine.cores())
         budget = (default_cache_mb() if cache_mb is None else cache_mb) * 2 ** 20 // self.workers
         batch = session.batch_size
         self.test_batches = math.ceil(len(test_y) / batch)

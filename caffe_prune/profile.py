@@ -12,8 +12,8 @@ around ``net._forward(i, i)`` for layer i, the layers run one at a time in order
 does with ``Layer::Forward``). Medians and the interquartile range, not means: on a shared machine
 background load makes some repeats slow. The whole forward and the layer-by-layer pass alternate,
 repeat after repeat, so that load that drifts hits both alike. On the CPU, Caffe's convolutions and
-InnerProducts are OpenBLAS GEMMs, so the BLAS thread count (caffe_prune.passes.set_blas_threads) is
-part of what is measured; it is restored to ``passes.BLAS_THREADS`` afterwards.
+InnerProducts are OpenBLAS GEMMs, so the BLAS thread count (caffe_prune.engine.set_blas_threads) is
+part of what is measured; it is restored to ``engine.BLAS_THREADS`` afterwards.
 
 On a GPU, Caffe queues kernels and returns: each timed region therefore ends with a synchronisation,
 made by reading the ``.data`` of a small blob the region wrote (pycaffe's ``.data`` copies a blob the
@@ -26,13 +26,12 @@ as kernel times. A layer without tops (Silence) has nothing to read and is not s
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 
 import numpy as np
 
-from caffe_prune import engine, netdef, passes
+from caffe_prune import engine, netdef
 
 THREADS_HELP = "comma-separated BLAS thread counts, whole numbers or 'all' (every core)"
 
@@ -90,11 +89,11 @@ def latency(net, repeats: int = 20, warmup: int = 3, per_layer: bool = True) -> 
 
 
 def thread_counts(threads) -> list:
-    """BLAS thread counts from whole numbers and 'all' (passes.cores()), duplicates dropped."""
+    """BLAS thread counts from whole numbers and 'all' (engine.cores()), duplicates dropped."""
     counts = []
     for value in threads:
         text = str(value).strip().lower()
-        count = passes.cores() if text == "all" else int(text) if text.isdigit() else 0
+        count = engine.cores() if text == "all" else int(text) if text.isdigit() else 0
         if count < 1:
             raise engine.EngineError(f"--threads: {str(value)!r} is not a thread count; give {THREADS_HELP}, "
                                      f"e.g. --threads 1,all")
@@ -157,12 +156,12 @@ def profile(net_param, weights, input_shape=None, batch_sizes=(1, 32), threads=(
             net.reshape()
             net.blobs[data].data[...] = np.random.default_rng(seed).normal(size=(batch, *shape)).astype(np.float32)
             for count in counts:
-                passes.set_blas_threads(count)
+                engine.set_blas_threads(count)
                 runs.append({"batch": batch, "threads": count, **latency(net, repeats, warmup, per_layer)})
     finally:
-        passes.set_blas_threads(passes.BLAS_THREADS)
+        engine.set_blas_threads(engine.BLAS_THREADS)
     return {"net": net_param.name or where, "input_shape": list(shape), "gpu": engine.on_gpu(),
-            "cores": passes.cores(), "parameters": int(sum(b.data.size for blobs in net.params.values() for b in blobs)),
+            "cores": engine.cores(), "parameters": int(sum(b.data.size for blobs in net.params.values() for b in blobs)),
             "costs": copy.deepcopy(costs), "runs": runs}
 
 
@@ -253,34 +252,3 @@ def _format_comparison(result: dict, layers: int) -> str:
             lines.append(f"{l['name']:<{width}} {l['type']:<14}{''.join(show)}"
                          + (f"{l['speedup']:>9.2f}x" if l["speedup"] else f"{'-':>10}"))
     return "\n".join(lines)
-
-
-def register(subparsers) -> None:
-    from caffe_prune import options
-    p = subparsers.add_parser("profile", help="measured forward latency, whole and per layer (as `caffe time`)",
-                              description=__doc__.split("\n\n")[0])
-    options.add_network(p)
-    p.add_argument("--batch", type=int, default=32, help="the batch size measured beside batch 1 (default 32)")
-    p.add_argument("--repeats", type=int, default=20, help="timed forwards per measurement (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed forwards before them (default 3)")
-    p.add_argument("--threads", default="1,all", help=f"{THREADS_HELP} (default 1,all)")
-    p.add_argument("--layers", type=int, default=10, help="how many of the slowest layers to print (default 10)")
-    p.add_argument("--json", action="store_true", help="machine-readable output (every layer)")
-    options.add_mode(p)
-    p.set_defaults(func=cmd_profile)
-
-
-def cmd_profile(args) -> int:
-    from caffe_prune import options
-    for flag, value, least in (("--batch", args.batch, 1), ("--repeats", args.repeats, 1),
-                               ("--warmup", args.warmup, 0), ("--layers", args.layers, 0)):
-        if value < least:
-            raise engine.EngineError(f"{flag} {value} must be at least {least}")
-    counts = thread_counts(args.threads.split(","))
-    engine.set_mode(*options.mode(args))
-    network = options.network(args)
-    result = profile(network.param, args.weights, network.input_shape, (1, args.batch), counts, args.repeats,
-                     args.warmup, where=network.where)
-    result["net"] = network.name
-    print(json.dumps(result, indent=2) if args.json else format_table(result, args.layers))
-    return 0

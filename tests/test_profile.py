@@ -10,7 +10,7 @@ import numpy as np
 import threadpoolctl
 from google.protobuf import text_format
 
-from caffe_prune import engine, export, netdef, networks, passes, profile, published
+from caffe_prune import engine, export, netdef, networks, profile, published
 from caffe_prune.session import Network
 from conftest import REPO
 
@@ -66,7 +66,7 @@ def test_latency_changes_no_parameter(caffe):
 def test_parameter_count_is_the_caffemodels(caffe):
     """``parameters`` equals the blob sizes summed from the caffemodel's NetParameter (parsed here
     with caffe_pb2, not through the project); a compact export's {layer: [arrays]} gives its own
-    sum; costs are copied as given; the BLAS thread count is back at passes.BLAS_THREADS."""
+    sum; costs are copied as given; the BLAS thread count is back at engine.BLAS_THREADS."""
     counted = {}
     for name in ("LeNet-5", "ResNet-20"):
         weights = published.caffemodel(name)
@@ -80,8 +80,8 @@ def test_parameter_count_is_the_caffemodels(caffe):
         assert result["parameters"] == want, name
         counted[name] = want
         assert result["costs"] == costs and result["costs"] is not costs
-        assert [r["threads"] for r in result["runs"]] == list(dict.fromkeys([1, passes.cores()]))
-        assert all(i["num_threads"] == passes.BLAS_THREADS for i in threadpoolctl.threadpool_info()
+        assert [r["threads"] for r in result["runs"]] == list(dict.fromkeys([1, engine.cores()]))
+        assert all(i["num_threads"] == engine.BLAS_THREADS for i in threadpoolctl.threadpool_info()
                    if i["user_api"] == "blas")
     network = Network.open("LeNet-5")
     net = engine.net_from_param(network.structure(), published.caffemodel("LeNet-5"))
@@ -119,7 +119,7 @@ def test_command_prints_the_documented_json():
     result = json.loads(out)
     assert set(result) == PROFILE_FIELDS and result["net"] == "LeNet-5" and result["input_shape"] == [3, 32, 32]
     assert result["costs"] is None and result["parameters"] > 0
-    threads = list(dict.fromkeys([1, passes.cores()]))
+    threads = list(dict.fromkeys([1, engine.cores()]))
     assert [(r["batch"], r["threads"]) for r in result["runs"]] == [(b, t) for b in (1, 4) for t in threads]
     for run in result["runs"]:
         assert RUN_FIELDS | {"layers", "layers_sum_ms"} <= set(run) and run["repeats"] == 3

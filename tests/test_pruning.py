@@ -1,5 +1,6 @@
 """Algorithm 1 runs: the stop rule, determinism, a killed run resumed to the same end, bad input."""
 import json
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -180,6 +181,65 @@ def test_kills_at_random_moments_and_inside_every_write(caffe, tmp_path):
         result = cli_prune(run_dir, "--max-steps", str(expected))
         assert result.returncode == 0, result.stderr
         assert decisions(steps_of(run_dir)) == reference[:expected + 1]
+
+
+def children(pid) -> list:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def holds(pid, path) -> bool:
+    """Whether process ``pid`` has ``path`` open (its descriptor table in /proc)."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    target = str(Path(path).resolve())
+    return any(os.path.realpath(fd) == target for fd in fds if fd.exists() or fd.is_symlink())
+
+
+def alive(pid) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_main_process_then_the_same_command_at_once(caffe, tmp_path):
+    """`kill -9` of a run's main process while its fast-engine workers compute (what the OOM killer
+    does), then the same command at once: 8 of 8 restarts take the lock and resume (none is refused
+    as "in use" by the dead process: its workers never held the lock and die with it), and the run
+    ends identical to an uninterrupted one."""
+    argv = ("--max-steps", "40", "--k", "8", "--workers", "2")
+    whole = tmp_path / "whole"
+    assert cli_prune(whole, *argv).returncode == 0
+    reference = decisions(steps_of(whole))
+    killed, rng = tmp_path / "killed", np.random.default_rng(21)
+    proc, with_workers = cli_prune(killed, *argv, wait=False), 0
+    for delay in rng.uniform(2.0, 4.0, size=8):
+        deadline = time.time() + delay
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"a restart did not run: {proc.returncode} {proc.stderr.read()}"
+        workers = children(proc.pid)
+        with_workers += bool(workers)
+        if workers:          # the lock is the main process's alone: no worker inherited its descriptor
+            assert holds(proc.pid, killed / ".lock") and not any(holds(w, killed / ".lock") for w in workers)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc = cli_prune(killed, *argv, wait=False)                    # the same command, at once
+        deadline = time.time() + 5
+        while time.time() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.02)
+        assert not any(alive(w) for w in workers)                     # the workers died with their parent
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "in use" not in err
+    assert with_workers >= 4                  # most kills came while the workers were computing
+    assert decisions(steps_of(killed)) == reference
 
 
 def test_two_processes_on_one_run_directory(caffe, tmp_path):

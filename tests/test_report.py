@@ -3,7 +3,8 @@ import json
 
 from caffe_prune import pruning, report
 from caffe_prune.metrics import methods
-from caffe_prune.report import figures, oracle, published
+from caffe_prune.report import figures, published
+from caffe_prune.report.oracle import table
 from conftest import PUBLISHED, SHARED, SUBSET
 
 
@@ -184,7 +185,7 @@ def test_printed_equations_share_the_published_rows():
     assert PAPER_FORMS["table2"] == ("mean_activations", "taylor", "eq4", "mean_gradients", "mean_sq_weights")
     steps = [{"test": {"top1": 0.70}, "percent_conv_removed": 0}, {"test": {"top1": 0.69}, "percent_conv_removed": 41}]
     runs = [{"method": m, "net": "CIFAR10", "steps": steps} for m in ("fisher", "eq4", printed, table2)]
-    rows = {line.split(" | ")[0]: line for line in oracle.table(runs).splitlines()}
+    rows = {line.split(" | ")[0]: line for line in table(runs).splitlines()}
     assert "| 39 |" in rows["| Fisher information (eq. 4 as printed)"] and "| 39 |" in rows["| Fisher information"]
     assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over eq. 1-5 as printed"]
     assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over the Table-2 forms"]

@@ -112,7 +112,7 @@ class _ImageList(Reader):
 
     def _fetch(self, positions, progress) -> tuple:
         entries = self._entries(positions)
-        layer = engine.caffe_pb2().LayerParameter(name=self.layer.name or "data", type="ImageData",
+        layer = engine.caffe_pb2().LayerParameter(name=self.layer.name or "data", type=layers.type_reading("list"),
                                                   top=["data", "label"])
         layer.image_data_param.CopyFrom(self.layer.image_data_param)
         for deprecated in ("scale", "mean_file", "crop_size", "mirror"):

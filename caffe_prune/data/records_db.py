@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine
+from caffe_prune import engine, layers
 from caffe_prune.data import reader as base, sources
 from caffe_prune.errors import DataError
 from caffe_prune.data.reader import FAULT_SLACK, Reader
@@ -264,7 +264,7 @@ class _Db(Reader):
             raise DataError(f"{self.where}: transform_param sets both force_color and force_gray, which "
                             f"Caffe refuses for encoded Datums; keep one")
         pb2 = engine.caffe_pb2()
-        layer = pb2.LayerParameter(name=self.layer.name or "data", type="Data", top=["data", "label"])
+        layer = pb2.LayerParameter(name=self.layer.name or "data", type=layers.type_reading("db"), top=["data", "label"])
         layer.data_param.CopyFrom(self.layer.data_param)
         for deprecated in ("scale", "mean_file", "crop_size", "mirror", "force_encoded_color"):
             layer.data_param.ClearField(deprecated)

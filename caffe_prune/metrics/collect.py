@@ -49,7 +49,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 
@@ -150,7 +149,7 @@ def collect(net, graph, batches, needs, reading: str = "authors") -> Tensors:
     geometry = {c: inputs.conv_geometry(layers[index[c]]) for c in convs} if layers else {}
 
     for conv in convs:   # static: from the parameter blobs, once
-        weights = net.params[conv][0].data.astype(np.float64)[None]
+        weights = inputs.conv_layout(net.params[conv][0].data.astype(np.float64)[None], graph.producers[conv])
         _reduce_weights(tensors, conv, "conv", plan.static_out, plan.static_in, weights, None, None,
                         graph.producers[conv].group)
     for fc in fcs if plan.static_in else ():
@@ -207,9 +206,11 @@ def collect(net, graph, batches, needs, reading: str = "authors") -> Tensors:
             weights = net.params[layer][0].data.astype(np.float64)[None]
             per = weights.size      # elements per sample: the gradient, and for a conv its im2col
             if kind == "conv":
-                per = max(per, x_in.shape[1] * weights[0, 0, 0].size * g_top[0, 0].size)
+                columns = (g_top, x_in) if inputs.transposed(graph.producers[layer]) else (x_in, g_top)
+                per = max(per, columns[0].shape[1] * weights[0, 0, 0].size * columns[1][0, 0].size)   # its im2col
+                weights = inputs.conv_layout(weights, graph.producers[layer])
             split = graph.producers[layer].group if kind == "conv" else graph.fc[layer].in_channels
-            grads = partial(inputs.conv_weight_gradients, geometry=geometry[layer]) if kind == "conv" \
+            grads = inputs.weight_gradients(graph.producers[layer], geometry[layer]) if kind == "conv" \
                 else inputs.fc_weight_gradients
             for chunk in inputs.sample_chunks(n, per):
                 gw = grads(x_in[chunk], per_sample(g_top[chunk], n)) if "g" in wts else None

@@ -14,11 +14,12 @@ the bottoms, top diffs and h come from Caffe's forward, backward and ``hessian.h
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 
-from caffe_prune import engine
+from caffe_prune import engine, layers
 
 CHUNK_ELEMENTS = 1 << 23   # per-sample tensors are built a few samples at a time, ~8M elements each
 
@@ -87,6 +88,34 @@ def conv_weight_gradients(bottom: np.ndarray, top: np.ndarray, geometry: Geometr
     tops = top.reshape(n, grp, o // grp, oh * ow)
     out = np.matmul(tops.astype(np.float64), cols.astype(np.float64).transpose(0, 1, 3, 2))
     return out.reshape(n, o, c // grp, kh, kw)
+
+
+def transposed(info) -> bool:
+    """Whether the convolution-like layer ``info`` stores its weights transposed (a Deconvolution)."""
+    return getattr(layers.rule(info.type), "transposed", False)
+
+
+def conv_layout(weights: np.ndarray, info) -> np.ndarray:
+    """Per-sample weights (n, *blob shape) of the convolution-like layer ``info`` (the graph's
+    ProducerInfo) in a convolution's layout (n, out, in/group, kh, kw), where a metric reads output
+    channel o's filter as row o: a Deconvolution's blob is (in, out/group, kh, kw) (its rule is
+    ``transposed``), and the filter of its output o is column o % (out/group) of its group's rows."""
+    if not transposed(info):
+        return weights
+    n, c, per_out, *kernel = weights.shape
+    per_in = c // info.group
+    grouped = weights.reshape(n, info.group, per_in, per_out, *kernel).swapaxes(2, 3)
+    return grouped.reshape(n, info.group * per_out, per_in, *kernel)
+
+
+def weight_gradients(info, geometry: Geometry):
+    """(bottom data, top diff) -> per-sample weight gradients of the layer ``info`` in a
+    convolution's layout (``conv_layout``). A Deconvolution's output is linear in its weights the
+    other way round (it is a convolution's backward): dL/dW'[c, o, k] = Σ_p x[c, p] dL/dy[o, p·s + k·d
+    - pad], the correlation of the top diff with the bottom data, in the same geometry."""
+    if transposed(info):
+        return lambda bottom, top: conv_layout(conv_weight_gradients(top, bottom, geometry), info)
+    return partial(conv_weight_gradients, geometry=geometry)
 
 
 def fc_weight_gradients(bottom: np.ndarray, top: np.ndarray) -> np.ndarray:

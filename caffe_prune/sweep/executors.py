@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from caffe_prune import fsio, passes
+from caffe_prune import engine, fsio
 from caffe_prune.sweep.spec import SweepError
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -90,14 +90,14 @@ class _Worker:
 class LocalExecutor:
     """A pool of worker processes on this machine (one per core by default), started with ``spawn``
     (never forked from a process that has imported Caffe or OpenBLAS). A run computes with one BLAS
-    thread (caffe_prune.passes.BLAS_THREADS: its bits do not depend on the machine), so the runs
+    thread (caffe_prune.engine.BLAS_THREADS: its bits do not depend on the machine), so the runs
     side by side are the parallelism. A worker that dies is replaced; its run is reported ``died``."""
     name = "local"
 
     def __init__(self, workers: int | None = None):
-        cores = passes.cores()
-        self.workers = workers or max(1, cores // passes.BLAS_THREADS)
-        self.threads = passes.BLAS_THREADS
+        cores = engine.cores()
+        self.workers = workers or max(1, cores // engine.BLAS_THREADS)
+        self.threads = engine.BLAS_THREADS
         if self.workers < 1:
             raise SweepError(f"--workers must be at least 1, got {self.workers}")
         self.cores = cores
@@ -193,7 +193,7 @@ class RayExecutor:
         except ImportError:
             raise SweepError("the Ray executor needs the ray package: pip install 'caffe-prune[ray]' "
                              "(here: .venv/bin/pip install ray)") from None
-        self.ray, self.address, self.threads = ray, address, passes.BLAS_THREADS
+        self.ray, self.address, self.threads = ray, address, engine.BLAS_THREADS
         if address != "auto":
             check_answers(address)
         try:

@@ -195,10 +195,9 @@ def train(recipe: Recipe, out_dir, weights=None, max_iter: int | None = None, re
     snapshots to keep (default all; older ones are removed once a newer one is in place); ``data_offset``:
     training batches to skip first (a prune-retrain schedule continues the data where the last
     retraining stopped)."""
-    from caffe_prune.passes import BLAS_THREADS, set_blas_threads
     cf = engine.caffe()
     mode = engine.set_mode(mode, device)
-    set_blas_threads(BLAS_THREADS)     # as a pruning run: the same bits on any machine (caffe_prune.passes)
+    engine.set_blas_threads(engine.BLAS_THREADS)     # as a pruning run: the same bits on any machine (caffe_prune.passes)
     out = Path(out_dir)
     with fsio.RunLock(out, "training run"):
         for stale in out.glob(".*.tmp"):
