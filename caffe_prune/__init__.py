@@ -20,7 +20,7 @@ LAYERS = (
     ("engine", "metrics.inputs"),
     # data and weights as Caffe reads them
     ("data", "data.sources", "data.reader", "data.records_db", "data.records", "data.transform", "data.caffe_db",
-     "data.cifar10", "published"),
+     "data.cifar10", "data.synthetic", "published"),
     # network definitions and datasets
     ("netdef", "networks", "data.dataset", "metrics.hessian"),
     # the channel graph, and what reads a net's blobs

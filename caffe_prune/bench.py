@@ -92,9 +92,7 @@ class Mode:
 
 def _fill(run: pruning.Run, images: int) -> None:
     """Repeat the test images up to ``images`` (timing the full protocol's 80 batches on a subset)."""
-    reps = -(-images // len(run.test_y))
-    run.test_x = np.concatenate([run.test_x] * reps)[:images]
-    run.test_y = np.concatenate([run.test_y] * reps)[:images]
+    run.test = run.test.repeated(images)
 
 
 def bench(config: pruning.Config, steps: int, modes, workers: int | None = None, fill_test: bool = False,
@@ -115,7 +113,7 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
             if fill_test:
                 run.engine.close()
                 _fill(run, config.test_size * config.batch_size)
-                run.engine = passes.make(kind, run.session, run.masker, run.test_x, run.test_y, count, config.cache_mb)
+                run.engine = passes.make(kind, run.session, run.masker, run.test, count, config.cache_mb)
             if name == "naive-blas":
                 engine.set_blas_threads(engine.cores())
             runs[name] = Mode(name, run)
@@ -144,9 +142,9 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
             mode.run.close()
     naive = runs.get("naive")
     peak = sgemm_gflops()
-    flops_naive_step = _naive_step_flops(config, plan, len(first.test_y))
+    flops_naive_step = _naive_step_flops(config, plan, len(first.test))
     result = {"net": config.net, "steps": len(next(iter(runs.values())).seconds), "k": config.k,
-              "test_images": len(first.test_y), "oracle": bool(config.oracle), "cores": engine.cores(),
+              "test_images": len(first.test), "oracle": bool(config.oracle), "cores": engine.cores(),
               "workers": workers, "sgemm_gflops_1_thread": round(peak, 2),
               "forward_gflops_1_thread": round(forward, 2), "forward_share_of_sgemm": round(forward / peak, 3),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "modes": {}}
@@ -181,7 +179,7 @@ def _set_threads(mode: Mode) -> None:
 def _forward_rate(run: pruning.Run, plan: passes.Plan) -> float:
     """GFLOP/s of one plain forward of a batch (one BLAS thread), best of three."""
     engine.set_blas_threads(engine.BLAS_THREADS)
-    x, y = run.val_x[:run.config.batch_size], run.val_y[:run.config.batch_size]
+    x, y = run.validation.batch(np.arange(min(run.config.batch_size, len(run.validation))))
     evaluate.feed(run.net, x, y)
     best = float("inf")
     for _ in range(3):

@@ -55,8 +55,7 @@ def cmd_doctor(args) -> int:
 def run_evaluation(args, progress=True) -> tuple:
     """(scores, session): the test split scored by Caffe's own Accuracy and SoftmaxWithLoss layers."""
     session = options.session(args, progress=progress, holdout=False)
-    test = session.dataset.test
-    return session.evaluate(test.x, test.y, batches=args.batches, progress=progress), session
+    return session.evaluate(session.dataset.test, batches=args.batches, progress=progress), session
 
 def print_scores(name, scores) -> None:
     print(f"{name}: top-1 {100 * scores['top1']:.2f}%  top-5 {100 * scores['top5']:.2f}%  "
@@ -105,6 +104,20 @@ def cmd_train(args) -> int:
     if scores is not None:
         print_scores(done["weights"], scores)
     print(json.dumps({**done, "test": scores}, indent=2))
+    return 0
+
+
+def cmd_init(args) -> int:
+    """A caffemodel of the net's own fillers (Caffe's, seeded): random weights of any network, for
+    measurements of time and memory (its accuracy is chance)."""
+    from caffe_prune import fsio as files
+    engine.caffe().set_random_seed(args.seed)
+    session = options.session(argparse.Namespace(**vars(args), weights=None, logits=None), with_data=False,
+                              form="structure")
+    with files.replacing(args.out) as tmp:
+        session.net.save(str(tmp))
+    params = sum(b.data.size for blobs in session.net.params.values() for b in blobs)
+    print(f"{args.out}: {params:,} parameters of {session.network.name} from its fillers (seed {args.seed})")
     return 0
 
 
@@ -299,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/train-NAME)")
     p.set_defaults(func=cmd_train)
     register_finetune(sub)
+    p = sub.add_parser("init", help="a caffemodel of the net's own fillers, seeded (random weights for measurements)")
+    options.add_network(p, weights=False)
+    p.add_argument("--out", required=True, help="the caffemodel to write")
+    p.add_argument("--seed", type=int, default=0, help="Caffe's random seed (default 0)")
+    options.add_mode(p)
+    p.set_defaults(func=cmd_init, data=None, data_root="", scale=None, mean_value=None, mean_file=None,
+                   crop_size=None)
     p = sub.add_parser("graph", help="channel groups, weights removed, barriers; optional picture")
     options.add_network(p, weights=False)
     p.add_argument("--picture", default=None, help="write the layer graph to this .png or .svg")

@@ -1,8 +1,9 @@
 """Top-1, top-5 and loss of a Caffe net, computed by Caffe's own Accuracy and SoftmaxWithLoss layers.
 
 The net is an evaluation form (caffe_prune.netdef): images and labels are fed into its Input
-blobs (the net's own blob names) in batches, already transformed the way the data layer did it. The batch means Caffe reports
-are combined weighted by batch size, so a short last batch counts for what it holds.
+blobs (the net's own blob names) in batches, already transformed the way the data layer did it (a
+dataset split streams them a batch at a time). The batch means Caffe reports are combined weighted
+by batch size, so a short last batch counts for what it holds.
 """
 from __future__ import annotations
 
@@ -57,22 +58,29 @@ def combine(rows) -> dict:
     return result
 
 
-def evaluate(net, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128,
-             batches: int | None = None, progress: bool = True) -> dict:
-    """Run `inputs` (N, C, H, W float32, already transformed) through `net` and score them."""
-    if len(inputs) != len(labels):
-        raise engine.EngineError(f"{len(inputs)} inputs but {len(labels)} labels")
-    if batches is not None:
-        if batches < 1:
-            raise engine.EngineError(f"--batches must be at least 1, got {batches}")
-        inputs, labels = inputs[:batches * batch_size], labels[:batches * batch_size]
-    if len(inputs) == 0:
+def evaluate(net, inputs, labels=None, batch_size: int = 128, batches: int | None = None,
+             progress: bool = True) -> dict:
+    """Score ``inputs``: (N, C, H, W) float32 images already transformed, with ``labels``; or a
+    dataset split (caffe_prune.data.dataset.Split, ``labels`` None), read and transformed a batch
+    at a time, so that memory holds a batch, not the split. ``batches``: only the first N."""
+    if batches is not None and batches < 1:
+        raise engine.EngineError(f"--batches must be at least 1, got {batches}")
+    if labels is None:
+        split = inputs if batches is None else inputs.head(batches * batch_size)
+        count, stream = len(split), split.batches(batch_size)
+    else:
+        if len(inputs) != len(labels):
+            raise engine.EngineError(f"{len(inputs)} inputs but {len(labels)} labels")
+        if batches is not None:
+            inputs, labels = inputs[:batches * batch_size], labels[:batches * batch_size]
+        count = len(inputs)
+        stream = ((inputs[lo:lo + batch_size], labels[lo:lo + batch_size]) for lo in range(0, count, batch_size))
+    if count == 0:
         raise engine.EngineError("no images to evaluate")
     rows = []
-    starts = range(0, len(inputs), batch_size)
-    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
+    for number, (x, y) in enumerate(tqdm(stream, total=-(-count // batch_size), desc="evaluate", unit="batch",
+                                         disable=not progress, leave=False)):
         feed(net, x, y)
         net.forward()
-        rows.append((len(x), *scores(net, start)))
+        rows.append((len(x), *scores(net, number * batch_size)))
     return combine(rows)

@@ -125,7 +125,7 @@ def export_session(session, pruned, out_dir, semantics: str = "zero-downstream",
     masker = masking.Masker(g, [session.net], semantics)
     for group_id in sorted(pruned):
         masker.commit(group_id)
-    inputs = session.dataset.test.x[:images] if session.dataset is not None else None
+    inputs = session.dataset.test.head(images).x if session.dataset is not None else None
     done = export(network.param, g, pruned, session.net, out_dir, network.name, session.input_shape, inputs,
                   network.where, seed)
     deviation = max(done["deviation"].values(), default=0.0)

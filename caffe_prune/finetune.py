@@ -78,7 +78,7 @@ def finetune(run_dir, step: int | None = None, spec=None, weights=None, iters: i
     state = session_at(run_dir, step, progress)
     session, masker, step, config = state["session"], state["masker"], state["step"], state["config"]
     test = session.dataset.test
-    before = session.evaluate(test.x, test.y, progress=False)
+    before = session.evaluate(test, progress=False)
     held = train.HeldZero.of(masker, masker.committed, f"the pruning run {run_dir} (steps 1..{step})")
     data = data if data is not None else config.data
     recipe = train.recipe(spec, data, data_out, solver_set, progress) if spec is not None else \
@@ -87,11 +87,11 @@ def finetune(run_dir, step: int | None = None, spec=None, weights=None, iters: i
     done = train.train(recipe, out, weights=weights or state["weights"], max_iter=iters, resume=resume, held=held,
                        mode=mode, device=device, progress=progress)
     session.net.copy_from(done["weights"])
-    after = session.evaluate(test.x, test.y, progress=False)
+    after = session.evaluate(test, progress=False)
     record = state["steps"][step]
     result = {**done, "run": str(run_dir), "step": step, "groups": [s["group"] for s in state["steps"][1:step + 1]],
               "percent_conv_removed": record["percent_conv_removed"], "run_test_at_step": record.get("test"),
-              "test_images": len(test.y), "before": before, "after": after,
+              "test_images": len(test), "before": before, "after": after,
               "held_zero": {"values": held.values, "nonzero_after": held.nonzero(session.net)}}
     fsio.write_json(out / train.RESULT, result)
     return result

@@ -16,7 +16,9 @@ scripts did. Kept on purpose, as the reference.
   start the blobs the rest of the net reads that were written before it (``Plan.frontier``: copied
   as they are at that moment, so in-place layers that overwrite their bottoms later, and Split
   tops sharing memory, come back right); each probe restores them and runs ``_forward(start,
-  end)`` only.
+  end)`` only. The frontiers kept for one batch fit the process's share of ``cache_mb`` (the
+  latest starts first; a probe whose own frontier was not kept resumes from the latest kept one
+  before it, or from the input: the layers before its start are unchanged, so the bits are too).
 - **saliency passes without weight gradients**: Caffe's backward in a copy of the net that shares
   its parameters and has lr_mult 0 wherever a weight gradient is not needed to reach the layers
   below (netdef.gradient_form): the blob diffs the metrics read, half the GEMMs.
@@ -28,7 +30,8 @@ scripts did. Kept on purpose, as the reference.
   forward.
 - **workers** (CPU only: a CUDA context does not survive a fork): ``workers`` processes forked
   after the net is loaded, each holding a copy of the net with the run's committed masks (applied
-  by group id) and its share of the test batches with their checkpoints. The saliency batches, the
+  by group id) and its share of the test batches (positions in the test split, each batch read and
+  transformed when it is measured: workers hold batches, not the data set) with their checkpoints. The saliency batches, the
   probes (by batch, or by candidate when there are fewer batches than workers) and the test batches
   are spread over them; results are combined in batch order with the same arithmetic as the naive
   engine. A worker that dies is replaced by a new fork of the parent (which holds the same
@@ -53,7 +56,8 @@ from caffe_prune.netdef import EVAL_TOPS
 
 ENGINES = ("fast", "naive")
 def default_cache_mb() -> int:
-    """A quarter of the memory available now, at most 8 GiB."""
+    """A quarter of the memory available now, at most 8 GiB: each process's share of it bounds its
+    test checkpoints, and, apart, a probe batch's saved frontiers."""
     try:
         with open("/proc/meminfo") as meminfo:
             available = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable")) // 1024
@@ -137,7 +141,7 @@ class Worker:
         self.batch_size, self.cache_budget = batch_size, cache_bytes
         self.plan = Plan(net, graph)
         self.shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
-        self.test_x = self.test_y = None
+        self.test_images = None          # the run's test images (a dataset split, read a batch at a time)
         self.test_ids = []
         self.cache = {}                  # test batch -> {checkpoint: frontier copy}
         self.reference = None            # the parameters the checkpoints were computed under
@@ -151,9 +155,9 @@ class Worker:
             if group not in self.masker.committed:
                 self.masker.commit(group)
 
-    def test_share(self, x, y, ids) -> None:
-        """The test batches (ids into x, y in batch_size chunks) this worker measures."""
-        self.test_x, self.test_y, self.test_ids = x, y, list(ids)
+    def test_share(self, test, ids) -> None:
+        """The test batches (ids of batch_size chunks of the split ``test``) this worker measures."""
+        self.test_images, self.test_ids = test, list(ids)
         per_image = self.cache_budget // max(1, len(self.test_ids) * self.batch_size)
         self.checkpoints = self.plan.checkpoints(self.shapes, 1, per_image) if self.cache_budget else []
 
@@ -163,12 +167,15 @@ class Worker:
         return metrics.collect(self.gradient_net, self.graph, batches, names, reading)
 
     def probe(self, batch, candidates) -> tuple:
-        """(base loss, [loss with each candidate masked]) on one batch, each probe a suffix forward."""
+        """(base loss, [loss with each candidate masked]) on one batch, each probe a suffix forward
+        from the latest saved frontier at or before its first touched layer (the frontiers kept
+        fit the worker's budget; without one, a probe is a full forward)."""
         x, y = batch
         evaluate.feed(self.net, x, y)
         starts = {g: self.plan.start(self.masker.group_regions(g)) for g in candidates}
-        saved, done = {}, 0
-        for start in sorted(set(starts.values())):
+        kept = self.frontiers(sorted(set(starts.values())), len(x))
+        saved, done = {0: {}}, 0
+        for start in kept:
             _forward(self.net, done, start - 1)
             saved[start] = _snapshot(self.net, self.plan.frontier(start))
             done = start
@@ -176,14 +183,26 @@ class Worker:
         base = _loss(self.net)
         losses = []
         for group in candidates:
+            resume = max(s for s in saved if s <= starts[group])   # the layers before its start are unchanged
             self.masker.mask(group)
             try:
-                _restore(self.net, saved[starts[group]])
-                _forward(self.net, starts[group], self.plan.end)
+                _restore(self.net, saved[resume])
+                _forward(self.net, resume, self.plan.end)
                 losses.append(_loss(self.net))
             finally:
                 self.masker.restore(group)
         return base, losses
+
+    def frontiers(self, starts, images: int) -> list:
+        """Of the probes' start layers, those whose frontiers for ``images`` images fit the worker's
+        budget together (the latest first: they save the most of a forward)."""
+        kept, used = [], 0
+        for start in sorted(starts, reverse=True):
+            size = images * sum(int(np.prod(self.shapes[b][1:])) * 4 for b in self.plan.frontier(start))
+            if start and used + size <= self.cache_budget:
+                kept.append(start)
+                used += size
+        return sorted(kept)
 
     def test(self) -> list:
         """(images, loss, top1, top5) of each of this worker's test batches, from the checkpoints
@@ -193,7 +212,7 @@ class Worker:
         rows = []
         for batch in self.test_ids:
             lo = batch * self.batch_size
-            x, y = self.test_x[lo:lo + self.batch_size], self.test_y[lo:lo + self.batch_size]
+            x, y = self.test_images.batch(np.arange(lo, min(lo + self.batch_size, len(self.test_images))))
             evaluate.feed(self.net, x, y)
             kept = self.cache.get(batch, {})
             resume = max((c for c in valid if c in kept), default=0)
@@ -302,10 +321,10 @@ class Naive:
 
     name = "naive"
 
-    def __init__(self, session, masker, test_x, test_y, **_):
+    def __init__(self, session, masker, test, **_):
         engine.set_blas_threads(engine.BLAS_THREADS)
         self.session, self.masker = session, masker
-        self.test_x, self.test_y = test_x, test_y
+        self.images = test
         self.workers = 0
 
     def collect(self, batches, names, reading) -> Tensors:
@@ -320,7 +339,7 @@ class Naive:
         self.masker.commit(group)
 
     def test(self) -> dict:
-        return self.session.evaluate(self.test_x, self.test_y)
+        return self.session.evaluate(self.images)
 
     def close(self) -> None:
         pass
@@ -331,13 +350,13 @@ class Fast(Naive):
 
     name = "fast"
 
-    def __init__(self, session, masker, test_x, test_y, workers: int | None = None, cache_mb: int | None = None):
-        super().__init__(session, masker, test_x, test_y)
+    def __init__(self, session, masker, test, workers: int | None = None, cache_mb: int | None = None):
+        super().__init__(session, masker, test)
         # a CUDA context does not survive fork: on a GPU the one process does the work
         self.workers = 1 if engine.on_gpu() else max(1, workers or engine.cores())
         budget = (default_cache_mb() if cache_mb is None else cache_mb) * 2 ** 20 // self.workers
         batch = session.batch_size
-        self.test_batches = math.ceil(len(test_y) / batch)
+        self.test_batches = math.ceil(len(test) / batch)
         shares = np.array_split(np.arange(self.test_batches), self.workers)
         # saliency passes in a copy of the net sharing its parameters (and so its masks) that skips
         # the weight gradients no metric reads (netdef.gradient_form)
@@ -345,7 +364,7 @@ class Fast(Naive):
                                              where=session.network.where)
         gradient_net.share_with(session.net)
         self.local = Worker(session.net, session.graph, masker, batch, budget, gradient_net)
-        self.local.test_share(test_x, test_y, shares[0])
+        self.local.test_share(test, shares[0])
         self.shares = [list(share) for share in shares]
         self.committed = list(masker.committed)
         self.remote = []
@@ -355,11 +374,11 @@ class Fast(Naive):
 
     def _spawn(self, i) -> _Remote:
         """Worker i: a fork of this process (its net and masks as they are now) with its test share."""
-        self.local.test_share(self.test_x, self.test_y, self.shares[i])
+        self.local.test_share(self.images, self.shares[i])
         try:
             return _Remote(self.local)
         finally:
-            self.local.test_share(self.test_x, self.test_y, self.shares[0])
+            self.local.test_share(self.images, self.shares[0])
 
     def _all(self, requests) -> list:
         """Send one request to each worker (None: nothing for it), gather the replies in worker order;
@@ -459,8 +478,9 @@ class Fast(Naive):
         self.remote = []
 
 
-def make(name: str, session, masker, test_x, test_y, workers=None, cache_mb=None):
+def make(name: str, session, masker, test, workers=None, cache_mb=None):
+    """The engine ``name`` for a session, its masker and its test images (a dataset split)."""
     if name not in ENGINES:
         raise engine.EngineError(f"--engine {name!r} is not one of {', '.join(ENGINES)}")
     kind = Fast if name == "fast" else Naive
-    return kind(session, masker, test_x, test_y, workers=workers, cache_mb=cache_mb)
+    return kind(session, masker, test, workers=workers, cache_mb=cache_mb)

@@ -160,17 +160,16 @@ class Run:
             dataset, network = self.session.dataset, self.session.network
             self.net, self.graph = self.session.net, self.session.graph
             self.masker = masking.Masker(self.graph, [self.net], config.semantics)
-            dataset.check_labels(self.session.classes, network.where, ("validation",))
-            self.val_x, self.val_y = dataset.validation.x, dataset.validation.y
-            self.test_x, self.test_y = dataset.test.x, dataset.test.y
-            test_images = min(len(self.test_y), config.test_size * config.batch_size)
+            dataset.check_labels(self.session.classes, network.where, ("test", "validation"))
+            self.validation = dataset.validation
+            test_images = min(len(dataset.test), config.test_size * config.batch_size)
             self.header = {
                 "config": asdict(config),
                 "identity": {"definition_sha256": definition_sha256(network.param),
                              "weights_sha256": digest(config.weights, "sha256"),
                              "data": {k: v for k, v in dataset.identity.items() if k != "data"}},
-                "protocol": {"data": dataset.description, "counts": {"test": len(self.test_y)},
-                             "validation_images": len(self.val_y), "test_images_per_measurement": test_images,
+                "protocol": {"data": dataset.description, "counts": {"test": len(dataset.test)},
+                             "validation_images": len(self.validation), "test_images_per_measurement": test_images,
                              "input_shape": list(self.session.input_shape), "logits": self.session.head.logits,
                              "classes": self.session.classes, "groups": len(self.graph.groups),
                              "conv_weights": self.graph.conv_weights(set())},
@@ -181,9 +180,9 @@ class Run:
                 from caffe_prune import train
                 self.retraining = train.recipe_of(network, config.data, progress=progress)
             self.steps = self._open(force)
-            self.test_x, self.test_y = self.test_x[:test_images], self.test_y[:test_images]
-            self.engine = passes.make(config.engine, self.session, self.masker, self.test_x, self.test_y,
-                                      config.workers, config.cache_mb)
+            self.test = dataset.test.head(test_images)
+            self.engine = passes.make(config.engine, self.session, self.masker, self.test, config.workers,
+                                      config.cache_mb)
         except BaseException:
             self.lock.release()
             raise
@@ -237,11 +236,11 @@ class Run:
 
     def _batches(self, step: int, stream: int, count: int):
         """`count` validation batches drawn without replacement by default_rng([seed, step, stream])."""
-        size = min(count * self.config.batch_size, len(self.val_y))
+        size = min(count * self.config.batch_size, len(self.validation))
         rng = np.random.default_rng([self.config.seed, step, stream])
-        chosen = np.sort(rng.choice(len(self.val_y), size=size, replace=False))
+        chosen = np.sort(rng.choice(len(self.validation), size=size, replace=False))
         b = self.config.batch_size
-        return [(self.val_x[chosen[i:i + b]], self.val_y[chosen[i:i + b]]) for i in range(0, size, b)]
+        return [self.validation.batch(chosen[i:i + b]) for i in range(0, size, b)]
 
     def _test(self) -> dict:
         start = time.perf_counter()
@@ -330,7 +329,7 @@ class Run:
         self.masker = masking.Masker(self.graph, [self.net], c.semantics)
         for group in committed:
             self.masker.commit(group)
-        self.engine = passes.make(c.engine, self.session, self.masker, self.test_x, self.test_y, c.workers, c.cache_mb)
+        self.engine = passes.make(c.engine, self.session, self.masker, self.test, c.workers, c.cache_mb)
         return {**done, "before": before, "after": self._test()}
 
     def _finished(self, initial: float) -> bool:

@@ -136,7 +136,7 @@ class Session:
                 warnings.warn(self.head.note, stacklevel=2)
             self.classes = network.classes(self.head, self.input_shape)
             if dataset is not None:
-                dataset.check_labels(self.classes, network.where)
+                dataset.check_batches(self.classes, network.where)   # every batch read is checked
             self.form = netdef.evaluation_form(network.param, self.input_shape, batch_size, self.head, self.classes)
         else:
             self.form = network.structure(self.input_shape)
@@ -172,7 +172,8 @@ class Session:
                         logits=config.logits, batch_size=config.batch_size, mode=mode,
                         val_split=config.val_split, progress=progress)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batches: int | None = None, progress: bool = False) -> dict:
+    def evaluate(self, x, y=None, batches: int | None = None, progress: bool = False) -> dict:
+        """Scores of images ``x`` with labels ``y``, or of a dataset split ``x`` (streamed)."""
         return evaluate.evaluate(self.net, x, y, self.batch_size, batches=batches, progress=progress)
 
     def logits(self, x: np.ndarray) -> np.ndarray:

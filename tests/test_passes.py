@@ -66,8 +66,9 @@ def test_test_cache_notices_changes_behind_its_back(resnet):
     layer whose parameters changed, whoever changed them (here: a blob written directly)."""
     session = resnet
     masker = masking.Masker(session.graph, [session.net])
-    x, y = session.dataset.test.x[:96], session.dataset.test.y[:96]
-    fast = passes.Fast(session, masker, x, y, workers=1, cache_mb=256)
+    test = session.dataset.test.head(96)
+    x, y = test.x, test.y
+    fast = passes.Fast(session, masker, test, workers=1, cache_mb=256)
     assert len(fast.local.checkpoints) >= 2
     reference = session.evaluate(x, y)
     assert fast.test() == reference
@@ -91,8 +92,9 @@ def test_test_cache_notices_changes_behind_its_back(resnet):
 
 def test_no_cache_budget_degrades_to_full_forwards(resnet):
     session = resnet
-    x, y = session.dataset.test.x[:64], session.dataset.test.y[:64]
-    fast = passes.Fast(session, masking.Masker(session.graph, [session.net]), x, y, workers=1, cache_mb=0)
+    test = session.dataset.test.head(64)
+    x, y = test.x, test.y
+    fast = passes.Fast(session, masking.Masker(session.graph, [session.net]), test, workers=1, cache_mb=0)
     assert fast.local.checkpoints == [] and fast.test() == session.evaluate(x, y)
 
 
@@ -102,9 +104,9 @@ def test_killed_worker_is_replaced_and_the_probes_unchanged(resnet):
     val = session.dataset.validation
     batches = [(val.x[i:i + 32], val.y[i:i + 32]) for i in (0, 32)]
     candidates = [0, 17, 120, 300, 447]
-    naive = passes.Naive(session, masker, val.x[:32], val.y[:32])
+    naive = passes.Naive(session, masker, val.head(32))
     want = naive.sensitivities(candidates, batches)
-    fast = passes.Fast(session, masker, val.x[:32], val.y[:32], workers=2, cache_mb=0)
+    fast = passes.Fast(session, masker, val.head(32), workers=2, cache_mb=0)
     before = fast.worker_pids()
     killed = []
 

@@ -307,7 +307,7 @@ def test_prune_with_a_metric_on_these_datasets(request, tmp_path, net):
                             batch_size=16, max_steps=4, max_drop=None)
     steps = pruning.Run(config, tmp_path / "run", progress=False).run()
     run = pruning.Run(config, tmp_path / "again", progress=False)
-    x, y = run.test_x, run.test_y
+    x, y = run.test.x, run.test.y
     logits = run.session.logits(x)
     assert steps[0]["test"]["top1"] == pytest.approx(np.mean(logits.argmax(axis=1) == y), abs=1e-6)
     assert len(steps) == 5 and len({s["group"] for s in steps[1:]}) == 4

@@ -374,12 +374,12 @@ def convert_py(py_dir, cache_dir=None) -> Path:
 
 def validation_indices(n_train: int, seed: int = 0) -> np.ndarray:
     """The training images every pruning decision is judged on: the paper draws 10,000 of the
-    50,000 at random; a partial copy gets the same fraction (1017 of the subset's 5085). Sorted, so
-    that the file reads in dataset order. The saved file, not the seed, is the record: numpy may
-    change its generator."""
+    50,000 at random; a smaller set (a partial copy) gets the same fraction (1017 of the subset's
+    5085), a larger one (ImageNet's 1.28M) the same 10,000. Sorted, so that the file reads in
+    dataset order. The saved file, not the seed, is the record: numpy may change its generator."""
     if n_train < 1:
         raise DataError(f"cannot draw a validation split from {n_train} training images")
-    n_val = round(n_train * VALIDATION_IMAGES / OFFICIAL_COUNTS["train"])
+    n_val = min(VALIDATION_IMAGES, round(n_train * VALIDATION_IMAGES / OFFICIAL_COUNTS["train"]))
     return np.sort(np.random.default_rng(seed).choice(n_train, size=n_val, replace=False))
 
 

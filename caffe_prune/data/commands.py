@@ -1,11 +1,12 @@
-"""`caffe-prune data cifar10`: fetch CIFAR-10 and convert it for Caffe's Data layer.
+"""`caffe-prune data cifar10`: fetch CIFAR-10 and convert it for Caffe's Data layer; `caffe-prune data
+synthetic`: an LMDB of random Datums of any size (caffe_prune.data.synthetic), for measurements.
 
 ``register`` adds the sub-command to the top-level parser of caffe_prune.cli; errors are
 cifar10.DataError, which the CLI prints on one line.
 """
 from __future__ import annotations
 
-from caffe_prune.data import cifar10
+from caffe_prune.data import cifar10, synthetic
 
 
 def register(subparsers) -> None:
@@ -21,6 +22,14 @@ def register(subparsers) -> None:
                    help=f"where the LMDBs and {cifar10.VAL_FILE} go (default {cifar10.CACHE_DIR})")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
     p.set_defaults(func=cmd_cifar10)
+    p = datasets.add_parser("synthetic", help="an LMDB of random uint8 Datums (times and memory, not accuracy)",
+                            description=synthetic.__doc__.split("\n\n")[0])
+    p.add_argument("out", help="the LMDB directory to write")
+    p.add_argument("--images", type=int, default=1000, help="how many records (default 1000)")
+    p.add_argument("--shape", default="3,256,256", metavar="C,H,W", help="each record's shape (default 3,256,256)")
+    p.add_argument("--classes", type=int, default=1000, help="labels 0..N-1 (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pixels and labels (default 0)")
+    p.set_defaults(func=cmd_synthetic)
 
 
 def cmd_cifar10(args) -> int:
@@ -33,4 +42,15 @@ def cmd_cifar10(args) -> int:
               f"({result['actions'][split]})")
     print(f"validation  {result['validation']:>6} of the {counts['train']} training images, seed {result['seed']} "
           f"-> {result['paths']['validation']} ({result['actions']['validation']})")
+    return 0
+
+
+def cmd_synthetic(args) -> int:
+    try:
+        shape = tuple(int(d) for d in args.shape.replace("x", ",").split(","))
+    except ValueError:
+        raise cifar10.DataError(f"--shape {args.shape!r} is not C,H,W") from None
+    done = synthetic.write_random_lmdb(args.out, args.images, shape, args.classes, args.seed)
+    print(f"{done['path']}: {done['images']} random {'x'.join(map(str, done['shape']))} Datums, labels "
+          f"0..{done['classes'] - 1}, seed {done['seed']}, {done['bytes'] / 2**30:.2f} GiB")
     return 0

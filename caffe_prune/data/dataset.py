@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -42,14 +41,6 @@ from caffe_prune.errors import DataError
 from caffe_prune.data.transform import Transform
 
 
-@dataclass(frozen=True)
-class Split:
-    """Transformed images (float32 N, C, H, W) and int64 labels, with the records' sha256."""
-    x: np.ndarray
-    y: np.ndarray
-    sha256: str
-
-
 def records_sha256(images, labels) -> str:
     h = hashlib.sha256()
     for image in (images if isinstance(images, list) else [images]):
@@ -58,87 +49,208 @@ def records_sha256(images, labels) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class _Source:
-    """Raw records of one split, read on demand: a CIFAR-10 split or a data layer."""
-    description: str
-    read: callable
-    _cache: tuple | None = field(default=None, repr=False)
+def _labels(labels, where: str) -> np.ndarray:
+    """A source's labels as int64, refused unless one whole number per image."""
+    if labels is None:
+        raise DataError(f"{where} has no labels (a data layer with one top); evaluation and pruning need them")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.array_equal(labels, np.round(labels)):
+        raise DataError(f"{where}: labels must be one whole number per image")
+    return labels.astype(np.int64)
 
-    def records(self) -> tuple:
-        if self._cache is None:
-            images, labels = self.read()
-            if labels is None:
-                raise DataError(f"{self.description} has no labels (a data layer with one top); "
-                                f"evaluation and pruning need them")
-            labels = np.asarray(labels)
-            if labels.ndim != 1 or not np.array_equal(labels, np.round(labels)) or len(labels) == 0:
-                raise DataError(f"{self.description}: labels must be one whole number per image")
-            self._cache = (images, labels.astype(np.int64))
-        return self._cache
+
+class _Arrays:
+    """Records held in memory (CIFAR-10: 150 MB of uint8 for the whole training set), read by position."""
+
+    def __init__(self, description: str, read):
+        self.description, self._read = description, read
+
+    @cached_property
+    def _records(self) -> tuple:
+        images, labels = self._read()
+        return images, _labels(labels, self.description)
+
+    def __len__(self) -> int:
+        return len(self._records[1])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._records[1]
+
+    def read(self, positions) -> tuple:
+        images, labels = self._records
+        return images[positions], labels[positions]
+
+    def chunks(self, positions, size: int, prefetch: int = 2):
+        for lo in range(0, len(positions), size):
+            yield self.read(positions[lo:lo + size])
+
+    def scan(self, positions) -> tuple:
+        images, labels = self.read(positions)
+        return records_sha256(images, labels), labels
+
+    def record_shape(self) -> tuple:
+        return tuple(self._records[0].shape[1:])
+
+
+class _Layer:
+    """A data layer's records, read when a batch needs them (caffe_prune.data.records: by key,
+    by line, by row; decoded by Caffe a chunk at a time; bounded memory; safe across forks)."""
+
+    def __init__(self, description: str, layer, progress: bool = False):
+        self.description, self.layer, self.progress = description, layer, progress
+
+    @cached_property
+    def reader(self):
+        return records.open_records(self.layer)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def read(self, positions) -> tuple:
+        got = self.reader.read(positions)
+        return got.images, _labels(got.labels, self.description)
+
+    def chunks(self, positions, size: int, prefetch: int = 2):
+        for got in self.reader.chunks(positions, size, prefetch):
+            yield got.images, _labels(got.labels, self.description)
+
+    def scan(self, positions) -> tuple:
+        digest, labels = self.reader.scan(positions, progress=self.progress)
+        return digest, _labels(labels, self.description)
+
+    def record_shape(self) -> tuple:
+        return self.reader.record_shape()
+
+
+class Split:
+    """One split of a dataset: positions into a record source, transformed a batch at a time exactly
+    as Caffe's TEST-phase data layer does (caffe_prune.data.transform). Memory is bounded by the
+    batches asked for, not by the split: ``batch(index)`` reads and transforms the images at those
+    positions of the split, ``batches(size)`` streams it with the next batches read ahead. ``y`` and
+    ``sha256`` (the records as read, images then labels) come from one streaming pass over the
+    split. ``x`` is the whole split transformed, in memory: for sets that fit."""
+
+    def __init__(self, dataset: Dataset, name: str, source, positions: np.ndarray):
+        self.dataset, self.name, self.source = dataset, name, source
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def head(self, n: int) -> Split:
+        """The first ``n`` images of the split, as a split."""
+        return Split(self.dataset, self.name, self.source, self.positions[:n])
+
+    def repeated(self, n: int) -> Split:
+        """The split's images repeated (in order) up to ``n`` (bench's full protocol on a subset)."""
+        return Split(self.dataset, self.name, self.source, np.resize(self.positions, n))
+
+    def _checked(self, images, labels, first: int) -> tuple:
+        self.dataset.check_batch(self.name, labels, first)
+        return self.dataset.transform.apply(images), labels
+
+    def batch(self, index) -> tuple:
+        """(x, y): the images at ``index`` (positions within the split), transformed, and their labels."""
+        index = np.asarray(index, dtype=np.int64)
+        images, labels = self.source.read(self.positions[index])
+        return self._checked(images, labels, int(index[0]) if len(index) else 0)
+
+    def batches(self, size: int, prefetch: int = 2):
+        """(x, y) of the split in order, ``size`` images at a time, the next batches read ahead."""
+        for number, (images, labels) in enumerate(self.source.chunks(self.positions, size, prefetch)):
+            yield self._checked(images, labels, number * size)
+
+    @cached_property
+    def _scan(self) -> tuple:
+        return self.source.scan(self.positions)
+
+    @property
+    def sha256(self) -> str:
+        return self._scan[0]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._scan[1]
+
+    @cached_property
+    def x(self) -> np.ndarray:
+        if len(self) == 0:
+            return self.dataset.transform.apply(np.zeros((0, *self.source.record_shape()), np.uint8))
+        return np.concatenate([x for x, _ in self.batches(1024)])
 
 
 class Dataset:
-    """Test and validation splits, transformed; ``identity`` is what a run records about them."""
+    """Test and validation splits (caffe_prune.data.dataset.Split: read a batch at a time);
+    ``identity`` is what a run records about them."""
 
-    def __init__(self, description: str, transform: Transform, test: _Source, train: _Source | None,
-                 seed: int = 0, holdout: bool = True, val_split: str = "seeded", pick=None):
+    def __init__(self, description: str, transform: Transform, test, train=None, seed: int = 0,
+                 holdout: bool = True, val_split: str = "seeded", pick=None):
         self.description, self.transform, self.seed = description, transform, seed
         self._test, self._train, self.holdout = test, train, holdout
         # pick(labels) -> validation indices into the training records; None: seeded
         self.val_split, self._pick = val_split, pick
-
-    def _split(self, images, labels, index) -> Split:
-        picked = images[index] if not isinstance(images, list) else [images[i] for i in index]
-        return Split(self.transform.apply(picked), labels[index], records_sha256(picked, labels[index]))
+        self.classes = self.where = None          # set by check_batches: every batch read is checked
 
     @cached_property
     def _parts(self) -> dict:
-        """{'test': indices, 'validation': indices} into the records of the source each comes from."""
-        images, labels = self._test.records()
+        """{'test': positions, 'validation': positions} into the source each split comes from."""
+        n = len(self._test)
+        if n == 0:
+            raise DataError(f"{self._test.description} holds no records")
         if self._train is None:      # one source: validation drawn from it, the rest is the test split
-            val = cifar10.validation_indices(len(labels), self.seed)
-            rest = np.setdiff1d(np.arange(len(labels)), val) if self.holdout else np.arange(len(labels))
+            val = cifar10.validation_indices(n, self.seed)
+            rest = np.setdiff1d(np.arange(n), val) if self.holdout else np.arange(n)
             return {"validation": val, "test": rest}
-        return {"test": np.arange(len(labels))}
+        if self._pick is not None:
+            return {"test": np.arange(n), "validation": self._pick(self._train)}
+        return {"test": np.arange(n), "validation": cifar10.validation_indices(len(self._train), self.seed)}
 
     @cached_property
     def test(self) -> Split:
-        return self._split(*self._test.records(), self._parts["test"])
+        return Split(self, "test", self._test, self._parts["test"])
 
     @cached_property
     def validation(self) -> Split:
-        if self._train is None:
-            return self._split(*self._test.records(), self._parts["validation"])
-        images, labels = self._train.records()
-        index = self._pick(labels) if self._pick is not None else cifar10.validation_indices(len(labels), self.seed)
-        return self._split(images, labels, index)
+        return Split(self, "validation", self._train or self._test, self._parts["validation"])
 
     @property
     def shape(self) -> tuple:
-        """(C, H, W) the net is fed."""
-        return tuple(self.test.x.shape[1:])
+        """(C, H, W) the net is fed: the transform's output for the first record's shape."""
+        return tuple(self.transform.output_shape(self._test.record_shape()))
 
     @property
     def identity(self) -> dict:
         """What a run records: where the data came from, how it was split and transformed, and the
-        sha256 of the records of each split (contents, not paths)."""
+        sha256 of the records of each split (contents, not paths), from one streaming pass over it."""
         t = self.transform
         split = {} if self.val_split == "seeded" else {"validation_split": self.val_split}   # seeded: as before
-        return {"data": self.description, **split, "test_images": len(self.test.y), "test_sha256": self.test.sha256,
-                "validation_images": len(self.validation.y), "validation_sha256": self.validation.sha256,
+        return {"data": self.description, **split, "test_images": len(self.test), "test_sha256": self.test.sha256,
+                "validation_images": len(self.validation), "validation_sha256": self.validation.sha256,
                 "validation_from": "the training images" if self._train is not None else "the test source",
                 "seed": self.seed, "transform": {"scale": t.scale, "mean_values": list(t.mean_values),
                                                  "mean_file": t.mean_file, "crop_size": t.crop_size}}
 
     def check_labels(self, classes: int, where: str, splits=("test",)) -> None:
         """Labels outside 0..classes-1 make Caffe's SoftmaxWithLoss read past its row (no check in a
-        release build): refuse them."""
+        release build): refuse them (the whole splits, from their streaming pass)."""
         for name in splits:
-            y = getattr(self, name).y
-            if y.min() < 0 or y.max() >= classes:
-                raise DataError(f"{self.description}: {name} labels run {y.min()}..{y.max()} but {where} has "
-                                f"{classes} classes; pass the matching --data or --logits")
+            self._check(name, getattr(self, name).y, classes, where)
+
+    def check_batches(self, classes: int, where: str) -> None:
+        """Check the labels of every batch read from now on (a command that reads a few batches
+        need not read the whole split first)."""
+        self.classes, self.where = classes, where
+
+    def check_batch(self, name: str, labels, first: int) -> None:
+        if self.classes is not None and len(labels):
+            self._check(name, labels, self.classes, self.where, first)
+
+    def _check(self, name, y, classes, where, first=None) -> None:
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            at = "" if first is None else f" (in the batch from image {first} of the split)"
+            raise DataError(f"{self.description}: {name} labels run {y.min()}..{y.max()} but {where} has "
+                            f"{classes} classes{at}; pass the matching --data or --logits")
 
 
 # ---- where the records come from -----------------------------------------------------------------
@@ -156,13 +268,21 @@ def _cifar(location, progress) -> tuple:
         def read():
             images, labels = cifar10.read_split(name, root)
             return images[:, ::-1], labels      # the binary release is RGB; OpenCV gave BGR
-        return _Source(f"{description} ({name})", read)
+        return _Arrays(f"{description} ({name})", read)
     return description, split("test"), split("train"), cifar10.train_batch_counts(root)
 
 
-def _layer_source(layer, where, progress) -> _Source:
-    return _Source(f"{where}: data layer {layer.name!r} ({layers.source(layer)})",
-                   lambda: records.read(layer, progress=progress))
+def _layer_source(layer, where, progress) -> _Layer:
+    return _Layer(f"{where}: data layer {layer.name!r} ({layers.source(layer)})", layer, progress)
+
+
+def _other(train_layer, test_layer) -> bool:
+    """Whether the TRAIN data layer reads a source of its own (one that exists and is not the TEST
+    layer's: a train_val prototxt pointing both phases at one LMDB has one source, whose validation
+    images are then held out of its test split)."""
+    if train_layer is None or train_layer is test_layer or not _readable(train_layer):
+        return False
+    return Path(layers.source(train_layer)).resolve() != Path(layers.source(test_layer)).resolve()
 
 
 def _readable(layer) -> bool:
@@ -223,7 +343,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
         raise DataError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
     test_layer = _phase_layer(network.param, "test")
     own_transform = Transform.of(test_layer, f"{network.where}: layer {test_layer.name!r}") \
-        if test_layer is not None and not layers.is_fed(test_layer) else None
+        if transform is None and test_layer is not None and not layers.is_fed(test_layer) else None
     if own_transform is not None and own_transform.mirror and \
             any(l is test_layer for l in engine.layers_in_phase(network.param, "test")):
         warnings.warn(f"{own_transform.where}: mirror: true in the TEST phase; Caffe flips images at random even "
@@ -241,14 +361,13 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
             raise DataError(f"{network.where} names no dataset to use: {what}; pass --data (cifar10, an LMDB or "
                             f"LevelDB, an image list, an HDF5 list, or a prototxt with data layers)")
         train_layer = _phase_layer(network.param, "train")
-        train = _layer_source(train_layer, network.where, progress) \
-            if train_layer is not None and train_layer is not test_layer and _readable(train_layer) else None
+        train = _layer_source(train_layer, network.where, progress) if _other(train_layer, test_layer) else None
         return Dataset(f"{network.where}'s data layers", transform or own_transform,
                        _layer_source(test_layer, network.where, progress), train, seed, holdout)
     if data == "cifar10" or "://" in data or data.endswith((".tar.gz", ".tgz")) or \
             (Path(data).is_dir() and cifar10._holds_batches(Path(data))):
         description, test, train, counts = _cifar(None if data == "cifar10" else data, progress)
-        pick = (lambda labels: cifar10.authors_validation_indices(len(labels), counts, labels)) \
+        pick = (lambda source: cifar10.authors_validation_indices(len(source), counts, source.labels)) \
             if val_split == "authors" else None
         return Dataset(description, _or_identity(transform or own_transform, description), test, train, seed,
                        val_split=val_split, pick=pick)
@@ -259,8 +378,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
         test_layer, train_layer = _phase_layer(param, "test"), _phase_layer(param, "train")
         if test_layer is None or not _readable(test_layer):
             raise DataError(f"--data {data}: no TEST-phase data layer with an existing source")
-        train = _layer_source(train_layer, data, progress) \
-            if train_layer is not None and train_layer is not test_layer and _readable(train_layer) else None
+        train = _layer_source(train_layer, data, progress) if _other(train_layer, test_layer) else None
         own = Transform.of(test_layer, f"{data}: layer {test_layer.name!r}")
         return Dataset(f"{data}'s data layers", transform or own, _layer_source(test_layer, data, progress),
                        train, seed, holdout)

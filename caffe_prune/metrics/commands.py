@@ -58,12 +58,11 @@ def cmd_metrics(args) -> int:
 def validation_batches(split, count: int, batch_size: int, seed: int) -> list:
     """``count`` batches of ``batch_size`` validation images, drawn without replacement with numpy's
     default_rng(seed)."""
-    if count * batch_size > len(split.y):
+    if count * batch_size > len(split):
         raise engine.EngineError(f"{count} batches of {batch_size} need {count * batch_size} images; "
-                                 f"the validation split holds {len(split.y)}")
-    chosen = np.random.default_rng(seed).choice(len(split.y), size=count * batch_size, replace=False)
-    return [(split.x[chosen[i:i + batch_size]], split.y[chosen[i:i + batch_size]])
-            for i in range(0, len(chosen), batch_size)]
+                                 f"the validation split holds {len(split)}")
+    chosen = np.random.default_rng(seed).choice(len(split), size=count * batch_size, replace=False)
+    return [split.batch(chosen[i:i + batch_size]) for i in range(0, len(chosen), batch_size)]
 
 
 def compute(session, metric, batches=2, batch_size=128, seed=0, reading="authors") -> dict:

@@ -18,8 +18,7 @@ def score(recipe: Recipe, weights, progress: bool = False) -> dict:
     network = Network(recipe.net, recipe.where, recipe.builtin, networks.IMAGE_SHAPE if recipe.builtin else None)
     session = Session.open(network, weights, recipe.cifar10 if recipe.builtin else None, holdout=False,
                            progress=progress)
-    test = session.dataset.test
-    scores = session.evaluate(test.x, test.y, progress=progress)
+    scores = session.evaluate(session.dataset.test, progress=progress)
     return {**scores, "data": session.dataset.description}
 
 
