@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 LAYERS = (
     # foundations, no Caffe: errors, atomic files and locks, the layer registry, downloads, the
     # taxonomy's names, the oracle's choice, run directories, the results store
-    ("errors", "fsio", "layers", "download", "oracle", "metrics.taxonomy", "metrics.methods", "rundir", "store",
-     "report.text"),
+    ("errors", "fsio", "layers", "download", "oracle", "metrics.plugins", "metrics.taxonomy", "metrics.methods", "rundir", "store",
+     "archive", "report.text"),
     # Caffe itself
     ("engine", "metrics.inputs"),
     # data and weights as Caffe reads them
@@ -31,8 +31,8 @@ LAYERS = (
     ("passes", "train", "train.recipe", "train.heldzero", "train.loop", "train.plots", "train.retrain"),
     # Algorithm 1
     ("pruning",),
-    # what uses runs: fine-tuning, the bench, reports, sweeps
-    ("finetune", "bench", "report", "report.published", "report.stats", "report.figures", "report.oracle",
+    # what uses runs: the public API, fine-tuning, the bench, reports, sweeps
+    ("api", "finetune", "bench", "report", "report.published", "report.stats", "report.figures", "report.oracle",
      "report.taxonomy", "report.domino", "sweep", "sweep.spec", "sweep.executors", "sweep.driver"),
     # the command line: options parsed into the objects above, commands that parse and print
     ("options", "sweep.reproduce", "sweep.commands", "metrics.commands", "data.commands", "cli", "__main__"),

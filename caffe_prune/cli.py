@@ -19,6 +19,7 @@ from pathlib import Path
 from caffe_prune import bench, engine, finetune, fsio, masking, options, profile, published
 from caffe_prune.data import commands as data_commands
 from caffe_prune.metrics import commands as metric_commands
+from caffe_prune.metrics import plugins
 from caffe_prune.sweep import commands as sweep_commands
 from caffe_prune.sweep.reproduce import reproduce
 
@@ -152,10 +153,17 @@ def cmd_export(args) -> int:
     """Prune the chosen groups (masks), verify the compact net beside the masked one, write it."""
     from caffe_prune import export
     session = options.session(args, with_data=args.data is not None, form="structure")
+    timing = None if args.no_timing else {"batch_sizes": (1, args.batch), "repeats": args.repeats,
+                                          "threads": profile.thread_counts(args.threads.split(","))}
     report = export.export_session(session, chosen_groups(session.graph, args), args.out, args.semantics,
-                                   args.images, args.seed)
-    notes = report.pop("notes")
+                                   args.images, args.seed, timing)
+    notes, latency = report.pop("notes"), report.pop("latency", None)
+    if latency is not None:
+        report["speedup_measured"] = {f"batch {r['batch']}, {r['threads']} thread(s)": r["speedup"]
+                                      for r in latency["runs"]}
     print(json.dumps(report, indent=2))
+    if latency is not None:
+        print(profile.format_table(latency, args.layers))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -165,10 +173,14 @@ def run_one(config, out, args) -> list:
     from caffe_prune import pruning
     run = pruning.Run(config, out, force=args.force, progress=not args.quiet)
     steps = run.run()
-    removed = pruning.removed_at_drop(steps, config.max_drop)
+    drop = 5.0 if config.max_drop is None else config.max_drop      # read at 5 points without a drop stop
+    removed = pruning.removed_at_drop(steps, drop)
     last = steps[-1]
-    print(f"{out}: {len(steps) - 1} steps, {last['percent_conv_removed']:.1f}% conv weights removed at the end; "
-          f"{removed:.1f}% within {config.max_drop:g} points of the initial top-1 "
+    scores = next(pruning.final_scores(s) for s in reversed(steps) if pruning.final_scores(s))   # the last measured
+    end = f"{last['percent_conv_removed']:.1f}% conv weights" + (
+        f" and {last['percent_macs_removed']:.1f}% MACs" if "percent_macs_removed" in last else "")
+    print(f"{out}: {len(steps) - 1} steps, {end} removed at the end (top-1 {100 * scores['top1']:.2f}%); "
+          f"{removed:.1f}% of conv weights within {drop:g} points of the initial top-1 "
           f"{100 * steps[0]['test']['top1']:.2f}%")
     return steps
 
@@ -270,8 +282,9 @@ def cmd_profile(args) -> int:
     counts = profile.thread_counts(args.threads.split(","))
     engine.set_mode(*options.mode(args))
     network = options.network(args)
+    costs = network.graph.costs(set())
     result = profile.profile(network.param, args.weights, network.input_shape, (1, args.batch), counts, args.repeats,
-                             args.warmup, where=network.where)
+                             args.warmup, where=network.where, costs={"macs": costs.macs, "params": costs.params})
     result["net"] = network.name
     print(json.dumps(result, indent=2) if args.json else profile.format_table(result, args.layers))
     return 0
@@ -336,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_data(p)
     options.add_mode(p)
     p.add_argument("--out", default="models/exported", help="output directory (default models/exported)")
+    p.add_argument("--no-timing", action="store_true", help="do not time the original and the compact network")
+    p.add_argument("--batch", type=options.positive, default=32, help="the batch timed beside batch 1 (default 32)")
+    p.add_argument("--repeats", type=options.positive, default=10, help="timed forwards each (default 10)")
+    p.add_argument("--threads", default="1,all", help=f"{profile.THREADS_HELP} (default 1,all)")
+    p.add_argument("--layers", type=int, default=8, help="the slowest layers to list (default 8)")
     p.set_defaults(func=cmd_export)
     data_commands.register(sub)
     register_bench(sub)
@@ -357,7 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_prune(p)
     p.add_argument("--out", default="runs/demo", help="where the runs and the report go (default runs/demo)")
     p.set_defaults(func=cmd_demo)
+    _add_plugin_option(parser)
     return parser
+
+
+def _add_plugin_option(parser) -> None:
+    """``--plugin FILE`` on every command (each leaf of the command tree)."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subcommands:
+        for child in dict.fromkeys(action.choices.values()):
+            _add_plugin_option(child)
+    if not subcommands:
+        parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                            help="load a plugin saliency metric, used as plugin:NAME (repeatable; README, "
+                                 "Your own saliency metric)")
 
 
 def _note(message, category, filename, lineno, file=None, line=None) -> None:
@@ -373,6 +404,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = _note
     try:
+        for path in getattr(args, "plugin", []):
+            plugins.load(path)
+        options.resolve_published(args)
         return args.func(args)
     except (engine.EngineError, ValueError, fsio.InUse) as exc:   # DataError and MetricError are ValueErrors
         if args.debug:

@@ -6,7 +6,9 @@ Each carries a one-line message naming the file, layer, record or argument and w
 - ``EngineError``: a problem with Caffe or with what was about to be handed to it (a prototxt, a
   caffemodel, a pruning state, an option);
 - ``DataError``: data that cannot be read or used as given (a data set, a record, a transform);
-  a ValueError, as the other input errors are.
+  a ValueError, as the other input errors are;
+- ``MetricError``: an unknown or invalid metric name; ``PluginError``: a plugin metric that cannot
+  be loaded or whose values cannot be used (caffe_prune.metrics.plugins), naming the plugin.
 """
 
 
@@ -16,3 +18,12 @@ class EngineError(RuntimeError):
 
 class DataError(ValueError):
     """Data that cannot be read or used as given; the message is one line naming the source."""
+
+
+class MetricError(ValueError):
+    """An unknown or invalid metric name; the message is one line listing the valid names."""
+
+
+class PluginError(MetricError):
+    """A plugin metric that cannot be loaded, or that raised or returned values that cannot be used;
+    the message is one line naming the plugin (and, from a pruning run, the step)."""

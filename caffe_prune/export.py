@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, fsio, layers, netdef
+from caffe_prune import engine, fsio, layers, netdef, profile
 
 
 def compact(net_param, graph, pruned, net) -> tuple:
@@ -48,13 +48,14 @@ def compact(net_param, graph, pruned, net) -> tuple:
     return out, weights
 
 
-def _outputs(net, x) -> dict:
+def _outputs(net, x, logits: str | None = None) -> dict:
     data = net.inputs[0]
     net.blobs[data].reshape(*x.shape)
     net.reshape()
     net.blobs[data].data[...] = x
     net.forward()
-    return {name: net.blobs[name].data.copy() for name in net.outputs}
+    blobs = list(dict.fromkeys(list(net.outputs) + ([logits] if logits in net.blobs else [])))
+    return {name: net.blobs[name].data.copy() for name in blobs}
 
 
 def compact_net(net_param, graph, pruned, net, input_shape, where: str, probe: bool = True) -> tuple:
@@ -74,16 +75,17 @@ def compact_net(net_param, graph, pruned, net, input_shape, where: str, probe: b
 
 
 def export(net_param, graph, pruned, net, out_dir, name: str, input_shape, inputs=None,
-           where: str | None = None, seed: int = 0) -> dict:
+           where: str | None = None, seed: int = 0, logits: str | None = None) -> dict:
     """Write <out_dir>/<name>.prototxt and <name>.caffemodel (compact) once the compact net, run
     beside ``net`` (the full-width structure form with the pruned groups masked), is built; return
-    paths, widths and the measured relative deviation of every net output."""
+    paths, widths and the measured relative deviation of every net output and of the ``logits``
+    blob (the head's: a saturated Softmax output would hide a difference in what it reads)."""
     where = where or f"net {net_param.name!r}"
     compact_param, weights, small = compact_net(net_param, graph, pruned, net, input_shape, where)
     given = inputs is not None
     if not given:
         inputs = np.random.default_rng(seed).normal(size=(4, *input_shape)).astype(np.float32)
-    full_out, small_out = _outputs(net, inputs), _outputs(small, inputs)
+    full_out, small_out = _outputs(net, inputs, logits), _outputs(small, inputs, logits)
     deviation = {blob: float(np.abs(full_out[blob] - small_out[blob]).max()
                              / max(np.abs(full_out[blob]).max(), 1e-12)) for blob in full_out}
     out_dir = Path(out_dir)
@@ -113,7 +115,7 @@ def touched_lrn(graph, pruned) -> set:
 
 
 def export_session(session, pruned, out_dir, semantics: str = "zero-downstream", images: int = 16,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, timing: dict | None = None) -> dict:
     """`caffe-prune export`: the groups ``pruned`` masked in a structure-form session's net
     (caffe_prune.session.Session.open(..., form="structure")), the compact network written to
     ``out_dir`` after it is checked beside the masked one (on the session's test images when it has
@@ -126,12 +128,20 @@ def export_session(session, pruned, out_dir, semantics: str = "zero-downstream",
     for group_id in sorted(pruned):
         masker.commit(group_id)
     inputs = session.dataset.test.head(images).x if session.dataset is not None else None
+    try:
+        logits = network.head().logits
+    except engine.EngineError:        # a net without a classifier head: its outputs are compared
+        logits = None
     done = export(network.param, g, pruned, session.net, out_dir, network.name, session.input_shape, inputs,
-                  network.where, seed)
+                  network.where, seed, logits)
     deviation = max(done["deviation"].values(), default=0.0)
+    original, left = g.costs(set()), g.costs(pruned)
     report = {"groups_pruned": len(pruned), "semantics": semantics,
-              "conv_weights": g.conv_weights(pruned), "conv_weights_original": g.conv_weights(set()),
+              "conv_weights": left.conv_weights, "conv_weights_original": original.conv_weights,
               "percent_conv_removed": round(g.percent_conv_removed(pruned), 3),
+              "macs": left.macs, "macs_original": original.macs, "params": left.params,
+              "params_original": original.params, "speedup_in_macs": round(original.macs / max(left.macs, 1), 3),
+              "logits": logits,
               "prototxt": done["prototxt"], "caffemodel": done["caffemodel"], "widths": done["widths"],
               "max_relative_deviation": deviation, "deviation_by_output": done["deviation"],
               "compared_on": f"{done['images_compared']} images: {done['inputs']}",
@@ -143,4 +153,12 @@ def export_session(session, pruned, out_dir, semantics: str = "zero-downstream",
     elif semantics == "zero-downstream" and deviation > 1e-4:
         raise engine.EngineError(f"compact export deviates from the masked net by {deviation:.3g} (relative); "
                                  f"please report this as a bug")
+    if timing is not None:            # the original and the compact network timed as Caffe runs them
+        kept = {name: [b.data.copy() for b in blobs] for name, blobs in done["net"].params.items()}
+        shape = session.input_shape
+        before = profile.profile(network.param, session.weights, shape, where=network.where, **timing,
+                                 costs={"macs": original.macs, "params": original.params})
+        after = profile.profile(engine.read_prototxt(done["prototxt"]), kept, shape, where=done["prototxt"],
+                                **timing, costs={"macs": left.macs, "params": left.params})
+        report["latency"] = profile.compare(before, after)
     return report

@@ -38,17 +38,21 @@ def tie_clusters(graph) -> dict:
 def summary(graph, name: str = "", groups_listed: int = 5) -> str:
     """Groups, their sizes, members and weights removed (nothing pruned yet), barriers."""
     sizes = Counter(len(g.channels) for g in graph.groups)
+    costs = graph.costs(set())
     lines = [f"{name}: {len(graph.groups)} prunable groups over {len(graph.producers)} convolutions; "
-             f"conv weights {graph.conv_weights(set()):,}, fc weights {graph.fc_weights(set()):,}",
+             f"conv weights {costs.conv_weights:,}, fc weights {costs.fc_weights:,}, "
+             f"MACs {costs.macs:,} per image" + (f", parameters {costs.params:,}" if costs.params is not None else ""),
              "group sizes (channels per group): " + ", ".join(f"{n} x {size}" for size, n in sorted(sizes.items()))]
     per_layer = defaultdict(list)
     for group in graph.groups:
         per_layer[group.layers].append(group)
     lines.append("groups by the convolutions they span:")
     for layers, groups in per_layer.items():
-        removed = sorted(graph.weights_removed(g.id, set()) + graph.fc_weights_removed(g.id, set()) for g in groups)
+        saved = [graph.saved(g.id, set()) for g in groups]
+        removed = sorted(c.conv_weights + c.fc_weights for c in saved)
+        macs = sorted(c.macs for c in saved)
         lines.append(f"  {' + '.join(layers)}: {len(groups)} groups of {len(groups[0].channels)} channel(s), "
-                     f"weights removed each {removed[0]:,}..{removed[-1]:,}")
+                     f"weights removed each {removed[0]:,}..{removed[-1]:,}, MACs {macs[0]:,}..{macs[-1]:,}")
     for group in graph.groups[:groups_listed]:
         lines.append(group.details())
     if graph.lrn_across:

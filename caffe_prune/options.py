@@ -35,9 +35,18 @@ def add_network(p, weights: bool = True, weights_required: bool = True) -> None:
     p.add_argument("net", help="a built-in network (LeNet-5, CIFAR10, ResNet-20, NIN, AlexNet, SqueezeNet), "
                                "a prototxt, or a caffemodel whose embedded definition is used")
     if weights:
-        p.add_argument("weights", nargs=None if weights_required else "?", help="caffemodel")
+        p.add_argument("weights", nargs=None if weights_required else "?",
+                       help="caffemodel, or 'published': the authors' weights of a built-in network (LeNet-5, "
+                            "CIFAR10, NIN, ResNet-20; checked by sha256, downloaded once)")
     p.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="the image shape, when the prototxt does not state it")
+
+
+def resolve_published(args) -> None:
+    """WEIGHTS ``published``: the path of the authors' caffemodel of the built-in NET."""
+    if getattr(args, "weights", None) == "published":
+        from caffe_prune import published
+        args.weights = str(published.caffemodel(args.net))
 
 
 def add_head(p) -> None:
@@ -85,7 +94,7 @@ def add_engine(p) -> None:
                         "(the reference)")
     p.add_argument("--workers", type=int, default=None, help="fast engine's processes (default: one per core)")
     p.add_argument("--cache-mb", type=int, default=None,
-                   help="fast engine's memory for test checkpoints (default: a quarter of the free memory)")
+                   help="fast engine's memory for test checkpoints, and apart for a probe batch's frontiers (default: an eighth of the free memory, at most 1 GiB)")
 
 
 def add_forms(p, default: str | None = DEFAULT_FORMS) -> None:
@@ -113,6 +122,10 @@ def add_prune(p) -> None:
     p.add_argument("--no-drop-stop", action="store_true",
                    help="no drop stop: prune to the end (Figure 6's whole curves; --floor and --max-steps still stop)")
     p.add_argument("--floor", type=float, default=d("floor"), help="also stop below this absolute top-1 (%%)")
+    p.add_argument("--target", type=target, default=d("target"), metavar="KEY=FRACTION[,...]",
+                   help="also stop at the first step within this budget: the fraction left of macs (multiply-"
+                        "accumulates per image), params (all parameters) or weights (conv weights), e.g. macs=0.5; "
+                        "with --no-drop-stop the budget alone stops the run")
     p.add_argument("--max-steps", type=int, default=d("max_steps"), help="stop after N steps")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"seed of the batch draws (default {d('seed')})")
     p.add_argument("--semantics", choices=masking.SEMANTICS, default=d("semantics"))
@@ -135,6 +148,20 @@ def add_prune(p) -> None:
     add_data(p)
     p.add_argument("--force", action="store_true", help="replace a run with another configuration in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def target(text) -> dict:
+    """``--target macs=0.5[,params=0.6]`` as {key: fraction left} (checked by pruning.Config)."""
+    out = {}
+    for pair in str(text).split(","):
+        key, sep, value = pair.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{pair!r} is not KEY=FRACTION (e.g. macs=0.5)")
+    return out
 
 
 def mode(args) -> tuple:

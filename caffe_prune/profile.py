@@ -193,9 +193,13 @@ def compare(original: dict, compact: dict) -> dict:
     if not runs:
         raise engine.EngineError("compare: the two profiles share no (batch, threads) pair; profile both with "
                                  "the same batch sizes and thread counts")
+    costs = {key: {"original": value, "compact": (compact.get("costs") or {}).get(key),
+                   "ratio": _ratio(value, (compact.get("costs") or {}).get(key))}
+             for key, value in (original.get("costs") or {}).items()}
     return {"original": original["net"], "compact": compact["net"],
             "parameters": {"original": original["parameters"], "compact": compact["parameters"],
-                           "ratio": _ratio(original["parameters"], compact["parameters"])}, "runs": runs}
+                           "ratio": _ratio(original["parameters"], compact["parameters"])}, "costs": costs,
+            "runs": runs}
 
 
 def format_table(result: dict, layers: int = 10) -> str:
@@ -236,7 +240,11 @@ def format_table(result: dict, layers: int = 10) -> str:
 def _format_comparison(result: dict, layers: int) -> str:
     p = result["parameters"]
     lines = [f"{result['original']} -> {result['compact']}: parameters {p['original']:,} -> {p['compact']:,} "
-             f"({p['ratio']}x fewer)", f"{'batch':>5} {'threads':>7} {'original ms':>12} {'compact ms':>11} {'speed-up':>9}"]
+             f"({p['ratio']}x fewer)"]
+    if "macs" in result.get("costs", {}):
+        m = result["costs"]["macs"]
+        lines.append(f"MACs per image {m['original']:,} -> {m['compact']:,} ({m['ratio']}x fewer)")
+    lines.append(f"{'batch':>5} {'threads':>7} {'original ms':>12} {'compact ms':>11} {'speed-up':>9}")
     for r in result["runs"]:
         lines.append(f"{r['batch']:>5} {r['threads']:>7} {r['original_ms']:>12.3f} {r['compact_ms']:>11.3f} "
                      f"{r['speedup'] or float('nan'):>8.2f}x")

@@ -43,6 +43,8 @@ from tqdm import tqdm
 
 from caffe_prune import engine, masking, metrics, oracle, passes
 from caffe_prune.download import digest
+from caffe_prune.errors import PluginError
+from caffe_prune.metrics import plugins
 from caffe_prune.rundir import RunDir
 from caffe_prune.session import Session
 
@@ -81,14 +83,16 @@ class Config:
     input_shape: str | None = None
     engine: str = "fast"                  # how the Caffe work is done (caffe_prune.passes): same decisions
     workers: int | None = None            # fast engine's processes (default: one per core)
-    cache_mb: int | None = None           # fast engine's test checkpoints (default: a quarter of free memory)
+    cache_mb: int | None = None           # fast engine's test checkpoints (default: passes.default_cache_mb)
     retrain_every: int | None = later(None)   # prune-retrain: fine-tune after every S committed steps (None: never)
     retrain_iters: int | None = later(None)   # ... for I solver iterations, pruned groups held at zero
+    target: dict | None = later(None)         # a budget to stop at: {"macs"|"params"|"weights": fraction left}
+    plugins: dict | None = later(None)        # {name: file} of the plugin metrics used (caffe_prune.metrics.plugins)
 
     # where things are, not what they are: a resume compares their contents (sha256) instead
-    LOCATIONS = ("net", "weights", "data", "data_root")
+    LOCATIONS = ("net", "weights", "data", "data_root", "plugins")
     # when to stop, not what to decide: a resume may extend or shorten a run
-    STOPS = ("max_steps", "max_drop", "floor")
+    STOPS = ("max_steps", "max_drop", "floor", "target")
     # how the work is done, not what it decides: a resume may switch
     EXECUTION = ("engine", "workers", "cache_mb")
 
@@ -130,14 +134,26 @@ class Config:
         for name, value in (("retrain_every", self.retrain_every), ("retrain_iters", self.retrain_iters)):
             if value is not None and value < 1:
                 raise engine.EngineError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for key, fraction in (self.target or {}).items():
+            if key not in TARGETS:
+                raise engine.EngineError(f"--target {key}: budgets are {', '.join(TARGETS)} (fractions left, e.g. "
+                                         f"--target macs=0.5)")
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise engine.EngineError(f"--target {key}={fraction}: the fraction left must be in (0, 1]")
         from caffe_prune.data.dataset import VAL_SPLITS
         if self.val_split not in VAL_SPLITS:
             raise engine.EngineError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {self.val_split!r}")
-        for name in [self.metric] if self.metric else self.oracle:
+        names = [self.metric] if self.metric else self.oracle
+        self.plugins = plugins.resolve(names, self.plugins)     # loaded here (a sweep's worker: from its file)
+        for name in names:
             try:
                 metrics.parse(name)
             except metrics.MetricError as exc:   # its message lists the valid names
                 raise engine.EngineError(str(exc)) from None
+
+
+# budgets a run can stop at (``--target KEY=FRACTION``): the step record's field each reads
+TARGETS = {"macs": "macs", "params": "params", "weights": "conv_weights"}
 
 
 def definition_sha256(net_param) -> str:
@@ -167,13 +183,15 @@ class Run:
                 "config": asdict(config),
                 "identity": {"definition_sha256": definition_sha256(network.param),
                              "weights_sha256": digest(config.weights, "sha256"),
-                             "data": {k: v for k, v in dataset.identity.items() if k != "data"}},
+                             "data": {k: v for k, v in dataset.identity.items() if k != "data"},
+                             **({"plugins": plugins.identity(config.plugins)} if config.plugins else {})},
                 "protocol": {"data": dataset.description, "counts": {"test": len(dataset.test)},
                              "validation_images": len(self.validation), "test_images_per_measurement": test_images,
                              "input_shape": list(self.session.input_shape), "logits": self.session.head.logits,
                              "classes": self.session.classes, "groups": len(self.graph.groups),
                              "conv_weights": self.graph.conv_weights(set())},
                 "versions": {k: v for k, v in engine.versions().items() if k in ("caffe", "source", "blas", "python")},
+                "original": self.graph.costs(set())._asdict(),     # what the unpruned net computes and holds
             }
             self.retraining = None
             if config.retrain_every:           # the training form, checked before any step is taken
@@ -205,8 +223,8 @@ class Run:
             if not force:
                 mine, theirs = self._decisive(self.header), self._decisive(previous)
                 differ = sorted(k for k in mine["config"] if theirs["config"].get(k) != mine["config"][k])
-                differ += [f"{k} contents" for k in ("definition_sha256", "weights_sha256", "data")
-                           if (theirs.get("identity") or {}).get(k) != mine["identity"][k]]
+                differ += [f"{k} contents" for k in ("definition_sha256", "weights_sha256", "data", "plugins")
+                           if (theirs.get("identity") or {}).get(k) != mine["identity"].get(k)]
                 raise engine.EngineError(f"{self.out} holds a run with a different configuration "
                                          f"({', '.join(differ) or 'protocol'}); use another --out or --force")
             self.dir.clear()
@@ -249,9 +267,13 @@ class Run:
         return scores
 
     def _counts(self, pruned) -> dict:
+        """What the masked net computes and holds, counted as its compact export would
+        (graph.costs): conv and InnerProduct weights, MACs per image, all parameters."""
         g = self.graph
-        return {"conv_weights": g.conv_weights(pruned), "fc_weights": g.fc_weights(pruned),
-                "percent_conv_removed": g.percent_conv_removed(pruned),
+        costs, original = g.costs(pruned), self.header["original"]
+        return {"conv_weights": costs.conv_weights, "fc_weights": costs.fc_weights,
+                "percent_conv_removed": g.percent_conv_removed(pruned), "macs": costs.macs, "params": costs.params,
+                "percent_macs_removed": 100.0 * (1.0 - costs.macs / original["macs"]),
                 "active_channels": sum(g.active(layer, pruned) for layer in g.producers)}
 
     # ---- Algorithm 1 ----
@@ -261,8 +283,11 @@ class Run:
         c = self.config
         names = [c.metric] if c.metric else list(c.oracle)
         start = time.perf_counter()
-        tensors = self.engine.collect(self._batches(step, 0, c.eval_size), names, c.reading)
-        rankings = metrics.rankings(names, tensors, self.graph, pruned)
+        try:
+            tensors = self.engine.collect(self._batches(step, 0, c.eval_size), names, c.reading)
+            rankings = metrics.rankings(names, tensors, self.graph, pruned)
+        except PluginError as exc:
+            raise PluginError(f"step {step}: {exc}") from None
         self.timing["saliency"] = round(time.perf_counter() - start, 4)
         if c.metric:
             return {"group": rankings[c.metric][0], "proposers": [[c.metric, 0]]}
@@ -317,6 +342,10 @@ class Run:
                                 active=record["active_channels"], top1="-" if top1 is None else f"{100 * top1:.1f}")
         return self.steps
 
+    def _within_budget(self) -> bool:
+        """Every budget of ``target`` met: the costs left are at most the fractions of the original."""
+        return _within_budget_of(self.graph, self.steps, self.config.target)
+
     def _retrain(self, step: int, before: dict) -> dict:
         """Fine-tune the masked net in place (caffe_prune.train.retrain); the fast engine's workers hold
         copies of the old weights, and the masker the old originals, so both are made again."""
@@ -336,12 +365,20 @@ class Run:
         c, last = self.config, self.steps[-1]
         if c.max_steps is not None and len(self.steps) > c.max_steps:
             return True
+        if c.target and self._within_budget():
+            return True
         scores = final_scores(last)
         if scores is None or last["group"] is None:
             return False
         top1 = 100 * scores["top1"]
         dropped = c.max_drop is not None and top1 < initial - c.max_drop
         return dropped or (c.floor is not None and top1 < c.floor)
+
+
+def _within_budget_of(graph, steps, target: dict) -> bool:
+    costs = graph.costs({s["group"] for s in steps[1:]})._asdict()
+    original = graph.costs(set())._asdict()
+    return all(costs[TARGETS[key]] <= fraction * original[TARGETS[key]] for key, fraction in target.items())
 
 
 def final_scores(step: dict) -> dict | None:
@@ -364,8 +401,9 @@ def step_at_drop(steps: list, max_drop: float | None = 5.0) -> int:
     return best
 
 
-def removed_at_drop(steps: list, max_drop: float | None = 5.0) -> float:
+def removed_at_drop(steps: list, max_drop: float | None = 5.0, measure: str = "percent_conv_removed") -> float:
     """% of conv weights removed at the last measured step within `max_drop` points of the start
-    (papers/004 Table 2's figure; 5 points when the run itself had no drop stop)."""
+    (papers/004 Table 2's figure; 5 points when the run itself had no drop stop); ``measure``
+    "percent_macs_removed": the % of MACs removed there instead."""
     at = step_at_drop(steps, max_drop)
-    return steps[at]["percent_conv_removed"] if at else 0.0
+    return steps[at][measure] if at else 0.0

@@ -121,6 +121,7 @@ class Session:
         if form not in FORMS:
             raise engine.EngineError(f"form {form!r} is not one of {', '.join(FORMS)}")
         engine.set_mode(mode, device)
+        self.kind = form
         self.network, self.dataset, self.weights = network, dataset, weights
         self.batch_size = batch_size
         self.input_shape = dataset.shape if dataset is not None else tuple(input_shape or network.input_shape)

@@ -10,7 +10,8 @@ A sweep directory's ``results.sqlite`` holds, for every run its SPEC expanded to
   Table 2's figure, ``removed_at_drop``). The metric's taxonomy components (input, pointwise,
   reduction, scaling, domino) are columns, so results group by component in SQL.
 - ``steps``: one row per step of a finished run (group pruned, test top-1/top-5/loss, weights
-  left, % removed, seconds) and the step's whole record as JSON.
+  left, % removed, MACs per image and parameters left, % of MACs removed, seconds) and the step's
+  whole record as JSON.
 - ``attempts``: one row per time a worker was given the run (host, pid, executor, the driver that
   gave it, start, end, outcome: ``done``, ``failed``, ``died``, ``busy``, ``interrupted``, ``lost``).
   ``runs.completions`` counts the attempts that finished it: 1 for every run done exactly once.
@@ -121,22 +122,24 @@ def _v2(db) -> None:
                    (*components(metric).values(), run_id))
 
 
-MIGRATIONS = (_v1, _v2)            # MIGRATIONS[i] takes a store from version i to i + 1
+def _v3(db) -> None:
+    """What a pruning state computes and holds: MACs and parameters per step (the compact net's,
+    caffe_prune.graph.Costs) and the % of MACs removed at the drop per run."""
+    for column in ("macs INTEGER", "params INTEGER", "percent_macs_removed REAL"):
+        db.execute(f"ALTER TABLE steps ADD COLUMN {column}")
+    for column in ("final_macs_removed REAL", "macs_removed_at_drop REAL"):
+        db.execute(f"ALTER TABLE runs ADD COLUMN {column}")
+
+
+MIGRATIONS = (_v1, _v2, _v3)       # MIGRATIONS[i] takes a store from version i to i + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def components(metric: str | None) -> dict:
     """The taxonomy components of a metric name (aliases resolved), None for each when there is
     no metric (an oracle run) or the name does not parse."""
-    if not metric:
-        return dict.fromkeys(COMPONENTS)
-    from caffe_prune.metrics.taxonomy import MetricError, parse
-    try:
-        m = parse(metric)
-    except MetricError:
-        return dict.fromkeys(COMPONENTS)
-    return {"input": m.input, "pointwise": m.pointwise, "reduction": m.reduction, "scaling": m.scaling,
-            "domino": m.domino}
+    from caffe_prune.metrics.taxonomy import components as of_name
+    return of_name(metric) or dict.fromkeys(COMPONENTS)
 
 
 def store_path(location) -> Path:
@@ -285,20 +288,24 @@ class Store:
         steps, now = result["steps"], time.time()
         with self.write() as db:
             db.execute("DELETE FROM steps WHERE run_id=?", (run_id,))
-            db.executemany("INSERT INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.executemany("INSERT INTO steps (run_id, step, grp, top1, top5, loss, percent_conv_removed, conv_weights, "
+                           "fc_weights, active_channels, seconds, record, macs, params, percent_macs_removed) "
+                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            [(run_id, s["step"], s.get("group"), _pct(s, "top1"), _pct(s, "top5"),
                              s.get("test", {}).get("loss"), s.get("percent_conv_removed"), s.get("conv_weights"),
-                             s.get("fc_weights"), s.get("active_channels"), s.get("seconds"), json.dumps(s))
+                             s.get("fc_weights"), s.get("active_channels"), s.get("seconds"), json.dumps(s),
+                             s.get("macs"), s.get("params"), s.get("percent_macs_removed"))
                             for s in steps])
             measured = [s for s in steps if "test" in s]
             db.execute(
                 "UPDATE runs SET status='done', completions=completions+1, host=?, wall_s=?, steps=?, "
                 "initial_top1=?, final_top1=?, final_removed=?, removed_at_drop=?, step_seconds=?, protocol=?, "
-                "versions=?, error=NULL, finished=? WHERE id=?",
+                "versions=?, error=NULL, finished=?, final_macs_removed=?, macs_removed_at_drop=? WHERE id=?",
                 (result["host"], result["wall_s"], len(steps) - 1, _pct(steps[0], "top1"),
                  _pct(measured[-1], "top1") if measured else None, steps[-1].get("percent_conv_removed"),
                  result["removed_at_drop"], sum(s.get("seconds") or 0 for s in steps),
-                 json.dumps(result.get("protocol")), json.dumps(result.get("versions")), now, run_id))
+                 json.dumps(result.get("protocol")), json.dumps(result.get("versions")), now,
+                 steps[-1].get("percent_macs_removed"), result.get("macs_removed_at_drop"), run_id))
             db.execute("UPDATE attempts SET outcome='done', ended=?, host=coalesce(host, ?), pid=coalesce(pid, ?) "
                        "WHERE run_id=? AND attempt=?", (now, result["host"], result["pid"], run_id, attempt))
 
@@ -338,7 +345,8 @@ class Store:
         for run_id in run_ids:
             rows += [dict(r) for r in self.db.execute(
                 "SELECT run_id, step, grp, top1, top5, loss, percent_conv_removed, conv_weights, fc_weights, "
-                "active_channels, seconds FROM steps WHERE run_id=? ORDER BY step", (run_id,))]
+                "active_channels, seconds, macs, params, percent_macs_removed FROM steps WHERE run_id=? ORDER BY step",
+                (run_id,))]
         return rows
 
     def attempts(self, run_id: str | None = None) -> list:

@@ -23,7 +23,7 @@ def test_graph_summary_and_picture(tmp_path):
 
 def test_export_reports_counts_and_deviation(tmp_path):
     weights = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
-    code, out, err = caffe_prune("export", "LeNet-5", weights, "--groups", "0,1,20", "--out", tmp_path)
+    code, out, err = caffe_prune("export", "LeNet-5", weights, "--groups", "0,1,20", "--out", tmp_path, "--no-timing")
     assert code == 0, err
     report = json.loads(out)
     # conv1 loses 2 of 20 channels, conv2 1 of 50: 18*75 + 49*18*25 = 23,400 of 26,500

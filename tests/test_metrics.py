@@ -157,7 +157,7 @@ def present_outputs(graph, conv, pruned):
                      for i in range(graph.producers[conv].num_output)])
 
 
-def scaled(values, scaling, count, active, present, removed):
+def scaled(values, scaling, count, active, present, removed, macs=None):
     if scaling == "none":
         return values
     if scaling == "count":
@@ -168,6 +168,8 @@ def scaled(values, scaling, count, active, present, removed):
         return values / np.abs(values[present]).sum()
     if scaling == "l2_layer":
         return values / np.sqrt((values[present] ** 2).sum())
+    if scaling == "macs_removed":
+        return values / macs
     assert scaling == "weights_removed"
     return values / removed
 
@@ -178,6 +180,14 @@ def removed_by_hand(graph, conv, pruned):
     return np.array([np.nan if graph.group_of(conv, i) is None or graph.group_of(conv, i).id in pruned else
                      graph.weights_removed(graph.group_of(conv, i).id, pruned)
                      + graph.fc_weights_removed(graph.group_of(conv, i).id, pruned)
+                     for i in range(graph.producers[conv].num_output)])
+
+
+def macs_by_hand(graph, conv, pruned):
+    """The MACs per image each output channel's group saves, from the graph's counts (tested by hand
+    in test_layers and below); NaN where not compared."""
+    return np.array([np.nan if graph.group_of(conv, i) is None or graph.group_of(conv, i).id in pruned else
+                     graph.saved(graph.group_of(conv, i).id, pruned).macs
                      for i in range(graph.producers[conv].num_output)])
 
 
@@ -301,6 +311,7 @@ ACTIVATION_COMBOS = [
     "activation/taylor2_sqgrad/sqr_sum/weights_removed",
     "activation/taylor2_obd/l1/none",
     "activation/apoz/sum/count",
+    "activation/taylor/sum/macs_removed",
 ]
 
 
@@ -315,7 +326,8 @@ def check_activation_combos(case, names, pruned, readings=("authors",)):
                 values = activation_reference(records, conv, pw, red, own=reading == "conv-output")
                 area = records[0]["data"][conv].shape[2] * records[0]["data"][conv].shape[3]
                 present = present_outputs(case.graph, conv, pruned)
-                want = scaled(values, sc, area, area, present, removed_by_hand(case.graph, conv, pruned))
+                want = scaled(values, sc, area, area, present, removed_by_hand(case.graph, conv, pruned),
+                              macs_by_hand(case.graph, conv, pruned))
                 assert_saliency(got, conv, want, pruned, case.graph, rtol=1e-5)
 
 
@@ -332,6 +344,12 @@ def test_activation_taxonomy_on_the_tiny_net(caffe, write_net):
             (("activation/x/sum/weights_removed", tensors), ("activation/x/sum/none", plain)))
     assert s[Channel("conv1", 0)] == pytest.approx(p[Channel("conv1", 0)] / (27 + 5 * 9))
     assert s[Channel("conv2", 0)] == pytest.approx(p[Channel("conv2", 0)] / (36 + 5 * 4))
+    # MACs by hand: a conv1 channel's filter at its 8x8 positions and its slices of conv2's 5
+    # remaining filters at conv2's 2x2; a conv2 channel's filter at 2x2 and its block of the logits
+    macs = metrics.collect(case.net, case.graph, case.batches, ["activation/x/sum/macs_removed"])
+    m = metrics.saliency("activation/x/sum/macs_removed", macs, case.graph, pruned)
+    assert m[Channel("conv1", 0)] == pytest.approx(p[Channel("conv1", 0)] / (27 * 64 + 5 * 9 * 4))
+    assert m[Channel("conv2", 0)] == pytest.approx(p[Channel("conv2", 0)] / (36 * 4 + 5 * 4))
 
 
 def test_activation_taxonomy_on_lenet5_and_resnet20(caffe, lenet, resnet):
@@ -626,9 +644,12 @@ def test_rank_groups_by_the_least_salient_member(caffe, resnet):
 
 def test_every_composition_is_listed_and_parses():
     names = metrics.list_metrics()
-    assert len(names) == len(set(names)) == 8 * 5 * 6 + 7 * 5 * 6 == 450
+    assert len(names) == len(set(names)) == 8 * 5 * 7 + 7 * 5 * 7 == 525      # with the deployment scaling
+    paper = metrics.list_metrics(paper=True)
+    assert len(paper) == 8 * 5 * 6 + 7 * 5 * 6 == 450 and not any(n.endswith("macs_removed") for n in paper)
+    assert set(names) - set(paper) == {n for n in names if n.endswith("/macs_removed")}
     assert all(str(metrics.parse(n)) == n for n in names)
-    assert len(metrics.list_metrics(domino=True)) == 4 * 450
+    assert len(metrics.list_metrics(domino=True)) == 4 * 525
     for alias, composition in metrics.ALIASES.items():
         assert str(metrics.parse(alias)) == composition
         eq, printed = metrics.AS_PRINTED[alias]
@@ -642,7 +663,7 @@ def test_every_composition_is_listed_and_parses():
     ("activation/taylor/l3/none", "invalid reduction 'l3' in 'activation/taylor/l3/none'; valid: sum, l1, l2, "
                                   "abs_sum, sqr_sum"),
     ("activation/x/sum/layer", "invalid scaling 'layer' in 'activation/x/sum/layer'; valid: none, count, "
-                               "active_count, l1_layer, l2_layer, weights_removed"),
+                               "active_count, l1_layer, l2_layer, weights_removed, macs_removed"),
     ("gradient/x/sum/none", "invalid input 'gradient' in 'gradient/x/sum/none'; valid: activation, weights"),
     ("domino-avg:taylor", "invalid Domino aggregation 'avg' in 'domino-avg:taylor'; valid: sum, mean, max"),
     ("fischer", "'fischer' is neither input/pointwise/reduction/scaling nor an alias; aliases: mean_activations, "

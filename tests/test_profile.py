@@ -118,7 +118,9 @@ def test_command_prints_the_documented_json():
     assert code == 0, err
     result = json.loads(out)
     assert set(result) == PROFILE_FIELDS and result["net"] == "LeNet-5" and result["input_shape"] == [3, 32, 32]
-    assert result["costs"] is None and result["parameters"] > 0
+    # MACs by hand: conv1 20x(3x5x5) weights at 28x28, conv2 50x(20x5x5) at 10x10, ip1 500x1250, ip2 10x500
+    macs = 20 * 75 * 784 + 50 * 500 * 100 + 500 * 1250 + 10 * 500
+    assert result["costs"] == {"macs": macs, "params": result["parameters"]} and result["parameters"] > 0
     threads = list(dict.fromkeys([1, engine.cores()]))
     assert [(r["batch"], r["threads"]) for r in result["runs"]] == [(b, t) for b in (1, 4) for t in threads]
     for run in result["runs"]:

@@ -1,5 +1,6 @@
 """The report: the table next to the published values, the figures, the protocol."""
 import json
+import pytest
 
 from caffe_prune import pruning, report
 from caffe_prune.metrics import methods
@@ -58,11 +59,11 @@ def fake_store(directory, results):
             s.add_runs([run])
             proposer = [[(constituents or [metric])[seed % len(constituents or [metric])], 0]]
             steps = [{"step": 0, "group": None, "test": {"top1": 0.70, "top5": 0.9, "loss": 1.0},
-                      "percent_conv_removed": 0.0},
+                      "percent_conv_removed": 0.0, "percent_macs_removed": 0.0},
                      {"step": 1, "group": 3, "proposers": proposer, "test": {"top1": 0.68, "top5": 0.9, "loss": 1.1},
-                      "percent_conv_removed": removed},
+                      "percent_conv_removed": removed, "percent_macs_removed": removed / 2},
                      {"step": 2, "group": 4, "proposers": proposer, "test": {"top1": 0.60, "top5": 0.8, "loss": 1.5},
-                      "percent_conv_removed": removed + 1}]
+                      "percent_conv_removed": removed + 1, "percent_macs_removed": removed / 2 + 3}]
             attempt = s.start_attempt(run["id"], "local", "h", 1)
             s.finish(run["id"], attempt, {"steps": steps, "removed_at_drop": removed, "host": "h", "pid": 1,
                                           "wall_s": 1.0, "versions": {}, "protocol": {
@@ -189,3 +190,40 @@ def test_printed_equations_share_the_published_rows():
     assert "| 39 |" in rows["| Fisher information (eq. 4 as printed)"] and "| 39 |" in rows["| Fisher information"]
     assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over eq. 1-5 as printed"]
     assert "| 43 ± 2 |" in rows["| Myopic Oracle (k=16) over the Table-2 forms"]
+
+
+def test_an_archive_reports_as_its_store(tmp_path, capsys):
+    """`results --archive` writes the finished runs as runs.csv + steps.csv.gz; every report made
+    from the archive is the report made from the store, word for word, and the steps read back
+    equal the store's (the fields the figures read), MACs included."""
+    from caffe_prune import archive, cli, store
+    five = ["mean_activations", "taylor", "fisher", "mean_gradients", "mean_sq_weights"]
+    results = [("LeNet-5", None, s, v, five) for s, v in ((0, 28.25), (1, 32.0))]
+    results += [("LeNet-5", m, s, v) for m, base in (("activation/taylor/l1/count", 10.0),
+                                                     ("activation/x/l1/weights_removed", 14.0),
+                                                     ("domino-sum:activation/x/l1/weights_removed", 17.0))
+                for s, v in ((0, base), (1, base + 1 / 3))]
+    directory = fake_store(tmp_path / "sweep", results)
+    assert cli.main(["results", str(directory), "--archive", str(tmp_path / "archive")]) == 0
+    assert f"wrote 8 finished runs (24 steps) to {tmp_path / 'archive'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "archive").iterdir()) == ["runs.csv", "steps.csv.gz"]
+    from_store = report.write_reports(directory, tmp_path / "a")
+    from_archive = report.write_reports(tmp_path / "archive", tmp_path / "b")
+    assert [p.name for p in from_store] == [p.name for p in from_archive] == ["oracle.md", "taxonomy.md", "domino.md"]
+    for a, b in zip(from_store, from_archive):
+        assert a.read_text() == b.read_text()
+    by_macs = [report.write_reports(d, tmp_path / o, kinds=["oracle"], x="macs")[0].read_text()
+               for d, o in ((directory, "c"), (tmp_path / "archive", "d"))]
+    assert by_macs[0] == by_macs[1]
+    assert "| Myopic Oracle (k=16) | 15.1 ± 11.9 (n=2) | - |" in by_macs[0]       # the halves: 14.125, 16
+    assert "Multiply-accumulates per image removed" in by_macs[0]
+    assert "| Myopic Oracle (k=16) | 30.1 ± 23.8 (n=2) |" in from_archive[0].read_text()
+    with store.Store(directory) as s:
+        stored = {r["id"]: s.steps(r["id"]) for r in s.runs()}
+    for run in archive.read(tmp_path / "archive"):
+        assert len(run["steps"]) == len(stored[run["id"]]) == 3
+        for got, want in zip(run["steps"], stored[run["id"]]):
+            assert got["test"] == want["test"] and got["percent_conv_removed"] == want["percent_conv_removed"]
+            assert got.get("percent_macs_removed") == want.get("percent_macs_removed")
+    with pytest.raises(Exception, match="is not a results archive"):
+        archive.read(tmp_path / "a")

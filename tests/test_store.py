@@ -22,14 +22,15 @@ def a_run(i, metric="taylor", seed=0):
 def a_result(top1s, removed, host="h", pid=7):
     steps = [{"step": i, "group": None if i == 0 else i, "test": {"top1": t, "top5": 0.9, "loss": 1.0},
               "percent_conv_removed": r, "conv_weights": 100 - i, "fc_weights": 50, "active_channels": 9 - i,
-              "seconds": 0.1} for i, (t, r) in enumerate(zip(top1s, removed))]
+              "macs": 1000 - 10 * i, "params": 200 - i, "percent_macs_removed": float(i), "seconds": 0.1}
+             for i, (t, r) in enumerate(zip(top1s, removed))]
     return {"steps": steps, "removed_at_drop": removed[-1], "host": host, "pid": pid, "wall_s": 1.5,
             "protocol": {"data": "d"}, "versions": {"caffe": "1.0"}}
 
 
 def test_a_new_store_is_wal_with_every_migration(tmp_path):
     with store.Store(tmp_path) as s:
-        assert s.version == store.SCHEMA_VERSION == len(store.MIGRATIONS) == 2
+        assert s.version == store.SCHEMA_VERSION == len(store.MIGRATIONS) == 3
         assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert s.db.execute("PRAGMA busy_timeout").fetchone()[0] == store.BUSY_TIMEOUT_MS
         tables = {r[0] for r in s.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -48,6 +49,10 @@ def test_a_new_store_is_wal_with_every_migration(tmp_path):
         assert (other["scaling"], other["domino"]) == ("weights_removed", None)
         assert [st["step"] for st in s.steps("run0001")] == [0, 1, 2]
         assert s.db.execute("SELECT count(*) FROM steps").fetchone()[0] == 3
+        rows = s.step_rows(["run0001"])
+        assert [(r["macs"], r["params"], r["percent_macs_removed"]) for r in rows] == [(1000, 200, 0.0), (990, 199, 1.0),
+                                                                                        (980, 198, 2.0)]
+        assert run["final_macs_removed"] == 2.0 and run["macs_removed_at_drop"] is None   # not in that result
         assert s.counts() == {"done": 1, "pending": 1} and s.meta("spec") == {"name": "x"}
         assert [a["outcome"] for a in s.attempts("run0001")] == ["done"]
 
@@ -62,8 +67,9 @@ def test_an_older_store_is_migrated(tmp_path):
                    "VALUES ('r1', 'LeNet-5', 'fisher', 'fisher', 3, '{}', 'done', 'runs/r1', 0, 12.5)")
     old.close()
     with store.Store(tmp_path) as s:
-        assert s.version == 2
+        assert s.version == 3
         (row,) = s.runs()
+        assert row["macs_removed_at_drop"] is None
         assert (row["id"], row["seed"], row["removed_at_drop"], row["completions"]) == ("r1", 3, 12.5, 0)
         assert (row["input"], row["pointwise"], row["reduction"], row["scaling"]) == ("activation", "hess_sqgrad", "sum", "count")
         assert s.attempts() == []
@@ -77,12 +83,12 @@ def test_a_newer_store_is_refused_in_one_line(tmp_path):
     db.close()
     path = tmp_path / store.STORE_NAME
     with pytest.raises(store.StoreError, match=rf"^{path} was written by a newer caffe-prune \(results store schema "
-                                               rf"version 9; this one reads up to version 2\)"):
+                                               rf"version 9; this one reads up to version 3\)"):
         store.Store(tmp_path)
     done = subprocess.run([sys.executable, "-m", "caffe_prune", "results", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "version 9" in done.stderr and "up to version 2" in done.stderr
+    assert done.stderr.count("\n") == 1 and "version 9" in done.stderr and "up to version 3" in done.stderr
 
 
 def test_what_is_not_a_store(tmp_path):

@@ -196,7 +196,7 @@ def test_globs_match_component_by_component():
     assert sweep.match_metrics("*/x/l1/count") == ["activation/x/l1/count", "weights/x/l1/count"]
     assert sweep.match_metrics("domino-*:weights/x/l2/count") == [
         f"domino-{agg}:weights/x/l2/count" for agg in taxonomy.DOMINO]
-    assert len(sweep.match_metrics("*/*/*/*")) == len(taxonomy.list_metrics()) == 450
+    assert len(sweep.match_metrics("*/*/*/*")) == len(taxonomy.list_metrics()) == 525     # 450 + macs_removed
 
 
 def test_stop_end_means_no_drop_stop():
@@ -210,7 +210,7 @@ def test_stop_end_means_no_drop_stop():
                              r"aliases: mean_activations, taylor"),
     ({"metrics": ["activation/taylor/l1/counts"]}, r"invalid scaling 'counts' .* valid: none, count, active_count"),
     ({"networks": ["LeNet5"]}, r"unknown network 'LeNet5'; networks: LeNet-5, CIFAR10, ResNet-20, NIN, AlexNet, SqueezeNet"),
-    ({"metrics": ["activation/*/median/*"]}, r"metric glob 'activation/\*/median/\*' matches none of the 450 metrics; "
+    ({"metrics": ["activation/*/median/*"]}, r"metric glob 'activation/\*/median/\*' matches none of the 525 metrics; "
                                              r"components: input activation\|weights"),
     ({"networks": ["AlexNet"]}, r"no published weights for 'AlexNet'.*--weights AlexNet=PATH"),
     ({"protocol": {"k": "16"}}, r"protocol k must be int, got '16'"),
@@ -457,3 +457,48 @@ def test_ray_worker_that_dies_mid_run_is_retried_and_resumed(long_reference, ray
     assert [a["outcome"] for a in attempts] == ["died", "done"]
     assert "WorkerCrashedError" in attempts[0]["detail"] and "last started by" in attempts[0]["detail"]
     assert decisions(out) == long_reference
+
+
+# ---- a plugin metric in a sweep: staged in the sweep directory, the same results on Ray -----------
+
+PLUGIN_SPEC = f"""
+name = "plugin"
+data = "{SUBSET}"
+seeds = [3]
+plugins = ["{REPO / 'examples' / 'plugins' / 'entropy.py'}"]
+metrics = ["plugin:entropy", "domino-max:plugin:entropy", "plugin:entropy/weights_removed"]
+oracles = [["plugin:entropy", "taylor"]]
+networks = ["LeNet-5"]
+[protocol]
+max_steps = 3
+test_size = 2
+eval_size = 1
+oracle_eval_size = 1
+k = 4
+"""
+
+
+@pytest.mark.slow
+def test_a_plugin_sweep_on_the_local_pool_and_on_ray(ray_cluster, tmp_path):
+    """The plugin is copied once into SWEEP_DIR/plugins/SHA256/ and every run imports that copy;
+    its runs' ids and decisions are the same on the local pool and on a local Ray cluster, and the
+    report ranks it beside the built-in constituent."""
+    spec = write_spec(tmp_path, PLUGIN_SPEC)
+    source = REPO / "examples" / "plugins" / "entropy.py"
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    results = {}
+    for executor, extra in (("local", ()), ("ray", ("--executor", "ray", "--address", ray_cluster))):
+        out = tmp_path / executor
+        done_ = subprocess.run(command(spec, out, *extra), cwd=REPO, env=ENV, capture_output=True, text=True)
+        assert done_.returncode == 0, done_.stdout + done_.stderr
+        assert_done_exactly_once(out, 4)
+        staged = out / "plugins" / sha / "entropy.py"
+        assert staged.read_bytes() == source.read_bytes()
+        with store.Store(out, create=False) as s:
+            assert {json.dumps(r["config"]["plugins"]) for r in s.runs()} == {json.dumps({"entropy": str(staged)})}
+        results[executor] = decisions(out)
+    assert results["local"] == results["ray"] and len(results["local"]) == 4
+    assert all(len(steps) == 4 for steps in results["local"].values())
+    assert cli.main(["report", str(tmp_path / "local"), "--kind", "taxonomy", "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "taxonomy.md").read_text()
+    assert "`plugin:entropy`" in text and "`plugin:entropy/weights_removed`" in text

@@ -156,6 +156,15 @@ class Split:
         images, labels = self.source.read(self.positions[index])
         return self._checked(images, labels, int(index[0]) if len(index) else 0)
 
+    def draw(self, count: int, size: int, seed: int) -> list:
+        """``count`` batches of ``size`` images, drawn without replacement with numpy's
+        default_rng(seed) (what `caffe-prune saliency` and caffe_prune.api.saliencies read)."""
+        if count * size > len(self):
+            raise DataError(f"{count} batches of {size} need {count * size} images; the {self.name} split "
+                            f"holds {len(self)}")
+        chosen = np.random.default_rng(seed).choice(len(self), size=count * size, replace=False)
+        return [self.batch(chosen[i:i + size]) for i in range(0, len(chosen), size)]
+
     def batches(self, size: int, prefetch: int = 2):
         """(x, y) of the split in order, ``size`` images at a time, the next batches read ahead."""
         for number, (images, labels) in enumerate(self.source.chunks(self.positions, size, prefetch)):

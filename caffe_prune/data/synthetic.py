@@ -38,7 +38,10 @@ def write_random_lmdb(path, images: int, shape=(3, 256, 256), classes: int = 100
     partial.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     datum = engine.caffe_pb2().Datum(channels=shape[0], height=shape[1], width=shape[2])
-    env = lmdb.open(str(partial), map_size=images * (size + 256) + (1 << 24))
+    # map_size bounds the file, it allocates nothing: a value larger than a page takes whole overflow
+    # pages, so each record is rounded up to pages and given one more for its key and header
+    page = 4096
+    env = lmdb.open(str(partial), map_size=images * page * (-(-(size + 64) // page) + 1) + (1 << 26))
     try:
         with tqdm(total=images, unit="img", desc=f"lmdb {path.name}", disable=not progress, leave=False) as bar:
             for start in range(0, images, CHUNK):
@@ -50,8 +53,11 @@ def write_random_lmdb(path, images: int, shape=(3, 256, 256), classes: int = 100
                         datum.data, datum.label = pixels[i].tobytes(), int(labels[i])
                         txn.put(b"%08d" % (start + i), datum.SerializeToString())
                 bar.update(count)
-    finally:
+    except BaseException:
         env.close()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    env.close()
     with fsio.replacing(path) as tmp:
         partial.rename(tmp)
     return {"path": str(path), "images": images, "shape": list(shape), "classes": classes, "seed": seed,

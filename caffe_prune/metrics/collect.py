@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from caffe_prune import engine, evaluate
-from caffe_prune.metrics import inputs
+from caffe_prune.metrics import inputs, plugins
 from caffe_prune.metrics.hessian import built_layers, hessian_diagonal
 from caffe_prune.metrics.taxonomy import POINTWISE, REDUCTIONS, MetricError, parse
 
@@ -228,8 +228,13 @@ def _append(tensors, layer, side, key, value) -> None:
 
 
 def _reduce_activations(tensors, conv, pairs, x, g, h) -> None:
-    """Feature maps (N, C, H, W): pointwise, then each reduction over H x W -> (N, C)."""
+    """Feature maps (N, C, H, W): pointwise, then each reduction over H x W -> (N, C); a plugin's
+    ``reduce`` does both."""
     for pw in sorted({p for p, _ in pairs}):
+        if pw.startswith(plugins.PREFIX):
+            values = plugins.get(plugins.split(pw)[0]).values(x, g, h, (2, 3), f"{conv} (feature maps)")
+            _append(tensors, conv, "out", ("activation", pw, "plugin"), values)
+            continue
         s = POINTWISE[pw].fn(x, g, h)
         for red in sorted(r for p, r in pairs if p == pw):
             _append(tensors, conv, "out", ("activation", pw, red), REDUCTIONS[red](s, (2, 3)))
@@ -240,7 +245,18 @@ def _reduce_weights(tensors, layer, kind, out_pairs, in_pairs, w, g, h, split) -
     pointwise, then each reduction over a filter (side "out", conv only) or over an input slice
     (side "in": a conv's W[outputs of the group, i], ``split`` = group; an InnerProduct's block of
     columns of channel c, ``split`` = its input channels)."""
+    def sliced(s):        # each item of side "in" as a slice: (n, ..., items, ...) and its axes
+        n = s.shape[0]
+        if kind == "conv":
+            o, cg = s.shape[1:3]
+            return s.reshape(n, split, o // split, cg, -1), (2, 4)
+        return s.reshape(n, s.shape[1], split, -1), (1, 3)
+
     for pw in sorted({p for p, _ in list(out_pairs) + list(in_pairs)}):
+        if pw.startswith(plugins.PREFIX):
+            _plugin_weights(tensors, layer, pw, pw in {p for p, _ in out_pairs}, pw in {p for p, _ in in_pairs},
+                            w, g, h, sliced)
+            continue
         s = POINTWISE[pw].fn(w, g, h)
         s = np.broadcast_to(s, np.broadcast_shapes(s.shape, w.shape))
         n = s.shape[0]
@@ -249,13 +265,25 @@ def _reduce_weights(tensors, layer, kind, out_pairs, in_pairs, w, g, h, split) -
         reds = sorted(r for p, r in in_pairs if p == pw)
         if not reds:
             continue
-        if kind == "conv":
-            o, cg = s.shape[1:3]
-            slices, axes = s.reshape(n, split, o // split, cg, -1), (2, 4)
-        else:
-            slices, axes = s.reshape(n, s.shape[1], split, -1), (1, 3)
+        slices, axes = sliced(s)
         for red in reds:
             _append(tensors, layer, "in", ("weights", pw, red), REDUCTIONS[red](slices, axes).reshape(n, -1))
+
+
+def _plugin_weights(tensors, layer, pw, out, into, w, g, h, sliced) -> None:
+    """A plugin's ``reduce`` on a layer's weights: x the weights as every sample sees them (one
+    row for a static metric), with g and h per sample; per filter (side "out") and per input
+    slice (side "in")."""
+    plugin = plugins.get(plugins.split(pw)[0])
+    shape = (g if g is not None else h if h is not None else w).shape
+    x = np.broadcast_to(w, shape)
+    if out:
+        _append(tensors, layer, "out", ("weights", pw, "plugin"), plugin.values(x, g, h, (2, 3, 4), f"{layer} (filters)"))
+    if into:
+        parts = [None if t is None else sliced(t)[0] for t in (x, g, h)]
+        axes = sliced(x)[1]
+        values = plugin.values(*parts, axes, f"{layer} (input slices)")
+        _append(tensors, layer, "in", ("weights", pw, "plugin"), values.reshape(shape[0], -1))
 
 
 def _stack(tensors: Tensors) -> Tensors:

@@ -13,9 +13,7 @@ import io
 import os
 import time
 
-import numpy as np
-
-from caffe_prune import engine, fsio
+from caffe_prune import fsio
 
 
 def register(subparsers) -> None:
@@ -52,45 +50,38 @@ def cmd_metrics(args) -> int:
     names = list_metrics(domino=args.domino)
     print("\n".join(names))
     print(f"# {len(names)} metrics; aliases: " + ", ".join(f"{a} = {m}" for a, m in ALIASES.items()))
+    from caffe_prune.metrics import plugins
+    for plugin in plugins.loaded().values():
+        scaling = plugin.scaling or "its own scale()"
+        print(f"plugin:{plugin.name}  # {plugin.input} input, reads {''.join(sorted(plugin.needs))}, "
+              f"scaling {scaling}; from {plugin.path}")
     return 0
 
 
-def validation_batches(split, count: int, batch_size: int, seed: int) -> list:
-    """``count`` batches of ``batch_size`` validation images, drawn without replacement with numpy's
-    default_rng(seed)."""
-    if count * batch_size > len(split):
-        raise engine.EngineError(f"{count} batches of {batch_size} need {count * batch_size} images; "
-                                 f"the validation split holds {len(split)}")
-    chosen = np.random.default_rng(seed).choice(len(split), size=count * batch_size, replace=False)
-    return [split.batch(chosen[i:i + batch_size]) for i in range(0, len(chosen), batch_size)]
-
-
-def compute(session, metric, batches=2, batch_size=128, seed=0, reading="authors") -> dict:
+def compute(session, metric, batches=2, seed=0, reading="authors") -> dict:
     """The metric's saliency of every prunable channel and the group ranking, as plain data."""
-    from caffe_prune import metrics
+    from caffe_prune import api, metrics
     parsed = metrics.parse(metric)
-    graph, net = session.graph, session.net
-    drawn = validation_batches(session.dataset.validation, batches, batch_size, seed)
+    graph = session.graph
     start = time.perf_counter()
-    tensors = metrics.collect(net, graph, drawn, [metric], reading)
-    scores = metrics.saliency(metric, tensors, graph, set())
-    ranking = metrics.rank_groups(metric, tensors, graph, set())
+    result = api.saliencies(session, metric, batches, seed, reading=reading)
     seconds = time.perf_counter() - start
-    group_rank = {gid: i for i, (gid, _) in enumerate(ranking)}
-    order = sorted(scores, key=lambda c: (scores[c], graph.group_of(c.layer, c.index).id, c.layer, c.index))
-    channels = [{"rank": i, "layer": c.layer, "channel": c.index, "group": graph.group_of(c.layer, c.index).id,
-                 "saliency": scores[c]} for i, c in enumerate(order)]
+    scores = result.channels
+    group_rank = {gid: i for i, (gid, _) in enumerate(result.ranking)}
+    order = sorted(scores, key=lambda c: (scores[c], graph.group_of(*c).id, c))
+    channels = [{"rank": i, "layer": layer, "channel": index, "group": graph.group_of(layer, index).id,
+                 "saliency": scores[(layer, index)]} for i, (layer, index) in enumerate(order)]
     return {"metric": metric, "composition": str(parsed), "reading": reading, "net": session.network.where,
-            "weights": os.fsdecode(session.weights), "images": tensors.images, "batches": tensors.batches,
+            "weights": os.fsdecode(session.weights), "images": result.images, "batches": batches,
             "seed": seed, "seconds": seconds, "channels": channels,
-            "groups": [{"rank": group_rank[gid], "group": gid, "score": score} for gid, score in ranking]}
+            "groups": [{"rank": group_rank[gid], "group": gid, "score": score} for gid, score in result.ranking]}
 
 
 def cmd_saliency(args) -> int:
     from caffe_prune import metrics, options
     metrics.parse(args.metric)                    # a bad name is refused before anything is loaded
     session = options.session(args, batch_size=args.batch_size)
-    result = compute(session, args.metric, args.batches, args.batch_size, args.seed, args.reading)
+    result = compute(session, args.metric, args.batches, args.seed, args.reading)
     channels = result["channels"]
     print(f"{result['metric']} = {result['composition']} ({result['reading']} reading) on {result['images']} "
           f"validation images, {len(channels)} channels in {len(result['groups'])} prunable groups, "

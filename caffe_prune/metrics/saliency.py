@@ -20,13 +20,13 @@ Scaling contexts (``taxonomy.Layer``), per item of a layer in the current state:
   present (layer norms run over the consumer's slices);
 - an InnerProduct's block of channel c: count = active count = num_output · block;
 - Θ_C (``weights_removed``) = ``graph.weights_removed`` + ``graph.fc_weights_removed`` of the
-  item's group, the same for every item of a group (NaN for an unprunable item).
+  item's group, and its MACs (``macs_removed``) = ``graph.saved(...).macs``, the same for every
+  item of a group (NaN for an unprunable item).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from caffe_prune.metrics import taxonomy
 from caffe_prune.metrics.taxonomy import Layer, Metric, MetricError, parse
 
 AGGREGATIONS = {"sum": np.sum, "mean": np.mean, "max": np.max}
@@ -42,11 +42,11 @@ def layer_saliencies(metric, tensors, graph, pruned=frozenset(), slices: bool = 
     side "in": every conv's and channel-fed InnerProduct's input slices."""
     m = _metric(metric).base
     pruned = frozenset(pruned)
-    removed_of = _theta_c(graph, pruned) if m.scaling == "weights_removed" else None
-    scale = taxonomy.SCALINGS[m.scaling]
+    removed_of = _saved(graph, pruned, "weights") if m.scaling == "weights_removed" else None
+    macs_of = _saved(graph, pruned, "macs") if m.scaling == "macs_removed" else None
     out = {}
     for conv, info in graph.producers.items():
-        mean = tensors.get(conv, "out", m.key).mean(axis=0)
+        mean = m.over_samples(tensors.get(conv, "out", m.key), f"{conv} (output channels)")
         present = graph.present(conv, pruned, "output")
         if m.input == "activation":
             count = np.full(info.num_output, float(tensors.area[conv]))
@@ -56,9 +56,9 @@ def layer_saliencies(metric, tensors, graph, pruned=frozenset(), slices: bool = 
             count = np.full(info.num_output, float(cg * info.kernel_area))
             per_group = graph.present(conv, pruned, "input").reshape(info.group, cg).sum(axis=1)
             active = np.repeat(per_group, info.num_output // info.group) * float(info.kernel_area)
-        groups = [graph.group_of(conv, i) for i in range(info.num_output)]
-        removed = _items_removed(removed_of, [None if g is None else g.id for g in groups])
-        out[(conv, "out")] = scale(mean, Layer(count, active, present, removed))
+        gids = [None if g is None else g.id for g in (graph.group_of(conv, i) for i in range(info.num_output))]
+        out[(conv, "out")] = m.scale(mean, Layer(count, active, present, _items(removed_of, gids),
+                                                 _items(macs_of, gids)), f"{conv} (output channels)")
     if slices and m.input == "weights":
         consumer_gid = {(s.layer, s.input_channel): group.id for group in graph.groups for s in group.consumers}
         for conv, info in graph.producers.items():
@@ -67,16 +67,19 @@ def layer_saliencies(metric, tensors, graph, pruned=frozenset(), slices: bool = 
             per_group = graph.present(conv, pruned, "output").reshape(info.group, og).sum(axis=1)
             active = np.repeat(per_group, cg) * float(info.kernel_area)
             present = graph.present(conv, pruned, "input")
-            removed = _items_removed(removed_of, [consumer_gid.get((conv, i)) for i in range(info.in_channels)])
-            mean = tensors.get(conv, "in", m.key).mean(axis=0)
-            out[(conv, "in")] = scale(mean, Layer(count, active, present, removed))
+            gids = [consumer_gid.get((conv, i)) for i in range(info.in_channels)]
+            mean = m.over_samples(tensors.get(conv, "in", m.key), f"{conv} (input slices)")
+            out[(conv, "in")] = m.scale(mean, Layer(count, active, present, _items(removed_of, gids),
+                                                    _items(macs_of, gids)), f"{conv} (input slices)")
         for fc, info in graph.fc.items():
             if info.in_channels is None:
                 continue
             count = np.full(info.in_channels, float(info.num_output * info.block))
             present = graph.present(fc, pruned, "input")
-            removed = _items_removed(removed_of, [consumer_gid.get((fc, c)) for c in range(info.in_channels)])
-            out[(fc, "in")] = scale(tensors.get(fc, "in", m.key).mean(axis=0), Layer(count, count, present, removed))
+            gids = [consumer_gid.get((fc, c)) for c in range(info.in_channels)]
+            out[(fc, "in")] = m.scale(m.over_samples(tensors.get(fc, "in", m.key), f"{fc} (input blocks)"),
+                                      Layer(count, count, present, _items(removed_of, gids), _items(macs_of, gids)),
+                                      f"{fc} (input blocks)")
     return out
 
 
@@ -112,22 +115,24 @@ def rank_groups(metric, tensors, graph, pruned=frozenset()) -> list:
     return sorted(by_group.items(), key=lambda item: (item[1], item[0]))
 
 
-def _theta_c(graph, pruned):
-    """gid -> Θ_C (conv + InnerProduct weights removed with the group in state ``pruned``), each
-    computed once; NaN for no group (an unprunable item) or a pruned one."""
+def _saved(graph, pruned, what: str):
+    """gid -> what the group's removal saves in state ``pruned`` (``weights``: Θ_C, conv +
+    InnerProduct weights; ``macs``: multiply-accumulates per image), each computed once; NaN for
+    no group (an unprunable item) or a pruned one."""
     cache = {}
 
-    def removed(gid):
+    def saved(gid):
         if gid is None or gid in pruned:
             return np.nan
         if gid not in cache:
-            cache[gid] = float(graph.weights_removed(gid, pruned) + graph.fc_weights_removed(gid, pruned))
+            costs = graph.saved(gid, pruned)
+            cache[gid] = float(costs.conv_weights + costs.fc_weights if what == "weights" else costs.macs)
         return cache[gid]
-    return removed
+    return saved
 
 
-def _items_removed(removed, gids) -> np.ndarray:
-    """Θ_C per item (NaN everywhere when the scaling does not read it)."""
-    if removed is None:
+def _items(saved, gids) -> np.ndarray:
+    """What each item's group saves (NaN everywhere when the scaling does not read it)."""
+    if saved is None:
         return np.full(len(gids), np.nan)
-    return np.array([removed(gid) for gid in gids], dtype=np.float64)
+    return np.array([saved(gid) for gid in gids], dtype=np.float64)

@@ -29,11 +29,15 @@ components), e.g. ``activation/taylor/abs_sum/count``. For one output channel of
    ``l1_layer`` / ``l2_layer`` (divide by the L1 / L2 norm of the layer's saliencies over its
    channels still present; a zero norm leaves them as they are); ``weights_removed`` (divide by
    Θ_C, the weights removed with the channel's group in the current state, convolution plus
-   InnerProduct: the Taxonomy paper's own proposal).
+   InnerProduct: the Taxonomy paper's own proposal); ``macs_removed`` (divide by the
+   multiply-accumulates per image the group's removal saves in the current state, as the compact
+   network would compute them: a deployment variant of every composition, not in the papers).
 
-Every combination is valid except ``apoz`` on weights: ``list_metrics()`` gives all 450 (8 x 5 x 6
-for activations, 7 x 5 x 6 for weights). Some coincide numerically (a non-negative pointwise makes
-``l1`` and ``abs_sum`` equal ``sum``); they are kept so the grid is regular, as in the paper.
+Every combination is valid except ``apoz`` on weights: ``list_metrics()`` gives all 525 (8 x 5 x 7
+for activations, 7 x 5 x 7 for weights), of which 450 are the Taxonomy paper's grid (its six
+scalings, ``PAPER_SCALINGS``; ``list_metrics(paper=True)``). Some coincide numerically (a
+non-negative pointwise makes ``l1`` and ``abs_sum`` equal ``sum``); they are kept so the grid is
+regular, as in the paper.
 
 **Domino** (the Domino paper): ``domino-AGG:BASE`` scores a channel by its whole group, everything
 that falls with it: every tied channel's BASE saliency and, for weight inputs, also the consumers'
@@ -70,13 +74,12 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from caffe_prune.errors import MetricError
+from caffe_prune.metrics import plugins
+
 INPUTS = ("activation", "weights")
 DOMINO = ("sum", "mean", "max")
 DOMINO_PREFIX = "domino-"
-
-
-class MetricError(ValueError):
-    """An unknown or invalid metric name; the message is one line listing the valid names."""
 
 
 # ---- pointwise: f(x, g, h) on every element, per sample ------------------------------------------
@@ -178,11 +181,13 @@ REDUCTIONS = {"sum": sum_, "l1": l1, "l2": l2, "abs_sum": abs_sum, "sqr_sum": sq
 class Layer(NamedTuple):
     """What a scaling may divide by, one entry per item of one layer (numpy arrays): ``count``
     elements per item, ``active_count`` elements still present, ``present`` (bool) whether the item
-    is still in the net, ``removed`` Θ_C of the item's group (NaN for an unprunable item)."""
+    is still in the net, ``removed`` Θ_C of the item's group and ``macs`` the MACs its removal saves
+    (NaN for an unprunable item, and where the scaling does not read them)."""
     count: np.ndarray
     active_count: np.ndarray
     present: np.ndarray
     removed: np.ndarray
+    macs: np.ndarray
 
 
 def none(values, layer: Layer):
@@ -212,8 +217,13 @@ def weights_removed(values, layer: Layer):
     return values / layer.removed
 
 
+def macs_removed(values, layer: Layer):
+    return values / layer.macs
+
+
 SCALINGS = {"none": none, "count": count, "active_count": active_count, "l1_layer": l1_layer,
-            "l2_layer": l2_layer, "weights_removed": weights_removed}
+            "l2_layer": l2_layer, "weights_removed": weights_removed, "macs_removed": macs_removed}
+PAPER_SCALINGS = ("none", "count", "active_count", "l1_layer", "l2_layer", "weights_removed")
 
 
 # ---- names ---------------------------------------------------------------------------------------
@@ -237,8 +247,26 @@ class Metric:
         return self.input, self.pointwise, self.reduction
 
     @property
+    def plugin(self):
+        """The plugin (caffe_prune.metrics.plugins) whose ``reduce`` is this metric's pointwise and
+        reduction, or None for a built-in composition."""
+        return plugins.get(plugins.split(self.pointwise)[0]) if self.pointwise.startswith(plugins.PREFIX) else None
+
+    @property
     def needs(self) -> frozenset:
-        return POINTWISE[self.pointwise].needs
+        plugin = self.plugin
+        return plugin.needs if plugin else POINTWISE[self.pointwise].needs
+
+    def over_samples(self, values: np.ndarray, where: str) -> np.ndarray:
+        """(samples x items) -> one value per item: the mean (a plugin may combine otherwise)."""
+        plugin = self.plugin
+        return plugin.over_samples(values, where) if plugin else values.mean(axis=0)
+
+    def scale(self, values: np.ndarray, layer: "Layer", where: str) -> np.ndarray:
+        """The scaling across one layer's items (a plugin's own ``scale`` for scaling ``plugin``)."""
+        if self.scaling == PLUGIN_SCALING:
+            return self.plugin.scaled(values, layer, where)
+        return SCALINGS[self.scaling](values, layer)
 
     @property
     def static(self) -> bool:
@@ -246,8 +274,14 @@ class Metric:
         return self.input == "weights" and self.needs == {"x"}
 
     def __str__(self):
-        name = f"{self.input}/{self.pointwise}/{self.reduction}/{self.scaling}"
+        if self.pointwise.startswith(plugins.PREFIX):
+            name = self.pointwise if self.scaling == PLUGIN_SCALING else f"{self.pointwise}/{self.scaling}"
+        else:
+            name = f"{self.input}/{self.pointwise}/{self.reduction}/{self.scaling}"
         return f"{DOMINO_PREFIX}{self.domino}:{name}" if self.domino else name
+
+
+PLUGIN_SCALING = "plugin"        # a plugin metric's own scale(values, layer)
 
 
 # papers/004's five constituents, as the authors' release computes them (see the module docstring)
@@ -293,6 +327,8 @@ def parse(name: str) -> Metric:
         _valid("Domino aggregation", head, DOMINO, name)
         domino = head
     base = ALIASES.get(base) or EQUATIONS.get(base) or base
+    if base.startswith(plugins.PREFIX):
+        return _plugin_metric(name, base, domino)
     parts = base.split("/")
     if len(parts) != 4:
         raise MetricError(f"{name!r} is neither input/pointwise/reduction/scaling nor an alias; aliases: "
@@ -305,10 +341,47 @@ def parse(name: str) -> Metric:
     return Metric(inp, pw, red, sc, domino)
 
 
-def list_metrics(domino: bool = False) -> list:
-    """Every valid composition (450), and with ``domino`` also every Domino variant of each."""
+def _plugin_metric(name: str, base: str, domino) -> Metric:
+    """``plugin:NAME`` (its own scaling: SCALING, or scale()) or ``plugin:NAME/SCALING``."""
+    plugin_name, scaling = plugins.split(base)
+    plugin = plugins.get(plugin_name)
+    if plugin.input not in INPUTS:
+        raise MetricError(f"{plugin}: INPUT must be one of {', '.join(INPUTS)}, got {plugin.input!r}")
+    if scaling is not None:
+        _valid("scaling", scaling, list(SCALINGS), name)
+    elif plugin.scale is None:
+        if plugin.scaling not in SCALINGS:
+            raise MetricError(f"{plugin}: SCALING must be one of {', '.join(SCALINGS)}, got {plugin.scaling!r}")
+        scaling = plugin.scaling
+    return Metric(plugin.input, f"{plugins.PREFIX}{plugin_name}", "plugin", scaling or PLUGIN_SCALING, domino)
+
+
+def components(name: str | None) -> dict | None:
+    """The components of a metric name (aliases resolved), None when it does not parse. A plugin
+    metric's are read from its name alone (its file need not be loaded): pointwise ``plugin:NAME``,
+    its scaling (None for the plugin's own), no input or reduction."""
+    if not name:
+        return None
+    head, _, rest = name.partition(":")
+    domino, base = (head[len(DOMINO_PREFIX):], rest) if head.startswith(DOMINO_PREFIX) and rest else (None, name)
+    if base.startswith(plugins.PREFIX):
+        plugin_name, scaling = plugins.split(base)
+        return {"input": None, "pointwise": plugins.PREFIX + plugin_name, "reduction": None, "scaling": scaling,
+                "domino": domino}
+    try:
+        m = parse(name)
+    except MetricError:
+        return None
+    return {"input": m.input, "pointwise": m.pointwise, "reduction": m.reduction, "scaling": m.scaling,
+            "domino": m.domino}
+
+
+def list_metrics(domino: bool = False, paper: bool = False) -> list:
+    """Every valid composition (525; with ``paper`` the Taxonomy paper's grid of 450, its six
+    scalings), and with ``domino`` also every Domino variant of each."""
+    scalings = PAPER_SCALINGS if paper else tuple(SCALINGS)
     names = [f"{inp}/{pw}/{red}/{sc}" for inp in INPUTS for pw, spec in POINTWISE.items() if inp in spec.inputs
-             for red in REDUCTIONS for sc in SCALINGS]
+             for red in REDUCTIONS for sc in scalings]
     if domino:
         names += [f"{DOMINO_PREFIX}{agg}:{n}" for agg in DOMINO for n in names]
     return names

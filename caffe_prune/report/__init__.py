@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from caffe_prune import archive
 from caffe_prune.report.domino import domino_report
 from caffe_prune.report.oracle import oracle_report, write_report
 from caffe_prune.report.published import PAPER_ROWS
@@ -36,10 +37,12 @@ KINDS = ("oracle", "taxonomy", "domino")
 
 
 def runs_from_store(location, steps_for=lambda row: True) -> list:
-    """The finished runs of a sweep's store as the dicts load_run gives, plus id, seed, metric, the
-    taxonomy components and ``removed`` (the Table-2 figure the store holds); steps are read for
-    the rows `steps_for` accepts."""
+    """The finished runs of a sweep's store (or of a results archive, caffe_prune.archive) as the
+    dicts load_run gives, plus id, seed, metric, the taxonomy components and ``removed`` (the
+    Table-2 figure the store holds); steps are read for the rows `steps_for` accepts."""
     from caffe_prune.store import Store
+    if archive.is_archive(location):
+        return [r if steps_for(r) else {**r, "steps": None} for r in archive.read(location)]
     with Store(location, create=False) as store:
         runs = []
         for row in store.runs(status="done"):
@@ -63,9 +66,10 @@ def applicable(runs) -> list:
     return kinds
 
 
-def write_reports(sweep_dir, out_dir=None, kinds=None) -> list:
+def write_reports(sweep_dir, out_dir=None, kinds=None, x: str = "weights") -> list:
     """The reports `kinds` (default: every applicable one) from SWEEP_DIR's store into `out_dir`
-    (default SWEEP_DIR/report); returns the Markdown files' paths."""
+    (default SWEEP_DIR/report); ``x`` "macs": the oracle report by % of MACs removed; returns the
+    Markdown files' paths."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir else (sweep_dir if sweep_dir.is_dir() else sweep_dir.parent) / "report"
     bad = [k for k in kinds or [] if k not in KINDS]
@@ -80,7 +84,8 @@ def write_reports(sweep_dir, out_dir=None, kinds=None) -> list:
         def wanted(row):
             return row["method"] in PAPER_ROWS or bool(row["config"].get("oracle")) or paper_five(row["metric"])
         chosen = [r for r in runs_from_store(sweep_dir, wanted) if r["steps"] is not None]
-        paths.append(oracle_report(chosen or runs_from_store(sweep_dir), out_dir, "oracle.md"))
+        paths.append(oracle_report(chosen or runs_from_store(sweep_dir), out_dir,
+                                   "oracle.md" if x == "weights" else "oracle-macs.md", x))
     if "taxonomy" in kinds:
         paths.append(taxonomy_report(runs, out_dir))
     if "domino" in kinds:

@@ -10,7 +10,7 @@ import numpy as np
 
 from caffe_prune import fsio
 from caffe_prune.report.published import PAPER_ROWS
-from caffe_prune.report.stats import band, curve, paper_five
+from caffe_prune.report.stats import AXIS_LABELS, MEASURES, band, curve, paper_five
 
 def save_figure(fig, path) -> Path:
     """A matplotlib figure as a PNG, written atomically (caffe_prune.fsio), then closed."""
@@ -22,7 +22,7 @@ def save_figure(fig, path) -> Path:
     return Path(path)
 
 
-def figure6(runs, path, title) -> Path:
+def figure6(runs, path, title, x: str = "weights") -> Path:
     """papers/004 Figure 6: single metrics dashed, the oracle solid; a method with several runs is
     drawn as its mean with the 95% band (the paper bands the oracle's 8 runs). Prune-retrain runs
     (not in the paper) are a curve of their own per schedule, each retraining an arrow from the
@@ -40,18 +40,18 @@ def figure6(runs, path, title) -> Path:
         label = PAPER_ROWS.get(method, method) + (f", retrained every {every} steps" if every else "")
         solid = bool(group[0]["config"].get("oracle"))
         if len(group) >= 2 or solid:
-            grid, mean, half = band(group)
+            grid, mean, half = band(group, x)
             ax.plot(grid, mean, color=color, lw=2 if solid else 1.2, ls="-" if solid else "--",
                     label=f"{label} ({len(group)} runs)")
             ax.fill_between(grid, mean - half, mean + half, color=color, alpha=0.25 if solid else 0.12)
         else:
-            ax.plot(*curve(group[0]["steps"]), color=color, ls="--", lw=1, label=label)
+            ax.plot(*curve(group[0]["steps"], x), color=color, ls="--", lw=1, label=label)
         # prune-retrain runs: an arrow from the accuracy before each retraining to the accuracy after,
         # which is where the run continued from (caffe_prune.pruning's retrain records)
-        marked = [(s["percent_conv_removed"], 100 * s["retrain"]["before"]["top1"], 100 * s["retrain"]["after"]["top1"])
+        marked = [(s[MEASURES[x]], 100 * s["retrain"]["before"]["top1"], 100 * s["retrain"]["after"]["top1"])
                   for run in group for s in run["steps"] if "retrain" in s]
-        for x, before, after in marked:
-            ax.annotate("", xy=(x, after), xytext=(x, before),
+        for at, before, after in marked:
+            ax.annotate("", xy=(at, after), xytext=(at, before),
                         arrowprops=dict(arrowstyle="->", color=color, lw=0.9, shrinkA=0, shrinkB=0))
         if marked:
             done = sorted({s["retrain"]["iters"] for run in group for s in run["steps"] if "retrain" in s})
@@ -59,7 +59,7 @@ def figure6(runs, path, title) -> Path:
                        label=f"{label}: after retraining ({'/'.join(map(str, done))} iterations)")
     initial = np.mean([100 * r["steps"][0]["test"]["top1"] for r in runs])
     ax.axhline(initial - 5, color="grey", lw=0.8, ls=":", label="5-point drop")
-    ax.set_xlabel("% of convolution weights removed (transitively)")
+    ax.set_xlabel(AXIS_LABELS[x])
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title)
     ax.legend(fontsize=7)

@@ -9,17 +9,19 @@ from caffe_prune.metrics.methods import ORACLE
 from caffe_prune.pruning import removed_at_drop
 from caffe_prune.report.figures import figure6, phases
 from caffe_prune.report.published import PAPER_ROWS, PUBLISHED_ROW, published_table2
-from caffe_prune.report.stats import mean_ci
+from caffe_prune.report.stats import mean_ci, measure_of
 from caffe_prune.report.text import data_line, stop_rule
 from caffe_prune.rundir import RunDir
 
-def table(runs, max_drop: float = 5.0) -> str:
-    """Markdown: % conv weights removed at <= max_drop points, ours (mean ± 95% CI, n) | paper."""
+def table(runs, max_drop: float = 5.0, x: str = "weights") -> str:
+    """Markdown: % conv weights (``x`` "macs": % MACs) removed at <= max_drop points, ours (mean ±
+    95% CI, n) | paper (the papers published weights only)."""
     nets = list(dict.fromkeys(r["net"] for r in runs))
-    columns = published_table2()
+    columns = published_table2() if x == "weights" else {"columns": []}
     results = defaultdict(list)
     for run in runs:
-        results[(run["method"], run["net"])].append(removed_at_drop(run["steps"], max_drop))
+        results[(run["method"], run["net"])].append(removed_at_drop(run["steps"], max_drop,
+                                                                    measure_of(run["steps"], x)))
     methods = [m for m in PAPER_ROWS if any(k[0] == m for k in results)]
     methods += sorted({k[0] for k in results} - set(methods))
     lines = ["| metric | " + " | ".join(f"{n} (ours) | {n} (paper)" for n in nets) + " |",
@@ -41,19 +43,22 @@ def table(runs, max_drop: float = 5.0) -> str:
     return "\n".join(lines)
 
 
-def oracle_report(runs, out_dir, name: str = "oracle.md") -> Path:
-    """papers/004's Table 2 (ours next to the published), Figure 6 and the phase structure."""
+def oracle_report(runs, out_dir, name: str = "oracle.md", x: str = "weights") -> Path:
+    """papers/004's Table 2 (ours next to the published), Figure 6 and the phase structure; ``x``
+    "macs" reads both by the % of MACs removed instead (the papers published no such figure)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not runs:
         raise ValueError("no runs to report on")
+    what = "Conv weights removed (%, counted transitively)" if x == "weights" else \
+        "Multiply-accumulates per image removed (%, as the compact network computes them)"
     lines = ["# Reproduction of papers/004 Table 2 and Figure 6", "",
-             "Conv weights removed (%, counted transitively) at the last measured step whose test top-1 "
-             "is at most 5 points below the unpruned network's, mean ± 95% CI over seeds:", "",
-             table(runs), ""]
+             f"{what} at the last measured step whose test top-1 is at most 5 points below the unpruned "
+             f"network's, mean ± 95% CI over seeds:", "", table(runs, x=x), ""]
+    suffix = "" if x == "weights" else "-macs"
     for net in dict.fromkeys(r["net"] for r in runs):
         group = [r for r in runs if r["net"] == net]
-        fig = figure6(group, out_dir / f"figure6-{net}.png", f"{net}: test top-1 while pruning")
+        fig = figure6(group, out_dir / f"figure6-{net}{suffix}.png", f"{net}: test top-1 while pruning", x)
         lines += [f"![{net}]({fig.name})", ""]
         phase = phases(group, out_dir / f"phases-{net}.png", f"{net}: constituent followed by the oracle")
         if phase:

@@ -7,7 +7,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from caffe_prune.metrics.taxonomy import ALIASES, MetricError, parse
+from caffe_prune.metrics.taxonomy import ALIASES
+from caffe_prune.metrics.taxonomy import components as of_name
 
 COMPONENTS = ("input", "pointwise", "reduction", "scaling", "domino")
 
@@ -27,12 +28,10 @@ def paper_five(metric: str | None) -> str | None:
 
 
 def components(metric: str) -> dict:
-    try:
-        m = parse(metric)
-    except MetricError:
-        return {}
-    return {"input": m.input, "pointwise": m.pointwise, "reduction": m.reduction, "scaling": m.scaling,
-            "domino": m.domino or "none"}
+    """A metric's components (caffe_prune.metrics.taxonomy.components), Domino ``none`` when plain;
+    {} when the name does not parse."""
+    found = of_name(metric)
+    return {} if found is None else {**found, "domino": found["domino"] or "none"}
 
 
 def mean_ci(values) -> tuple:
@@ -62,18 +61,33 @@ def difference_ci(a: dict, b: dict) -> tuple:
     return diff, float(stats.t.ppf(0.975, df) * math.sqrt(vx + vy))
 
 
-def curve(steps) -> tuple:
-    """(% conv weights removed, test top-1 %) at the measured steps."""
+# what a report's x-axis (and its table's figure) measures: % of conv weights removed (the papers'),
+# or % of the multiply-accumulates per image removed (a deployment's view)
+MEASURES = {"weights": "percent_conv_removed", "macs": "percent_macs_removed"}
+AXIS_LABELS = {"weights": "% of convolution weights removed (transitively)",
+               "macs": "% of multiply-accumulates per image removed"}
+
+
+def measure_of(steps, x: str = "weights") -> str:
+    """The step field an x-axis reads; a run recorded before MACs were counted cannot be read by MACs."""
+    key = MEASURES[x]
+    if any(key not in s for s in steps):
+        raise ValueError(f"these runs record no {key} (made before MACs were counted): report them by weights")
+    return key
+
+
+def curve(steps, x: str = "weights") -> tuple:
+    """(% removed, test top-1 %) at the measured steps."""
+    key = measure_of(steps, x)
     measured = [s for s in steps if "test" in s]
-    return (np.array([s["percent_conv_removed"] for s in measured]),
-            np.array([100 * s["test"]["top1"] for s in measured]))
+    return (np.array([s[key] for s in measured]), np.array([100 * s["test"]["top1"] for s in measured]))
 
 
-def band(runs) -> tuple:
+def band(runs, x: str = "weights") -> tuple:
     """(grid of % removed, mean test top-1, 95% CI half-width) over runs, each curve interpolated on
     the grid up to its own last measured step (a run that stopped earlier leaves the mean there)."""
-    grid = np.linspace(0, max(curve(r["steps"])[0].max() for r in runs), 200)
-    ys = np.array([np.interp(grid, *curve(r["steps"]), right=np.nan) for r in runs])
+    grid = np.linspace(0, max(curve(r["steps"], x)[0].max() for r in runs), 200)
+    ys = np.array([np.interp(grid, *curve(r["steps"], x), right=np.nan) for r in runs])
     ok = np.sum(~np.isnan(ys), axis=0) >= 1
     mean = np.nanmean(ys[:, ok], axis=0)
     half = np.array([mean_ci(col[~np.isnan(col)])[1] for col in ys[:, ok].T])

@@ -7,7 +7,7 @@ from collections import defaultdict
 import csv
 import io
 
-from caffe_prune import fsio, options, report
+from caffe_prune import archive, fsio, options, report
 from caffe_prune import store as results_store
 from caffe_prune.sweep.driver import _sigterm_interrupts, launch, resolve_data
 from caffe_prune.sweep.executors import factory
@@ -19,6 +19,7 @@ PROTOCOL_FLAGS = {   # flag -> (protocol key, type, help); defaults come from pr
     "--max-drop": ("max_drop", float, "points of test top-1 below the start to stop past (stop drop)"),
     "--floor": ("floor", float, "also stop below this absolute top-1 (%%)"),
     "--max-steps": ("max_steps", int, "stop after N steps"),
+    "--target": ("target", options.target, "also stop within this budget: macs=0.5 (fraction left; params, weights)"),
     "--report-drop": ("report_drop", float, "the drop at which the Table-2 figure is read (default 5)"),
     "--k": ("k", int, "oracle shortlist size"),
     "--shortlist": ("shortlist", str, "oracle shortlist rule: paper (the text) or authors-code (their release)"),
@@ -77,12 +78,17 @@ def register(subparsers) -> None:
     p.add_argument("--by", default=None, help=f"group by these columns ({', '.join(GROUP_COLUMNS)})")
     p.add_argument("--csv", default=None, metavar="F", help="write the rows shown (or, with --steps, every step) to F")
     p.add_argument("--steps", action="store_true", help="with --csv: one row per step of the selected runs")
+    p.add_argument("--archive", default=None, metavar="DIR",
+                   help="write the finished runs as a results archive (runs.csv + steps.csv.gz, small enough to "
+                        "commit; report reads it) into DIR, e.g. experiments/results/NAME")
     p.set_defaults(func=cmd_results)
 
     p = subparsers.add_parser("report", help="Markdown + PNG reports (oracle, taxonomy, domino) from a sweep's store")
     p.add_argument("sweep_dir", help="a sweep directory")
     p.add_argument("--kind", default=None, help="comma-separated: oracle, taxonomy, domino (default: what the runs allow)")
     p.add_argument("--out", default=None, help="where the report goes (default SWEEP_DIR/report)")
+    p.add_argument("--x", choices=("weights", "macs"), default="weights",
+                   help="read Table 2 and Figure 6 by %% of conv weights removed (default, the papers') or of MACs")
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser("reproduce", help="a paper's experiment as a sweep, then its report: "
@@ -171,7 +177,7 @@ GROUP_COLUMNS = ("net", "method", "metric", "seed", "status", "shortlist") + res
 
 
 RUN_COLUMNS = ("id", "net", "method", "seed", "status", "steps", "initial_top1", "final_top1", "final_removed",
-               "removed_at_drop", "report_drop", "completions", "wall_s", "host", "run_dir") + results_store.COMPONENTS
+               "removed_at_drop", "macs_removed_at_drop", "report_drop", "completions", "wall_s", "host", "run_dir") + results_store.COMPONENTS
 
 
 def select_runs(store, net=None, metric=None, status=None, seed=None) -> list:
@@ -201,6 +207,10 @@ def group_rows(rows, by) -> list:
 
 
 def cmd_results(args) -> int:
+    if args.archive:
+        written = archive.write(args.sweep_dir, args.archive)
+        print(f"wrote {written['runs']} finished runs ({written['steps']} steps) to {written['dir']}")
+        return 0
     with results_store.Store(args.sweep_dir, create=False) as store:
         rows = select_runs(store, args.net, args.metric, args.status, args.seed)
         if args.steps:
@@ -248,7 +258,7 @@ def format_table(rows) -> str:
 
 def cmd_report(args) -> int:
     kinds = [k for k in args.kind.split(",") if k] if args.kind else None
-    for path in report.write_reports(args.sweep_dir, args.out, kinds):
+    for path in report.write_reports(args.sweep_dir, args.out, kinds, args.x):
         print(f"report: {path}")
     return 0
 

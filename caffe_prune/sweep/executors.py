@@ -33,7 +33,10 @@ def execute(task: dict) -> dict:
                             workers=1)
     steps = pruning.Run(config, run_dir, data=task["data"], progress=False).run()
     header = json.loads((run_dir / "config.json").read_text())
+    macs = pruning.removed_at_drop(steps, task["report_drop"], "percent_macs_removed") \
+        if all("percent_macs_removed" in s for s in steps) else None      # runs from before MACs were counted
     return {"id": task["id"], "steps": steps, "removed_at_drop": pruning.removed_at_drop(steps, task["report_drop"]),
+            "macs_removed_at_drop": macs,
             "protocol": header.get("protocol"), "versions": header.get("versions"),
             "host": socket.gethostname(), "pid": os.getpid(), "wall_s": round(time.time() - started, 3)}
 

@@ -10,19 +10,19 @@ import shutil
 from hashlib import sha256
 from pathlib import Path
 
-from caffe_prune import engine, oracle, published, pruning
+from caffe_prune import engine, fsio, oracle, published, pruning
 from caffe_prune import networks as known_networks
 from caffe_prune.download import digest
-from caffe_prune.metrics import methods, taxonomy
+from caffe_prune.metrics import methods, plugins, taxonomy
 from caffe_prune.pruning import Config
 
-RUN_FIELDS = ("net", "weights", "metric", "oracle", "seed", "data")   # what a SPEC varies; the rest is protocol
+RUN_FIELDS = ("net", "weights", "metric", "oracle", "seed", "data", "plugins")   # what a SPEC varies; the rest is protocol
 
 
 STOPS = ("drop", "end")
 
 
-SPEC_KEYS = ("name", "out", "data", "networks", "metrics", "domino", "oracles", "forms", "seeds", "protocol")
+SPEC_KEYS = ("name", "out", "data", "networks", "metrics", "domino", "oracles", "forms", "seeds", "protocol", "plugins")
 
 
 class SweepError(ValueError):
@@ -42,6 +42,7 @@ class Spec:
     seeds: list
     protocol: dict                 # Config fields other than RUN_FIELDS, plus stop and report_drop
     forms: str = methods.DEFAULT_FORMS   # which forms of papers/004's five an oracle "paper" composes
+    plugins: list = dataclasses.field(default_factory=list)   # plugin metric files (caffe_prune.metrics.plugins)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,6 +83,9 @@ def parse_spec(raw: dict) -> Spec:
     if unknown:
         raise SweepError(f"unknown SPEC key(s) {', '.join(unknown)}; valid: {', '.join(SPEC_KEYS)}")
     name = str(raw.get("name") or "sweep")
+    plugin_files = _strings(raw.get("plugins", []), "plugins")
+    for path in plugin_files:        # before the metrics are parsed: they may name them
+        plugins.load(path)
     networks = raw.get("networks")
     if not networks:
         raise SweepError("the SPEC names no networks (networks = [\"LeNet-5\"] or a [networks] table)")
@@ -118,7 +122,8 @@ def parse_spec(raw: dict) -> Spec:
     protocol = parse_protocol(raw.get("protocol", {}))
     return Spec(name=name, out=str(raw.get("out") or Path("runs") / "sweeps" / name), data=raw.get("data"),
                 networks={str(k): str(v) for k, v in networks.items()}, metrics=metrics, domino=domino,
-                oracles=oracles, seeds=list(dict.fromkeys(seeds)), protocol=protocol, forms=forms)
+                oracles=oracles, seeds=list(dict.fromkeys(seeds)), protocol=protocol, forms=forms,
+                plugins=plugin_files)
 
 
 def parse_protocol(given: dict) -> dict:
@@ -241,13 +246,32 @@ def stage_weights(path: Path, sweep_dir: Path | None) -> tuple:
     return str(target), sha
 
 
-def run_id(config: dict, weights_sha: str, data: str | None) -> str:
+def stage_plugins(names, sweep_dir: Path | None) -> tuple:
+    """({name: path the runs use}, {name: sha256}) of the plugins the metrics ``names`` use: each
+    file once per content in SWEEP_DIR/plugins/SHA256/FILE, where every worker (local or on a
+    cluster) imports it. Without a sweep directory (a dry run) the loaded files themselves."""
+    paths, shas = {}, {}
+    for name, path in (plugins.resolve(names, None) or {}).items():
+        plugin = plugins.get(name)
+        shas[name] = plugin.sha256
+        if sweep_dir is None:
+            paths[name] = path
+            continue
+        target = sweep_dir / "plugins" / plugin.sha256 / Path(path).name
+        if not target.is_file():
+            fsio.write_bytes(target, Path(path).read_bytes())
+        paths[name] = str(target)
+    return paths or None, shas
+
+
+def run_id(config: dict, weights_sha: str, data: str | None, plugin_shas: dict | None = None) -> str:
     """sha256 of the canonical JSON (sorted keys, no spaces) of the run's whole configuration
-    (every field of pruning.Config and the data it reads), the weights by content (sha256) instead
-    of by path. A field added to Config after runs were stored (``pruning.later``) is left out while
+    (every field of pruning.Config and the data it reads), the weights and plugins by content
+    (sha256) instead of by path. A field added to Config after runs were stored (``pruning.later``) is left out while
     it has its default, which behaves as before it existed: the ids of stored runs stay valid."""
     neutral = pruning.Config.neutral()
-    identity = {k: v for k, v in {**config, "weights": weights_sha, "data": data}.items()
+    identity = {k: v for k, v in {**config, "weights": weights_sha, "data": data,
+                                  "plugins": plugin_shas or config.get("plugins")}.items()
                 if not (k in neutral and v == neutral[k])}
     return sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -260,14 +284,16 @@ def expand(spec: Spec, data: str, sweep_dir: Path | None = None) -> list:
     for net, weights in spec.networks.items():
         weights_path, sha = stage_weights(resolve_weights(net, weights), sweep_dir)
         for metric, constituents in chosen:
+            staged, plugin_shas = stage_plugins([metric] if metric else constituents, sweep_dir)
             for seed in spec.seeds:
                 config = dataclasses.asdict(Config(net=net, weights=weights_path, metric=metric,
-                                                   oracle=list(constituents or []), seed=seed, **protocol))
+                                                   oracle=list(constituents or []), seed=seed, plugins=staged,
+                                                   **protocol))
                 try:
                     Config(**config).check()
                 except (engine.EngineError, TypeError) as exc:
                     raise SweepError(f"protocol: {exc}") from None
-                rid = run_id(config, sha, data)
+                rid = run_id(config, sha, data, plugin_shas)
                 if rid in seen:
                     continue
                 seen.add(rid)
