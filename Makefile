@@ -6,6 +6,7 @@ PY            := $(VENV)/bin/python
 GPU           ?=
 # with GPU=1: more tools/caffe/build.sh options, e.g. GPU_FLAGS='--no-cudnn --allow-tf32 --cuda-arch "75 80 90"'
 GPU_FLAGS     ?=
+TEST_JOBS     ?= 2
 export PYTHONUNBUFFERED := 1
 # Local mirrors of the data and the published weights, where a read-only copy sits beside the project
 # (the library itself never looks there; see README "Data" and "Published models").
@@ -36,8 +37,9 @@ caffe: $(VENV)/.installed
 demo: setup
 	@$(PY) -m caffe_prune demo
 
+# test files spread over TEST_JOBS processes (a file stays on one: its fixtures, its Ray cluster)
 test: setup
-	@$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -33,7 +33,7 @@ LAYERS = (
     ("pruning",),
     # what uses runs: the public API, fine-tuning, the bench, reports, sweeps
     ("api", "finetune", "bench", "report", "report.published", "report.stats", "report.figures", "report.oracle",
-     "report.taxonomy", "report.domino", "sweep", "sweep.spec", "sweep.executors", "sweep.driver"),
+     "report.taxonomy", "report.domino", "report.faithfulness", "sweep", "sweep.spec", "sweep.executors", "sweep.driver"),
     # the command line: options parsed into the objects above, commands that parse and print
     ("options", "sweep.reproduce", "sweep.commands", "metrics.commands", "data.commands", "cli", "__main__"),
 )

@@ -12,7 +12,8 @@ an archive is what is kept: ``experiments/results/<sweep>/``
   MACs left, the constituent that first proposed an oracle's group, and a retraining's top-1
   before and after.
 
-Numbers are written with Python's ``repr`` (the shortest text that reads back to the same float),
+Paths in the configuration and protocol are cut to their last component (the weights' file is
+named by its sha256 in a sweep): an archive names no machine's folders. Numbers are written with Python's ``repr`` (the shortest text that reads back to the same float),
 so a report made from an archive equals one made from the store. ``read(dir)`` gives the runs as
 the reports take them (caffe_prune.report.runs_from_store), each with its steps.
 """
@@ -22,6 +23,7 @@ import csv
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 
 from caffe_prune import fsio
@@ -33,6 +35,20 @@ RUN_COLUMNS = ("id", "net", "method", "metric", "oracle", "seed", "report_drop",
 STEP_COLUMNS = ("run_id", "step", "group", "top1", "top5", "loss", "percent_conv_removed", "percent_macs_removed",
                 "conv_weights", "macs", "proposer", "retrain_before", "retrain_after", "retrain_iters")
 JSON_COLUMNS = ("oracle", "config", "protocol")
+
+
+_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s,/]+/)+([^\s,/]+)")
+
+
+def _scrub(value):
+    """``value`` (plain JSON data) with every absolute path cut to its last component."""
+    if isinstance(value, str):
+        return _PATH.sub(r"\1", value)
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
 
 
 def is_archive(location) -> bool:
@@ -65,7 +81,7 @@ def write(store_location, out_dir) -> dict:
     count = rows = 0
     with Store(store_location, create=False) as store:
         for row in sorted(store.runs(status="done"), key=lambda r: (r["net"], r["method"], r["seed"], r["id"])):
-            run_writer.writerow([json.dumps(row[c], sort_keys=True) if c in JSON_COLUMNS and row[c] is not None
+            run_writer.writerow([json.dumps(_scrub(row[c]), sort_keys=True) if c in JSON_COLUMNS and row[c] is not None
                                  else _cell(row[c]) for c in RUN_COLUMNS])
             for step in store.steps(row["id"]):
                 step_writer.writerow(_step_row(row["id"], step))

@@ -144,7 +144,8 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
     peak = sgemm_gflops()
     flops_naive_step = _naive_step_flops(config, plan, len(first.test))
     result = {"net": config.net, "steps": len(next(iter(runs.values())).seconds), "k": config.k,
-              "test_images": len(first.test), "oracle": bool(config.oracle), "cores": engine.cores(),
+              "test_images": len(first.test), "batch_size": config.batch_size,
+              "input_shape": list(first.session.input_shape), "oracle": bool(config.oracle), "cores": engine.cores(),
               "workers": workers, "sgemm_gflops_1_thread": round(peak, 2),
               "forward_gflops_1_thread": round(forward, 2), "forward_share_of_sgemm": round(forward / peak, 3),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "modes": {}}

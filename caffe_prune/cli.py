@@ -55,7 +55,7 @@ def cmd_doctor(args) -> int:
 
 def run_evaluation(args, progress=True) -> tuple:
     """(scores, session): the test split scored by Caffe's own Accuracy and SoftmaxWithLoss layers."""
-    session = options.session(args, progress=progress, holdout=False)
+    session = options.session(args, progress=progress, holdout=False, batch_size=getattr(args, "batch_size", 128))
     return session.evaluate(session.dataset.test, batches=args.batches, progress=progress), session
 
 def print_scores(name, scores) -> None:
@@ -132,8 +132,21 @@ def cmd_graph(args) -> int:
         print(f"picture: {graph_view.draw(network.graph, network.param, args.picture)}")
     return 0
 
-def chosen_groups(g, args) -> set:
-    """--groups ids (in order, each still prunable), or a seeded --random-fraction of the groups."""
+def chosen_groups(g, args, network=None) -> set:
+    """--groups ids (in order, each still prunable), a pruning run's groups up to --step (of the same
+    network definition), or a seeded --random-fraction of the groups."""
+    if getattr(args, "run", None) is not None:
+        from caffe_prune import pruning
+        from caffe_prune.rundir import RunDir
+        header, steps = RunDir(args.run).read()
+        step = len(steps) - 1 if args.step is None else args.step
+        if not 0 <= step < len(steps):
+            raise engine.EngineError(f"--step {step}: {args.run} holds steps 0..{len(steps) - 1}")
+        if network is not None and header.get("identity", {}).get("definition_sha256") != \
+                pruning.definition_sha256(network.param):
+            raise engine.EngineError(f"{args.run} pruned another network definition than {network.where}; "
+                                     f"give the run's own NET ({header.get('config', {}).get('net')})")
+        return g.chosen([s["group"] for s in steps[1:step + 1]])
     if args.groups is not None:
         try:
             ids = [int(x) for x in args.groups.split(",")]
@@ -155,13 +168,16 @@ def cmd_export(args) -> int:
     session = options.session(args, with_data=args.data is not None, form="structure")
     timing = None if args.no_timing else {"batch_sizes": (1, args.batch), "repeats": args.repeats,
                                           "threads": profile.thread_counts(args.threads.split(","))}
-    report = export.export_session(session, chosen_groups(session.graph, args), args.out, args.semantics,
+    report = export.export_session(session, chosen_groups(session.graph, args, session.network), args.out,
+                                   args.semantics,
                                    args.images, args.seed, timing)
     notes, latency = report.pop("notes"), report.pop("latency", None)
     if latency is not None:
         report["speedup_measured"] = {f"batch {r['batch']}, {r['threads']} thread(s)": r["speedup"]
                                       for r in latency["runs"]}
     print(json.dumps(report, indent=2))
+    if args.json:
+        fsio.write_json(args.json, {**report, "latency": latency}, indent=1)
     if latency is not None:
         print(profile.format_table(latency, args.layers))
     for note in notes:
@@ -308,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_head(p)
     options.add_data(p)
     options.add_mode(p)
-    p.add_argument("--batches", type=options.positive, default=None, help="only the first N batches of 128")
+    p.add_argument("--batches", type=options.positive, default=None, help="only the first N batches")
+    p.add_argument("--batch-size", type=options.positive, default=128, help="images per batch (default 128)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("import", help="published model in the authors' format -> stock prototxt + caffemodel")
@@ -342,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     chosen = p.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--groups", help="comma-separated group ids (see `caffe-prune graph`)")
     chosen.add_argument("--random-fraction", type=float, help="prune this fraction of the groups at random")
+    chosen.add_argument("--run", default=None, metavar="RUN_DIR",
+                        help="the groups a pruning run removed (of this NET), up to --step")
+    p.add_argument("--step", type=int, default=None, help="with --run: the step to export (default: its last)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-fraction and the random check inputs")
     p.add_argument("--semantics", choices=masking.SEMANTICS, default="zero-downstream")
     p.add_argument("--images", type=options.positive, default=16,
@@ -354,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=options.positive, default=10, help="timed forwards each (default 10)")
     p.add_argument("--threads", default="1,all", help=f"{profile.THREADS_HELP} (default 1,all)")
     p.add_argument("--layers", type=int, default=8, help="the slowest layers to list (default 8)")
+    p.add_argument("--json", default=None, metavar="F", help="also write the report (latency included) to F")
     p.set_defaults(func=cmd_export)
     data_commands.register(sub)
     register_bench(sub)

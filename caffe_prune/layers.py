@@ -118,6 +118,12 @@ class Rule:
         follows "layer NAME (TYPE) "."""
         return None
 
+    def buffers(self, layer) -> int:
+        """How many top-sized buffers the layer's TEST-phase forward keeps beside its top (Caffe's
+        own: BatchNorm's x_norm_ and temp_, an in-place Scale's or PReLU's copy of its input, MAX
+        pooling's indices, across-channel LRN's scale_); a net's memory per image counts them."""
+        return 0
+
 
 class Data(Rule):
     """A data layer: its parameter message, source, batch size and reader; ``fed``: its tops are
@@ -304,6 +310,9 @@ class ScaleBias(Pass):
             return f"takes its factor from a second bottom; only a learned {layer.type} is diagonal"
         return None
 
+    def buffers(self, layer):
+        return int(self.field == "scale_param" and list(layer.bottom[:1]) == list(layer.top[:1]))
+
 
 class PReLU(Pass):
     def __init__(self):
@@ -312,10 +321,16 @@ class PReLU(Pass):
     def rider_blobs(self, layer):
         return () if layer.prelu_param.channel_shared else self.riders
 
+    def buffers(self, layer):
+        return int(list(layer.bottom[:1]) == list(layer.top[:1]))
+
 
 class BatchNorm(Pass):
     def __init__(self):
         super().__init__(riders=(0, 1), zeroes=(0,), in_place=True, hessian="diagonal")
+
+    def buffers(self, layer):
+        return 2
 
     def hessian_check(self, layer, bottoms):
         param = layer.batch_norm_param
@@ -356,6 +371,9 @@ class Pooling(Pass):
     def averages(layer) -> bool:
         return layer.pooling_param.pool == 1
 
+    def buffers(self, layer):
+        return int(layer.pooling_param.pool == 0 and len(layer.top) == 1)
+
 
 class LRN(Pass):
     def __init__(self):
@@ -368,6 +386,10 @@ class LRN(Pass):
 
     def couples(self, layer):
         return layer.lrn_param.norm_region == layer.lrn_param.ACROSS_CHANNELS
+
+    def buffers(self, layer):
+        # within a channel Caffe builds it from split, square, pooling, power and product layers
+        return 1 if self.couples(layer) else 5
 
 
 class Dropout(Pass):

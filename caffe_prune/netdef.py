@@ -27,8 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from caffe_prune import engine, fsio
-from caffe_prune.layers import DATA_TYPES, LEARNED_TYPES, LOSS_TYPES
+from caffe_prune.layers import DATA_TYPES, LEARNED_TYPES, LOSS_TYPES, rule
 
 # the tops of the scoring layers evaluation_form adds (a slash keeps them apart from user blobs)
 EVAL_TOPS = {"loss": "caffe_prune/loss", "top1": "caffe_prune/top1", "top5": "caffe_prune/top5"}
@@ -169,11 +171,28 @@ def without_fillers(form):
 
 
 def shapes(form) -> dict:
-    """{"blobs": {blob: shape}, "params": {layer: [shape of each parameter blob]}} of a form, as
-    Caffe computes them."""
+    """{"blobs": {blob: shape}, "params": {layer: [shape of each parameter blob]}, "bytes_per_image"}
+    of a form, as Caffe computes them."""
     net = engine.net_from_param(without_fillers(form))
-    return {"blobs": {name: tuple(blob.data.shape) for name, blob in net.blobs.items()},
-            "params": {name: [tuple(b.data.shape) for b in blobs] for name, blobs in net.params.items()}}
+    return {"blobs": {name: tuple(blob.shape) for name, blob in net.blobs.items()},     # shapes: nothing allocated
+            "params": {name: [tuple(b.shape) for b in blobs] for name, blobs in net.params.items()},
+            "bytes_per_image": _bytes_per_image(net, form)}
+
+
+def _bytes_per_image(net, form) -> int:
+    """What Caffe's forward holds per image of the batch: every blob's data once (the tops of the
+    Split layers Caffe inserts share their bottom's) and the top-sized buffers layers keep
+    (layers.Rule.buffers: BatchNorm, in-place Scale and PReLU, MAX pooling, LRN)."""
+    declared = {layer.name: layer for layer in form.layer}
+    per_image = {name: int(np.prod(blob.shape[1:])) for name, blob in net.blobs.items()}
+    shared = {top for name, layer in zip(net._layer_names, net.layers) if layer.type == "Split"
+              for top in net.top_names[name]}
+    floats = sum(n for name, n in per_image.items() if name not in shared)
+    for name, layer in zip(net._layer_names, net.layers):
+        param, tops = declared.get(name), net.top_names[name]
+        if param is not None and tops:
+            floats += rule(layer.type).buffers(param) * per_image[tops[0]]
+    return 4 * floats
 
 
 @dataclass(frozen=True)

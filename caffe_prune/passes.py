@@ -56,17 +56,14 @@ from caffe_prune.metrics.collect import Tensors
 from caffe_prune.netdef import EVAL_TOPS
 
 ENGINES = ("fast", "naive")
+
+
 def default_cache_mb() -> int:
     """An eighth of the memory available now, at most 1 GiB: each process's share of it bounds its
-    test checkpoints, and, apart, a probe batch's saved frontiers (measured: AlexNet on 227x227
-    images holds about 1.7 GiB per process before any cache, and a 2 GiB default took a 2-process
-    run to 3.4 GiB; raise ``--cache-mb`` on a big machine for long test sets)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            available = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable")) // 1024
-    except (OSError, StopIteration, ValueError):
-        available = 4096
-    return int(min(available // 8, 1024))
+    test checkpoints, and, apart, a probe batch's saved frontiers (measured: BVLC AlexNet at batch
+    128, 2 workers, 80 test batches: a 2-step metric run peaks at 2.4 GiB per process; raise
+    ``--cache-mb`` on a big machine for long test sets)."""
+    return int(min(engine.available_bytes() // 2 ** 20 // 8, 1024))
 
 
 class Plan:
@@ -140,7 +137,7 @@ class Worker:
 
     def __init__(self, net, graph, masker, batch_size: int, cache_bytes: int = 0, gradient_net=None):
         self.net, self.graph, self.masker = net, graph, masker
-        self.gradient_net = gradient_net or net
+        self._gradient = gradient_net    # a net, or what builds one when a metric first needs a backward
         self.batch_size, self.cache_budget = batch_size, cache_bytes
         self.plan = Plan(net, graph)
         self.shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
@@ -167,7 +164,14 @@ class Worker:
     # ---- the three kinds of work ----
 
     def collect(self, batches, names, reading) -> Tensors:
-        return metrics.collect(self.gradient_net, self.graph, batches, names, reading)
+        """The metrics' values; a pass with a backward runs in the gradient net (built on first use,
+        so that a forward-only metric never holds a second net's blobs: AlexNet's are 0.5 GiB at
+        batch 128), a forward-only pass in the net itself (the same forward, the same bits)."""
+        backward = any(metrics.parse(name).needs - {"x"} for name in names)
+        if backward and callable(self._gradient):
+            self._gradient = self._gradient()
+        return metrics.collect(self._gradient if backward and self._gradient is not None else self.net,
+                               self.graph, batches, names, reading)
 
     def probe(self, batch, candidates) -> tuple:
         """(base loss, [loss with each candidate masked]) on one batch, each probe a suffix forward
@@ -365,9 +369,11 @@ class Fast(Naive):
         shares = np.array_split(np.arange(self.test_batches), self.workers)
         # saliency passes in a copy of the net sharing its parameters (and so its masks) that skips
         # the weight gradients no metric reads (netdef.gradient_form)
-        gradient_net = engine.net_from_param(netdef.without_fillers(netdef.gradient_form(session.form)),
-                                             where=session.network.where)
-        gradient_net.share_with(session.net)
+        def gradient_net():
+            net = engine.net_from_param(netdef.without_fillers(netdef.gradient_form(session.form)),
+                                        where=session.network.where)
+            net.share_with(session.net)
+            return net
         self.local = Worker(session.net, session.graph, masker, batch, budget, gradient_net)
         self.local.test_share(test, shares[0])
         self.shares = [list(share) for share in shares]

@@ -8,15 +8,13 @@ import, and correct."""
 import io
 import os
 import re
-import signal
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from caffe_prune import cli, engine
-from conftest import PUBLISHED, SUBSET
+from conftest import PUBLISHED
 
 LENET = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
 RESNET = PUBLISHED / "ResNet-20-CIFAR10" / "original.caffemodel"
@@ -119,8 +117,6 @@ def replaced_weights(tmp):
 
 def held_lock(tmp):
     """A run directory whose lock another live process holds (a sleeping child of the test)."""
-    import fcntl
-    import json
     import subprocess
     (tmp / "run").mkdir()
     lock = tmp / "run" / ".lock"

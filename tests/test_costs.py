@@ -111,6 +111,14 @@ def test_run_records_costs_and_stops_at_a_budget(caffe, tmp_path):
     assert cli_prune(out, "--target", "macs=0.4", "--no-drop-stop").returncode == 0
     more = steps_of(out)
     assert more[:len(steps)] == steps and more[-1]["macs"] <= 0.4 * original < more[-2]["macs"]
+    exported = subprocess.run([sys.executable, "-m", "caffe_prune", "export", "LeNet-5", str(LENET), "--run", str(out),
+                               "--step", str(len(steps) - 1), "--out", str(tmp_path / "half"), "--no-timing"],
+                              cwd=REPO, capture_output=True, text=True)     # the run's groups at that step
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["macs"] == steps[-1]["macs"]
+    other = subprocess.run([sys.executable, "-m", "caffe_prune", "export", "CIFAR10", "published", "--run", str(out),
+                            "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
+    assert other.returncode == 2 and "pruned another network definition than CIFAR10" in other.stderr
     bad = cli_prune(tmp_path / "bad", "--target", "flops=0.5")
     assert bad.returncode == 2 and "--target flops: budgets are macs, params, weights" in bad.stderr
     assert cli_prune(tmp_path / "bad", "--target", "macs=1.5").returncode == 2

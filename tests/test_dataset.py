@@ -2,11 +2,9 @@
 records read whole and transformed, the paper's 10,000 validation images from large sets, memory
 bounded by the batches, and bad input met mid-stream (a record that is not a Datum, a source that
 changes during a run, a missing image) as one line naming the record."""
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

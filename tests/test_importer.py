@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from caffe_prune import cli, engine, importer
-from conftest import PUBLISHED, SUBSET, TABLE1, evaluation
+from caffe_prune import engine, importer
+from conftest import PUBLISHED, TABLE1, evaluation
 
 FORK_PROTOTXT = """
 name: "fork"

@@ -5,6 +5,7 @@ import pytest
 from caffe_prune import pruning, report
 from caffe_prune.metrics import methods
 from caffe_prune.report import figures, published
+from caffe_prune.report import stats as report_stats
 from caffe_prune.report.oracle import table
 from conftest import PUBLISHED, SHARED, SUBSET
 
@@ -94,8 +95,9 @@ def test_taxonomy_report_ranks_and_decomposes(tmp_path):
     assert "| scaling | count | 2 | 9.5 ± 19.1 | -4.5 ± 6.4 | 2 |" in text
     assert "| pointwise | taylor | 2 | 16.0 ± 63.5 | +2.0 ± 6.4 | 2 |" in text
     assert "| count | 2 | +9.0 ± 12.7 | 2 of 2 |" in text                   # weights_removed - count: 10, 8
-    assert ("| LeNet-5 | `activation/taylor/l1/weights_removed` | 21.0 ± 12.7 (n=2) | taylor "
-            "(`activation/taylor/l1/count`) | 11.0 ± 12.7 (n=2) | +10.0 ± 0.0 |") in text       # paired by seed
+    assert ("| LeNet-5 | 4 | `activation/taylor/l1/weights_removed` | 21.0 ± 12.7 (n=2) | taylor "
+            "(`activation/taylor/l1/count`) | 11.0 ± 12.7 (n=2) | +10.0 ± 0.0 | "
+            "taylor 3, mean_activations 4 |") in text       # paired by seed; the five's ranks of the 4
     assert "more than 300 saliency metrics" in text and "4 distinct metrics" in text
     ranking = (tmp_path / "report" / "taxonomy-LeNet-5.csv").read_text().splitlines()
     assert ranking[1].startswith("1,activation/taylor/l1/weights_removed,activation,taylor,l1,weights_removed,none,,21.0,")
@@ -227,3 +229,15 @@ def test_an_archive_reports_as_its_store(tmp_path, capsys):
             assert got.get("percent_macs_removed") == want.get("percent_macs_removed")
     with pytest.raises(Exception, match="is not a results archive"):
         archive.read(tmp_path / "a")
+
+
+def test_plugin_metrics_stay_out_of_the_components_they_lack():
+    """A plugin's bare pointwise function has no input, reduction or scaling: the component and
+    weights-removed views leave it out of those components rather than comparing None with names."""
+    means = {"activation/taylor/l1/count": 10.0, "activation/taylor/l1/weights_removed": 20.0,
+             "plugin:entropy": 50.0, "plugin:entropy/weights_removed": 70.0}
+    scaling = {row[0]: row[1:3] for row in report_stats.component_effects(means, "scaling")}
+    assert scaling == {"count": (1, 10.0), "weights_removed": (2, 45.0)}     # (20 + 70) / 2
+    pointwise = {row[0]: row[1] for row in report_stats.component_effects(means, "pointwise")}
+    assert pointwise == {"taylor": 2, "plugin:entropy": 2}
+    assert report_stats.weights_removed_view(means) == [("count", 1, 10.0, 0.0, 1)]

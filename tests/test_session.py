@@ -3,18 +3,16 @@ depthwise net, ResNet-50-style bottlenecks, a DenseNet-style concat chain, an ol
 net) with hand-counted groups and exact exports; evaluate and prune on an LMDB of Datums and on an
 ImageData list of PNGs made here, agreeing with Caffe's own TEST-phase data layer; and the bad
 inputs of a new user, each a one-line error."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import engine, masking, netdef, pruning
+from caffe_prune import engine, pruning
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.graph import Channel
 from caffe_prune.session import Network, Session
-from conftest import REPO, evaluation
+from conftest import evaluation
 from test_caffe_models import export_random_fraction
 
 
@@ -317,3 +315,25 @@ def test_prune_with_a_metric_on_these_datasets(request, tmp_path, net):
     first = min(scores, key=scores.get)
     assert steps[1]["channels"] == [list(first)]
     run.close()
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_caffe_allocates_it(caffe, write_net):
+    """3x1024x1024 images into 16 feature maps and MAX pooling: (3 + 16 + 2 x 16/4) x 1024² floats
+    per image (the input, the map, the pooled top and its indices), 108 MiB; a batch of 4096 needs
+    432 GiB, more than any machine here has, and is refused in one line naming the net."""
+    from caffe_prune import engine
+    from caffe_prune.session import Network, Session
+    path = write_net("""
+name: "big"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 1024 dim: 1024 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 16 kernel_size: 3 pad: 1 } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc" inner_product_param { num_output: 10 } }
+""")
+    network = Network.open(path)
+    per_image = network.shapes(what="bytes_per_image")
+    assert per_image == 4 * ((3 + 16 + 2 * 16 // 4) * 1024 * 1024 + 10)
+    with pytest.raises(engine.EngineError, match=r"net.prototxt: its blobs take 108.0 MiB per image, 432.0 GiB at "
+                                                 r"batch 4096, more than the .* GiB available; use --batch-size \d+"):
+        Session(network, batch_size=4096)

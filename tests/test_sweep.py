@@ -502,3 +502,21 @@ def test_a_plugin_sweep_on_the_local_pool_and_on_ray(ray_cluster, tmp_path):
     assert cli.main(["report", str(tmp_path / "local"), "--kind", "taxonomy", "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "taxonomy.md").read_text()
     assert "`plugin:entropy`" in text and "`plugin:entropy/weights_removed`" in text
+
+
+@pytest.mark.slow
+def test_prune_oracle_and_reproduce_oracle_decide_alike(tmp_path, capsys):
+    """`prune --oracle` without a list and `reproduce oracle` compose the same constituents (the
+    Table-2 forms) and so make the same decisions for the same net and seed."""
+    short = ["--max-steps", "3", "--test-size", "2", "--eval-size", "1", "--oracle-eval-size", "1", "--k", "4"]
+    assert cli.main(["prune", "LeNet-5", "published", "--oracle", "--seed", "2", "--quiet",
+                     "--out", str(tmp_path / "prune"), *short]) == 0
+    assert cli.main(["reproduce", "oracle", "--nets", "LeNet-5", "--methods", "oracle", "--runs", "1", "--seed", "2",
+                     "--quiet", "--out", str(tmp_path / "reproduce"), *short]) == 0
+    pruned = [json.loads(line) for line in (tmp_path / "prune" / "steps.jsonl").read_text().splitlines()]
+    header = json.loads((tmp_path / "prune" / "config.json").read_text())
+    assert header["config"]["oracle"] == list(taxonomy.PAPER_FORMS["table2"])
+    (reproduced,) = decisions(tmp_path / "reproduce").values()
+    keys = ("group", "proposers", "sensitivities", "test", "percent_conv_removed")
+    assert [{k: s.get(k) for k in keys} for s in pruned] == [{k: s.get(k) for k in keys} for s in reproduced]
+    assert len(pruned) == 4

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from caffe_prune import cli, engine, export, finetune, masking, pruning, train
+from caffe_prune import cli, engine, finetune, masking, pruning, train
 from caffe_prune.metrics import methods
 from caffe_prune.data import cifar10
 from caffe_prune.data.dataset import open_dataset

@@ -113,9 +113,10 @@ def component_effects(means: dict, component: str) -> list:
     """Each level of `component`: (level, metrics, mean ± CI over those metrics, paired effect ± CI,
     contexts). The paired effect compares metrics that differ in this component only: within each
     context (the other components fixed) a level's score minus the context's mean, averaged over
-    contexts; so it is the level's marginal effect across the others."""
+    contexts; so it is the level's marginal effect across the others. Metrics that lack the
+    component (a plugin's bare pointwise function has no reduction or scaling) are left out."""
     parts = {m: components(m) for m in means}
-    parts = {m: p for m, p in parts.items() if p}
+    parts = {m: p for m, p in parts.items() if p and p[component] is not None}
     others = [c for c in COMPONENTS if c != component]
     by_level, contexts = defaultdict(list), defaultdict(dict)
     for m, p in parts.items():
@@ -141,7 +142,7 @@ def weights_removed_view(means: dict) -> list:
     parts = {m: components(m) for m in means}
     table = defaultdict(dict)
     for m, p in parts.items():
-        if p:
+        if p and p["scaling"] is not None:
             table[(p["input"], p["pointwise"], p["reduction"], p["domino"])][p["scaling"]] = means[m]
     diffs = defaultdict(list)
     for row in table.values():

@@ -17,6 +17,34 @@ from caffe_prune.report.stats import (COMPONENTS, component_effects, components,
                                       paper_five, ranking, scores_of, weights_removed_view)
 from caffe_prune.report.text import pm, protocol_lines
 
+
+def best_table(runs) -> str:
+    """Markdown, one row per network: the best constructed metric (no Domino, not one of the five)
+    against the best of papers/004's five, their difference paired by seed, and where the five
+    rank among all the metrics run ("" when a network lacks either)."""
+    rows = []
+    for net in dict.fromkeys(r["net"] for r in runs if r["metric"]):
+        scores = scores_of([r for r in runs if r["net"] == net and r["metric"]])
+        five = {m: v for m, v in scores.items() if paper_five(m)}
+        built = {m: v for m, v in scores.items() if not paper_five(m) and components(m).get("domino") == "none"}
+        if not five or not built:
+            continue
+        best_five = max(five, key=lambda m: (np.mean(list(five[m].values())), m))
+        best_built = max(built, key=lambda m: (np.mean(list(built[m].values())), m))
+        b, f = built[best_built], five[best_five]
+        diff, half = difference_ci(b, f)
+        order = [m for m, *_ in ranking(scores)]
+        ranks = ", ".join(f"{paper_five(m)} {order.index(m) + 1}" for m in sorted(five, key=order.index))
+        rows.append(f"| {net} | {len(scores)} | `{best_built}` | {pm(*mean_ci(list(b.values())), len(b))} | "
+                    f"{paper_five(best_five)} (`{ALIASES[paper_five(best_five)]}`) | "
+                    f"{pm(*mean_ci(list(f.values())), len(f))} | {diff:+.1f} ± {half:.1f} | {ranks} |")
+    if not rows:
+        return ""
+    return "\n".join(["| network | metrics | best constructed | % removed | best of the five | % removed | "
+                      "difference (points) | rank of each of the five |",
+                      "| --- | ---: | --- | ---: | --- | ---: | ---: | --- |", *rows])
+
+
 def taxonomy_report(runs, out_dir, top: int = 25) -> Path:
     """Metrics ranked per network, the component view, the weights-removed scaling, and the best
     constructed metric against the best of papers/004's five; ``taxonomy-<NET>.csv`` holds the
@@ -38,7 +66,6 @@ def taxonomy_report(runs, out_dir, top: int = 25) -> Path:
              f"({len([m for m in metrics if components(m).get('domino') == 'none'])} "
              f"without Domino aggregation).",
              "- the paper's per-metric figures are not available here, so none are printed.", ""]
-    best_rows = []
     for net in nets:
         scores = scores_of([r for r in runs if r["net"] == net])
         rows = ranking(scores)
@@ -82,23 +109,10 @@ def taxonomy_report(runs, out_dir, top: int = 25) -> Path:
                       "| --- | ---: | ---: | ---: |"]
             lines += [f"| {s} | {n} | {mean:+.1f} ± {half:.1f} | {wins} of {n} |" for s, n, mean, half, wins in view]
             lines.append("")
-        five = {m: v for m, v in scores.items() if paper_five(m)}
-        built = {m: v for m, v in scores.items() if not paper_five(m) and components(m).get("domino") == "none"}
-        if five and built:
-            best_five = max(five, key=lambda m: (np.mean(list(five[m].values())), m))
-            best_built = max(built, key=lambda m: (np.mean(list(built[m].values())), m))
-            best_rows.append((net, best_built, built[best_built], best_five, five[best_five]))
-    if best_rows:
+    best = best_table(runs)
+    if best:
         lines += ["## The best constructed metric against the best of papers/004's five", "",
-                  f"- published (Taxonomy paper, abstract): \"{PUBLISHED_TAXONOMY[1]}\"", "",
-                  "| network | best constructed | % removed | best of the five | % removed | difference (points) |",
-                  "| --- | --- | ---: | --- | ---: | ---: |"]
-        for net, built, b, five, f in best_rows:
-            diff, half = difference_ci(b, f)
-            lines.append(f"| {net} | `{built}` | {pm(*mean_ci(list(b.values())), len(b))} | {paper_five(five)} "
-                         f"(`{ALIASES[paper_five(five)]}`) | {pm(*mean_ci(list(f.values())), len(f))} | "
-                         f"{diff:+.1f} ± {half:.1f} |")
-        lines.append("")
+                  f"- published (Taxonomy paper, abstract): \"{PUBLISHED_TAXONOMY[1]}\"", "", best, ""]
     lines += protocol_lines(runs)
     path = out_dir / "taxonomy.md"
     fsio.write_text(path, "\n".join(lines))

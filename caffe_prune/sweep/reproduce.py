@@ -13,7 +13,8 @@ from caffe_prune.sweep.spec import RUN_FIELDS, parse_spec, weight_pairs
 
 PAPERS = {   # the paper's networks and methods; the reports print the published figures next to ours
     "oracle": {"nets": ["LeNet-5", "ResNet-20"], "metrics": list(PAPER_FIVE), "domino": [], "oracle": True},
-    "taxonomy": {"nets": ["LeNet-5", "CIFAR10", "ResNet-20", "NIN"], "metrics": ["*/*/*/*"], "domino": [],
+    "taxonomy": {"nets": ["LeNet-5", "CIFAR10", "ResNet-20", "NIN"],        # its grid: the six scalings
+                 "metrics": [f"*/*/*/{scaling}" for scaling in taxonomy.PAPER_SCALINGS], "domino": [],
                  "oracle": False},
     "domino": {"nets": ["ResNet-20", "AlexNet", "SqueezeNet", "NIN"], "metrics": list(PAPER_FIVE),
                "domino": list(taxonomy.DOMINO), "oracle": False},
