@@ -13,9 +13,10 @@ an archive is what is kept: ``experiments/results/<sweep>/``
   before and after.
 
 Paths in the configuration and protocol are cut to their last component (the weights' file is
-named by its sha256 in a sweep): an archive names no machine's folders. Numbers are written with Python's ``repr`` (the shortest text that reads back to the same float),
-so a report made from an archive equals one made from the store. ``read(dir)`` gives the runs as
-the reports take them (caffe_prune.report.runs_from_store), each with its steps.
+named by its sha256 in a sweep): an archive names no machine's folders. Numbers are written with
+Python's ``repr`` (the shortest text that reads back to the same float), so a report made from
+an archive equals one made from the store. ``read(dir)`` gives the runs as the reports take them
+(caffe_prune.report.runs_from_store), each with its steps.
 """
 from __future__ import annotations
 

@@ -547,12 +547,12 @@ def probe_construct(prototxt, phase="test", where=None) -> None:
 def net_from_param(net_param, weights=None, phase="test", probe=True, where=None):
     """A caffe.Net for a NetParameter held in memory (Caffe's Python constructor takes a file);
     ``where`` names the user's file in every message (never the temporary copy). The message is
-    checked as it is, not parsed back from the file written for Caffe."""
+    checked as it is, not parsed back from the file written for Caffe (str(): the text format,
+    written by protobuf's C encoder where it has one, floats in their shortest exact form)."""
     import tempfile
-    from google.protobuf import text_format
     with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
         path = Path(tmp) / "net.prototxt"
-        path.write_text(text_format.MessageToString(net_param))
+        path.write_text(str(net_param))
         return _build(net_param, path, weights, phase, probe, where or f"net {net_param.name!r}")
 
 

@@ -321,8 +321,6 @@ def test_a_batch_that_cannot_fit_is_refused_before_caffe_allocates_it(caffe, wri
     """3x1024x1024 images into 16 feature maps and MAX pooling: (3 + 16 + 2 x 16/4) x 1024² floats
     per image (the input, the map, the pooled top and its indices), 108 MiB; a batch of 4096 needs
     432 GiB, more than any machine here has, and is refused in one line naming the net."""
-    from caffe_prune import engine
-    from caffe_prune.session import Network, Session
     path = write_net("""
 name: "big"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 1024 dim: 1024 } } }

@@ -4,13 +4,12 @@ Each result the README quotes sits between ``<!-- results:NAME -->`` and ``<!-- 
 and is made here from the archive (caffe_prune.archive) of the sweep ``BLOCKS[NAME]`` names, by the
 same code as the reports (caffe_prune.report), never typed by hand:
 ``caffe-prune report experiments/results --readme README.md`` rewrites every block whose archive is
-there (figures go to ``experiments/results/figures/``), and ``--check`` only says which differ.
+there and ``--check`` only says which differ.
 
 - ``resnet-oracle``: papers/004 Table 2's ResNet-20 oracle, the Table-2 forms against the code's,
   paired by seed;
 - ``taxonomy``: the taxonomy over all its compositions, per network: the best constructed metric
   against the best of papers/004's five, and where the five rank;
-- ``resnet-figure6``: ResNet-20's Figure 6 (whole curves, 95% bands) and Table 2 read from them;
 - ``macs``: the scalings by Θ_C and by MACs against none, read by % of weights and % of MACs;
 - ``entropy-lenet``: the example plugin metric beside the oracle and built-in metrics;
 - ``deployment``: a run pruned to a MACs budget and its export, timed (README, Pruning for deployment);
@@ -22,16 +21,13 @@ import re
 from pathlib import Path
 
 from caffe_prune import archive, fsio
-from caffe_prune.report import figures
 from caffe_prune.report.oracle import table
 from caffe_prune.report.stats import difference_ci
 from caffe_prune.report.taxonomy import best_table
 from caffe_prune.pruning import removed_at_drop
 
-FIGURES = "figures"          # under the results folder: the figures the README shows
 
-
-def _resnet_oracle(runs, figure_dir) -> str:
+def _resnet_oracle(runs) -> str:
     by_forms = {}
     for run in runs:
         by_forms.setdefault(run["method"], {})[run["seed"]] = removed_at_drop(run["steps"], 5.0)
@@ -43,32 +39,21 @@ def _resnet_oracle(runs, figure_dir) -> str:
     return "\n".join(lines)
 
 
-def _taxonomy(runs, figure_dir) -> str:
+def _taxonomy(runs) -> str:
     return best_table(runs)
 
 
-def _resnet_figure6(runs, figure_dir) -> str:
-    nets = sorted({r["net"] for r in runs})
-    lines = []
-    for net in nets:
-        mine = [r for r in runs if r["net"] == net]
-        path = figures.figure6(mine, figure_dir / f"figure6-{net}.png", net)
-        lines += [f"![{net} Figure 6]({Path('experiments/results') / FIGURES / path.name})", ""]
-    lines.append(table(runs))
-    return "\n".join(lines)
-
-
-def _macs(runs, figure_dir) -> str:
+def _macs(runs) -> str:
     weights, macs = table(runs), table(runs, x="macs")
     return "\n".join(["% of conv weights removed at the 5-point drop:", "", weights, "",
                       "% of MACs per image removed at the 5-point drop:", "", macs])
 
 
-def _entropy(runs, figure_dir) -> str:
+def _entropy(runs) -> str:
     return table(runs)
 
 
-def _deployment(path: Path, figure_dir) -> str:
+def _deployment(path: Path) -> str:
     """The deployment example: a run pruned to a MACs budget (its run directory's config.json and
     steps.jsonl) and `export --run ... --json export.json` of its last step."""
     import json
@@ -96,7 +81,7 @@ def _deployment(path: Path, figure_dir) -> str:
     return "\n".join(lines)
 
 
-def _zoo_bench(folder: Path, figure_dir) -> str:
+def _zoo_bench(folder: Path) -> str:
     """`caffe-prune bench --oracle --steps 1 --modes fast-N --test-size 2 --json` of each zoo net
     (one oracle step at k = 16 on the fast engine's workers); the test phase per batch, and the
     step at the default 80 test batches projected from it."""
@@ -120,7 +105,7 @@ def _zoo_bench(folder: Path, figure_dir) -> str:
     return "\n".join(lines)
 
 
-def _bench(path: Path, figure_dir) -> str:
+def _bench(path: Path) -> str:
     """ResNet-20's `caffe-prune bench ResNet-20 published --steps 5 --json`: each engine's seconds
     per step and phase, the speed-up over the naive loop, and whether it decided the same."""
     import json
@@ -143,13 +128,12 @@ def _bench(path: Path, figure_dir) -> str:
 
 
 def _archived(builder):
-    return lambda folder, figure_dir: builder(archive.read(folder), figure_dir)
+    return lambda folder: builder(archive.read(folder))
 
 
 # README block -> (what it reads under experiments/results: an archive, a file or a folder; what makes it)
 BLOCKS = {"resnet-oracle": ("resnet-oracle", _archived(_resnet_oracle)),
           "taxonomy": ("taxonomy-all", _archived(_taxonomy)),
-          "resnet-figure6": ("resnet-figure6", _archived(_resnet_figure6)),
           "macs": ("macs-scaling", _archived(_macs)),
           "entropy-lenet": ("entropy-lenet", _archived(_entropy)),
           "deployment": ("deployment/export.json", _deployment),
@@ -165,8 +149,7 @@ def _present(path: Path) -> bool:
 def rebuild(results_dir) -> dict:
     """{block: Markdown} for every block whose results are in ``results_dir``."""
     results_dir = Path(results_dir)
-    figure_dir = results_dir / FIGURES
-    return {block: build(results_dir / folder, figure_dir).strip()
+    return {block: build(results_dir / folder).strip()
             for block, (folder, build) in BLOCKS.items() if _present(results_dir / folder)}
 
 
