@@ -37,9 +37,9 @@ caffe: $(VENV)/.installed
 demo: setup
 	@$(PY) -m caffe_prune demo
 
-# test files spread over TEST_JOBS processes (a file stays on one: its fixtures, its Ray cluster)
+# the tests spread over TEST_JOBS processes (tests/conftest.py says which files stay on one)
 test: setup
-	@$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
+	@$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup tests
 
 clean-venv:
 	rm -rf $(VENV)

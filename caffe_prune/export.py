@@ -63,7 +63,6 @@ def compact_net(net_param, graph, pruned, net, input_shape, where: str, probe: b
     ``probe``: build it in a forked child first (engine.probe_construct)."""
     compact_param, weights = compact(net_param, graph, pruned, net)
     form = netdef.structure_form(compact_param, input_shape, where)
-    engine.check_net(form, "test", where)
     small = engine.net_from_param(netdef.without_fillers(form), probe=probe, where=f"{where} (compact)")
     for layer, arrays in weights.items():
         for blob, array in zip(small.params[layer], arrays):

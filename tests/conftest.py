@@ -18,11 +18,12 @@ os.environ.setdefault("CAFFE_PRUNE_DATA", str(SUBSET))
 os.environ.setdefault("CAFFE_PRUNE_MODELS", str(PUBLISHED))
 
 
-# The longest files first (--durations, 2 cores): `make test` hands whole files to two processes as
-# each gets free, and a long file left for the end would keep one busy while the other idles. Only
-# the order changes; each file keeps its own.
-LONGEST_FIRST = ("test_passes.py", "test_export.py", "test_pruning.py", "test_train.py", "test_caffe_models.py",
-                 "test_sweep.py")
+# `make test` runs the tests on two processes (pytest-xdist, --dist loadgroup): each test goes to
+# whichever process is free, except in the files whose module fixtures are costly (a Ray cluster,
+# sweeps run once, converted data, a pruned net, the Caffe source tree): those mark themselves
+# `xdist_group` and stay on one process. The longest files come first (--durations, 2 cores), so
+# that the short tests at the end even out the two processes. Only the order changes.
+LONGEST_FIRST = ("test_passes.py", "test_export.py", "test_pruning.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -13,6 +13,8 @@ from caffe_prune import download, engine, export, masking
 from caffe_prune.session import Network
 from conftest import conv_weight_count
 
+pytestmark = pytest.mark.xdist_group("test_caffe_models")       # one process: its module fixtures are costly
+
 SOURCE = download.CACHE_ROOT / "downloads" / "caffe_1.0.0+git20180821.99bd997.orig.tar.gz"
 
 # AlexNet's five convolutions (CaffeNet, R-CNN and flickr_style share them): conv2, conv4, conv5

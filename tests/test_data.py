@@ -20,6 +20,8 @@ from caffe_prune import engine
 from caffe_prune.data import caffe_db, cifar10, commands
 from conftest import SUBSET
 
+pytestmark = pytest.mark.xdist_group("test_data")       # one process: its module fixtures are costly
+
 IMAGE_DATA = """
 layer {{ name: "data" type: "ImageData" top: "data" top: "label"
   transform_param {{ scale: 0.00390625 mean_value: 123.675 mean_value: 116.28 mean_value: 103.53 }}

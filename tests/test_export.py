@@ -36,9 +36,19 @@ class Case:
 
     def compact_logits(self, pruned):
         """The compact net's logits (export.compact_net, built without the forked probe: it is
-        known valid here), for the every-group loops."""
-        _, _, small = export.compact_net(self.param, self.graph, pruned, self.net, networks.IMAGE_SHAPE,
-                                         self.name, probe=False)
+        known valid here), for the every-group loops. Consecutive groups of one layer give the same
+        compact prototxt (checked byte for byte): that net is built once and takes each group's
+        compact weights (export.compact), as compact_net fills a new one."""
+        param, weights = export.compact(self.param, self.graph, pruned, self.net)
+        key = param.SerializeToString(deterministic=True)
+        if getattr(self, "_compact", (None,))[0] != key:
+            _, _, small = export.compact_net(self.param, self.graph, pruned, self.net, networks.IMAGE_SHAPE,
+                                             self.name, probe=False)
+            self._compact = (key, small)
+        small = self._compact[1]
+        for layer, arrays in weights.items():
+            for blob, array in zip(small.params[layer], arrays, strict=True):
+                blob.data[...] = array
         return self.run(small)
 
     def export_logits(self, pruned):

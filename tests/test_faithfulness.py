@@ -49,3 +49,20 @@ def test_the_committed_results_are_what_this_code_computes(caffe, tmp_path):
         assert mine["group"] == committed["group"]
         assert mine["test"]["top1"] == committed["test"]["top1"]
         assert mine["percent_conv_removed"] == pytest.approx(committed["percent_conv_removed"], abs=0)
+
+
+def test_the_macs_block_pairs_macs_removed_with_each_scaling(tmp_path):
+    """fake_store's runs stop at step 1 (2 points down), where MACs removed are half the weights
+    removed: macs_removed (10, 12) -> (5, 6) against none (8, 8) -> (4, 4): differences 1 and 2,
+    mean 1.5 ± t(0.975, 1) x 0.7071 / sqrt(2) = 6.35, ahead in both pairs; weights_removed has no
+    run, so no row."""
+    from caffe_prune import archive
+    results = [("LeNet-5", metric, seed, value) for metric, values in
+               {"activation/x/l1/macs_removed": (10, 12), "activation/x/l1/none": (8, 8)}.items()
+               for seed, value in enumerate(values)]
+    assert cli.main(["results", str(fake_store(tmp_path / "sweep", results)), "--archive",
+                     str(tmp_path / "macs")]) == 0
+    text = faithfulness._macs(archive.read(tmp_path / "macs"))
+    assert "| LeNet-5 | none | 2 | +1.5 ± 6.4 | 2 / 0 |" in text
+    assert "| LeNet-5 | weights_removed |" not in text
+    assert "| activation/x/l1/macs_removed | 5.5 ± 6.4 (n=2) | - |" in text     # the MACs table: (5, 6)

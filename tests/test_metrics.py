@@ -17,6 +17,8 @@ from caffe_prune.metrics import commands, inputs
 from caffe_prune.metrics.hessian import hessian_diagonal
 from conftest import PUBLISHED, SUBSET, evaluation_form
 
+pytestmark = pytest.mark.xdist_group("test_metrics")       # one process: its module fixtures are costly
+
 WEIGHTS = {"LeNet-5": PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel",
            "ResNet-20": PUBLISHED / "ResNet-20-CIFAR10" / "original.caffemodel"}
 

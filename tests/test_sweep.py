@@ -21,6 +21,8 @@ from caffe_prune import pruning, cli, store, sweep
 from caffe_prune.metrics import taxonomy
 from conftest import PUBLISHED, REPO, SUBSET
 
+pytestmark = pytest.mark.xdist_group("test_sweep")       # one process: its module fixtures are costly
+
 LENET = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
 ENV = {**os.environ, "CAFFE_PRUNE_DATA": str(SUBSET), "PYTHONUNBUFFERED": "1"}
 

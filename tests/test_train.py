@@ -20,6 +20,8 @@ from caffe_prune.data.dataset import open_dataset
 from caffe_prune.session import Network, Session
 from conftest import PUBLISHED, REPO, SUBSET, evaluation
 
+pytestmark = pytest.mark.xdist_group("test_train")       # one process: its module fixtures are costly
+
 LENET = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
 CIFAR10 = PUBLISHED / "CIFAR10-CIFAR10" / "original.caffemodel"
 SOURCE = cifar10.CACHE_ROOT / "downloads" / "caffe_1.0.0+git20180821.99bd997.orig.tar.gz"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from caffe_prune import archive, fsio
 from caffe_prune.report.oracle import table
-from caffe_prune.report.stats import difference_ci
+from caffe_prune.report.stats import components, difference_ci, mean_ci
 from caffe_prune.report.taxonomy import best_table
 from caffe_prune.pruning import removed_at_drop
 
@@ -46,7 +46,32 @@ def _taxonomy(runs) -> str:
 def _macs(runs) -> str:
     weights, macs = table(runs), table(runs, x="macs")
     return "\n".join(["% of conv weights removed at the 5-point drop:", "", weights, "",
-                      "% of MACs per image removed at the 5-point drop:", "", macs])
+                      "% of MACs per image removed at the 5-point drop:", "", macs, "", _macs_paired(runs)])
+
+
+def _macs_paired(runs) -> str:
+    """`macs_removed` against each other scaling of the same base composition (input, pointwise,
+    reduction), paired by base and seed, by % of MACs removed at the 5-point drop."""
+    table_ = ["`macs_removed` against the other scalings of the same composition, paired by composition and "
+              "seed (% of MACs removed at the 5-point drop):", "",
+              "| network | against | pairs | macs_removed minus it (points) | macs_removed ahead / behind |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    for net in dict.fromkeys(r["net"] for r in runs):
+        values = {}
+        for run in runs:
+            parts = components(run["metric"] or "")
+            if run["net"] == net and parts.get("scaling"):
+                key = (parts["input"], parts["pointwise"], parts["reduction"], parts["domino"], run["seed"])
+                values.setdefault(parts["scaling"], {})[key] = removed_at_drop(
+                    run["steps"], 5.0, "percent_macs_removed")
+        mine = values.pop("macs_removed", {})
+        for other, theirs in sorted(values.items()):
+            diffs = [mine[k] - theirs[k] for k in sorted(set(mine) & set(theirs))]
+            if diffs:
+                mean, half = mean_ci(diffs)
+                table_.append(f"| {net} | {other} | {len(diffs)} | {mean:+.1f} ± {half:.1f} | "
+                              f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} |")
+    return "\n".join(table_)
 
 
 def _entropy(runs) -> str:
