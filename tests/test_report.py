@@ -241,3 +241,19 @@ def test_plugin_metrics_stay_out_of_the_components_they_lack():
     pointwise = {row[0]: row[1] for row in report_stats.component_effects(means, "pointwise")}
     assert pointwise == {"taylor": 2, "plugin:entropy": 2}
     assert report_stats.weights_removed_view(means) == [("count", 1, 10.0, 0.0, 1)]
+
+
+def test_ties_rank_by_name_and_the_best_table_follows_the_ranking(tmp_path):
+    """Equal scores that differ in the last bits (the same groups, summed in another order) tie, and
+    break by name; the best of the five and the best constructed metric are the first of the ranking."""
+    from caffe_prune.report.taxonomy import best_table
+    results = [("LeNet-5", "activation/g/l1/count", 0, 30.000000000000004),        # mean_gradients
+               ("LeNet-5", "activation/taylor/l1/count", 0, 29.999999999999996),   # taylor
+               ("LeNet-5", "activation/x/l2/count", 0, 35.0),
+               ("LeNet-5", "activation/x/l1/weights_removed", 0, 34.99999999999999)]
+    runs = report.runs_from_store(fake_store(tmp_path, results))
+    assert [m for m, *_ in report_stats.ranking(report_stats.scores_of(runs))] == [
+        "activation/x/l1/weights_removed", "activation/x/l2/count", "activation/g/l1/count",
+        "activation/taylor/l1/count"]
+    assert ("| LeNet-5 | 4 | `activation/x/l1/weights_removed` | 35.0 ± 0.0 (n=1) | mean_gradients "
+            "(`activation/g/l1/count`) | 30.0 ± 0.0 (n=1) | +5.0 ± 0.0 | mean_gradients 3, taylor 4 |") in best_table(runs)

@@ -104,9 +104,10 @@ def scores_of(runs) -> dict:
 
 
 def ranking(scores: dict) -> list:
-    """[(metric, mean, CI half-width, n)], most weights removed first."""
+    """[(metric, mean, CI half-width, n)], most weights removed first; equal means (to 1e-9: the
+    same groups removed, summed in another order) by name."""
     rows = [(m, *mean_ci(list(v.values())), len(v)) for m, v in scores.items()]
-    return sorted(rows, key=lambda row: (-row[1], row[0]))
+    return sorted(rows, key=lambda row: (-round(row[1], 9), row[0]))
 
 
 def component_effects(means: dict, component: str) -> list:

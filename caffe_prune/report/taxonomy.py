@@ -29,11 +29,10 @@ def best_table(runs) -> str:
         built = {m: v for m, v in scores.items() if not paper_five(m) and components(m).get("domino") == "none"}
         if not five or not built:
             continue
-        best_five = max(five, key=lambda m: (np.mean(list(five[m].values())), m))
-        best_built = max(built, key=lambda m: (np.mean(list(built[m].values())), m))
+        order = [m for m, *_ in ranking(scores)]          # ties as the ranking breaks them
+        best_five, best_built = (next(m for m in order if m in chosen) for chosen in (five, built))
         b, f = built[best_built], five[best_five]
         diff, half = difference_ci(b, f)
-        order = [m for m, *_ in ranking(scores)]
         ranks = ", ".join(f"{paper_five(m)} {order.index(m) + 1}" for m in sorted(five, key=order.index))
         rows.append(f"| {net} | {len(scores)} | `{best_built}` | {pm(*mean_ci(list(b.values())), len(b))} | "
                     f"{paper_five(best_five)} (`{ALIASES[paper_five(best_five)]}`) | "
