@@ -20,9 +20,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from caffe_prune import archive, fsio
 from caffe_prune.report.oracle import table
-from caffe_prune.report.stats import components, difference_ci, mean_ci
+from caffe_prune.metrics.taxonomy import PAPER_SCALINGS
+from caffe_prune.report.stats import component_effects, components, difference_ci, mean_ci, scores_of
 from caffe_prune.report.taxonomy import best_table
 from caffe_prune.pruning import removed_at_drop
 
@@ -40,7 +43,18 @@ def _resnet_oracle(runs) -> str:
 
 
 def _taxonomy(runs) -> str:
-    return best_table(runs)
+    """The best table, and each scaling's paired effect per network (report.stats.component_effects)."""
+    lines = [best_table(runs), "", "Each scaling's paired effect on the % of conv weights removed (points, ± 95% CI): "
+             "a composition's score minus the mean of those that differ from it in the scaling only:", "",
+             "| network | " + " | ".join(PAPER_SCALINGS) + " |", "| --- |" + " ---: |" * len(PAPER_SCALINGS)]
+    for net in dict.fromkeys(r["net"] for r in runs if r["metric"]):
+        means = {m: float(np.mean(list(v.values())))
+                 for m, v in scores_of([r for r in runs if r["net"] == net and r["metric"]]).items()}
+        effects = {row[0]: row[4:6] for row in component_effects(means, "scaling")}
+        lines.append(f"| {net} | " + " | ".join(f"{effects[s][0]:+.1f} ± {effects[s][1]:.1f}"
+                                                if s in effects and not np.isnan(effects[s][0]) else "-"
+                                                for s in PAPER_SCALINGS) + " |")
+    return "\n".join(lines)
 
 
 def _macs(runs) -> str:
