@@ -170,10 +170,10 @@ def without_fillers(form):
     return fast
 
 
-def shapes(form) -> dict:
+def shapes(form, where: str | None = None) -> dict:
     """{"blobs": {blob: shape}, "params": {layer: [shape of each parameter blob]}, "bytes_per_image"}
-    of a form, as Caffe computes them."""
-    net = engine.net_from_param(without_fillers(form))
+    of a form, as Caffe computes them (after engine.check_net; ``where`` names the user's file)."""
+    net = engine.net_from_param(without_fillers(form), where=where)
     return {"blobs": {name: tuple(blob.shape) for name, blob in net.blobs.items()},     # shapes: nothing allocated
             "params": {name: [tuple(b.shape) for b in blobs] for name, blobs in net.params.items()},
             "bytes_per_image": _bytes_per_image(net, form)}

@@ -83,13 +83,11 @@ class Network:
         return netdef.structure_form(self.param, input_shape or self.input_shape, self.where)
 
     def shapes(self, input_shape=None, what: str = "blobs") -> dict:
-        """{blob: shape} (``what="params"``: {layer: [parameter blob shapes]}) of the structure form
-        as Caffe computes them."""
+        """{blob: shape} (``what="params"``: {layer: [parameter blob shapes]}; "bytes_per_image") of
+        the structure form as Caffe computes them (netdef.shapes)."""
         shape = tuple(input_shape or self.input_shape)
         if shape not in self._shapes:
-            form = self.structure(shape)
-            engine.check_net(form, "test", self.where)
-            self._shapes[shape] = netdef.shapes(form)
+            self._shapes[shape] = netdef.shapes(self.structure(shape), self.where)
         return self._shapes[shape][what]
 
     @cached_property
