@@ -13,7 +13,14 @@ an archive is what is kept: ``experiments/results/<sweep>/``
   before and after.
 
 Paths in the configuration and protocol are cut to their last component (the weights' file is
-named by its sha256 in a sweep): an archive names no machine's folders. Numbers are written with
+named by its sha256 in a sweep): an archive names no machine's folders.
+
+An archive grows: ``write`` merges the store's finished runs into what the archive already holds
+(a sweep carried over several machines archives each machine's runs into the same files), keeping
+every archived row as it was written; a run in both with different results is refused in one line.
+``steps.csv.gz`` is replaced first and ``runs.csv`` last: ``runs.csv`` is the manifest, a step row
+whose run it does not list is ignored, so a kill between the two renames leaves the archive as it
+was. ``ids(dir)`` gives the run ids an archive holds, which a sweep skips (caffe_prune.sweep). Numbers are written with
 Python's ``repr`` (the shortest text that reads back to the same float), so a report made from
 an archive equals one made from the store. ``read(dir)`` gives the runs as the reports take them
 (caffe_prune.report.runs_from_store), each with its steps.
@@ -71,26 +78,74 @@ def _step_row(run_id: str, step: dict) -> list:
         retrain["after"]["top1"] if retrain else None, retrain.get("iters"))]
 
 
+def ids(location) -> set:
+    """The ids of the runs an archive holds (empty when there is no archive at ``location``)."""
+    return set(_archived_rows(Path(location))[0]) if is_archive(location) else set()
+
+
+def _archived_rows(location: Path) -> tuple:
+    """({run id: runs.csv row as text cells}, {run id: [steps.csv.gz rows]}) of an archive, as written."""
+    try:
+        runs = list(csv.reader(io.StringIO((location / RUNS).read_text())))
+        steps = list(csv.reader(io.StringIO(gzip.decompress((location / STEPS).read_bytes()).decode())))
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{location}: not a readable results archive ({exc})") from None
+    if not runs or tuple(runs[0]) != RUN_COLUMNS or not steps or tuple(steps[0]) != STEP_COLUMNS:
+        raise DataError(f"{location}: the archive's columns are not {RUNS}: {','.join(RUN_COLUMNS)} and "
+                        f"{STEPS}: {','.join(STEP_COLUMNS)}; it was written by another version of caffe-prune")
+    by_run = {}
+    for row in steps[1:]:
+        by_run.setdefault(row[0], []).append(row)
+    return {row[0]: row for row in runs[1:]}, by_run
+
+
 def write(store_location, out_dir) -> dict:
-    """The finished runs of a sweep's store as an archive in ``out_dir`` (written atomically)."""
+    """The finished runs of a sweep's store merged into the archive in ``out_dir`` (created when
+    there is none); the files are replaced atomically, steps first (see the module's docstring)."""
     from caffe_prune.store import Store
     out_dir = Path(out_dir)
-    runs, steps = io.StringIO(), io.StringIO()
-    run_writer, step_writer = csv.writer(runs, lineterminator="\n"), csv.writer(steps, lineterminator="\n")
+    runs, steps = _archived_rows(out_dir) if is_archive(out_dir) else ({}, {})
+    steps = {run_id: rows for run_id, rows in steps.items() if run_id in runs}   # a torn merge's extra steps
+    before = len(runs)
+    with Store(store_location, create=False) as store:
+        for row in store.runs(status="done"):
+            run = [json.dumps(_scrub(row[c]), sort_keys=True) if c in JSON_COLUMNS and row[c] is not None
+                   else _cell(row[c]) for c in RUN_COLUMNS]
+            run_steps = [_step_row(row["id"], step) for step in store.steps(row["id"])]
+            if row["id"] in runs:
+                if (runs[row["id"]], steps.get(row["id"], [])) != (run, run_steps):
+                    raise DataError(f"run {row['id'][:16]} ({row['net']}, {row['method']}, seed {row['seed']}) is in "
+                                    f"{out_dir} and in {store_location} with different results "
+                                    f"({_difference(runs[row['id']], run, steps.get(row['id'], []), run_steps)}); "
+                                    f"archive into another folder, or remove one of them")
+                continue
+            runs[row["id"]], steps[row["id"]] = run, run_steps
+    order = sorted(runs, key=lambda i: (runs[i][1], runs[i][2], int(runs[i][5]), i))   # net, method, seed, id
+    run_text, step_text = io.StringIO(), io.StringIO()
+    run_writer, step_writer = csv.writer(run_text, lineterminator="\n"), csv.writer(step_text, lineterminator="\n")
     run_writer.writerow(RUN_COLUMNS)
     step_writer.writerow(STEP_COLUMNS)
-    count = rows = 0
-    with Store(store_location, create=False) as store:
-        for row in sorted(store.runs(status="done"), key=lambda r: (r["net"], r["method"], r["seed"], r["id"])):
-            run_writer.writerow([json.dumps(_scrub(row[c]), sort_keys=True) if c in JSON_COLUMNS and row[c] is not None
-                                 else _cell(row[c]) for c in RUN_COLUMNS])
-            for step in store.steps(row["id"]):
-                step_writer.writerow(_step_row(row["id"], step))
-                rows += 1
-            count += 1
-    fsio.write_text(out_dir / RUNS, runs.getvalue())
-    fsio.write_bytes(out_dir / STEPS, gzip.compress(steps.getvalue().encode(), mtime=0))
-    return {"runs": count, "steps": rows, "dir": str(out_dir)}
+    for run_id in order:
+        run_writer.writerow(runs[run_id])
+        step_writer.writerows(steps.get(run_id, []))
+    fsio.write_bytes(out_dir / STEPS, gzip.compress(step_text.getvalue().encode(), mtime=0))
+    fsio.write_text(out_dir / RUNS, run_text.getvalue())
+    return {"runs": len(runs), "added": len(runs) - before, "steps": sum(len(steps.get(i, [])) for i in order),
+            "dir": str(out_dir)}
+
+
+def _difference(archived: list, stored: list, archived_steps: list, stored_steps: list) -> str:
+    """The first field in which an archived run and the store's differ, as a few words."""
+    for column, a, b in zip(RUN_COLUMNS, archived, stored):
+        if a != b:
+            return f"{column} {a[:40] or '-'} vs {b[:40] or '-'}"
+    if len(archived_steps) != len(stored_steps):
+        return f"{len(archived_steps)} vs {len(stored_steps)} steps"
+    for a, b in zip(archived_steps, stored_steps):
+        for column, x, y in zip(STEP_COLUMNS, a, b):
+            if x != y:
+                return f"step {a[1]} {column} {x or '-'} vs {y or '-'}"
+    return "?"
 
 
 def _number(text: str):

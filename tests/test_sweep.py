@@ -219,7 +219,8 @@ def test_stop_end_means_no_drop_stop():
     ({"protocol": {"shortlist": "text"}}, r"protocol shortlist must be one of paper, authors-code"),
     ({"protocol": {"stop": "end", "max_drop": 5}}, r"max_drop applies to stop = \"drop\" only"),
     ({"protocol": {"maxdrop": 5}}, r"unknown protocol key\(s\) maxdrop; valid: .*max_drop"),
-    ({"seed": [1]}, r"unknown SPEC key\(s\) seed; valid: name, out, data, networks, metrics"),
+    ({"seed": [1]}, r"unknown SPEC key\(s\) seed; valid: name, out, archive, data, networks, metrics"),
+    ({"archive": 5}, r"archive must be a folder's path \(the sweep's results archive\), got 5"),
     ({"oracles": [["taylor", "fishr"]]}, r"unknown metric: 'fishr'"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, capsys, spec, message):
@@ -379,6 +380,63 @@ def test_results_and_report_of_a_sweep(reference, tmp_path, capsys):
     assert cli.main(["report", str(ref_dir), "--out", str(tmp_path / "report")]) == 0
     names = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert {"oracle.md", "taxonomy.md", "domino.md", "taxonomy-LeNet-5.csv", "domino.png"} <= set(names)
+
+
+@pytest.mark.slow
+def test_a_sweep_split_over_two_machines_through_its_archive(reference, tmp_path, capsys):
+    """Seed 0 on one machine, archived; a fresh directory elsewhere with the archive runs seed 1 only;
+    the merged archive is byte for byte the archive of the uninterrupted sweep."""
+    ref_dir, _ = reference
+    whole = tmp_path / "whole"
+    assert cli.main(["results", str(ref_dir), "--archive", str(whole)]) == 0
+    shared = tmp_path / "experiments" / "results" / "acceptance"
+    first = write_spec(tmp_path, ACCEPTANCE.replace("seeds = [0, 1]", "seeds = [0]"), "first.toml")
+    done_ = subprocess.run(command(first, tmp_path / "a"), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done_.returncode == 0 and "12 runs, 0 done before, 12 to run" in done_.stdout, done_.stdout + done_.stderr
+    assert cli.main(["results", str(tmp_path / "a"), "--archive", str(shared)]) == 0
+    assert "12 finished runs" in capsys.readouterr().out
+    spec = write_spec(tmp_path, ACCEPTANCE.replace('name = "acceptance"',
+                                                   f'name = "acceptance"\narchive = "{shared}"'), "second.toml")
+    assert cli.main(["sweep", str(spec), "--out", str(tmp_path / "b"), "--dry-run"]) == 0
+    assert "# 24 runs: 12 archived, 12 new" in capsys.readouterr().out
+    done_ = subprocess.run(command(spec, tmp_path / "b"), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done_.returncode == 0, done_.stdout + done_.stderr
+    assert f"24 runs, 12 done before (12 in the archive {shared}), 12 to run" in done_.stdout
+    with store.Store(tmp_path / "b", create=False) as s:
+        assert sorted(r["seed"] for r in s.runs()) == [1] * 12 and {r["status"] for r in s.runs()} == {"done"}
+    assert cli.main(["results", str(tmp_path / "b"), "--archive", str(shared)]) == 0
+    out = capsys.readouterr().out
+    assert "24 finished runs (" in out and "12 of them added" in out, out
+    for name in ("runs.csv", "steps.csv.gz"):
+        assert (shared / name).read_bytes() == (whole / name).read_bytes()
+    # merged again: nothing changes; a relaunch runs nothing
+    assert cli.main(["results", str(tmp_path / "b"), "--archive", str(shared)]) == 0
+    assert (shared / "runs.csv").read_bytes() == (whole / "runs.csv").read_bytes()
+    again = subprocess.run(command(spec, tmp_path / "c"), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0 and "24 runs, 24 done before (24 in the archive" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+def test_a_run_archived_twice_with_different_results_is_refused(reference, tmp_path, capsys):
+    ref_dir, _ = reference
+    folder = tmp_path / "archive"
+    assert cli.main(["results", str(ref_dir), "--archive", str(folder)]) == 0
+    capsys.readouterr()
+    rows = (folder / "runs.csv").read_text().splitlines()
+    cells = rows[1].split(",")
+    column = rows[0].split(",").index("removed_at_drop")
+    cells[column] = "99.5"
+    (folder / "runs.csv").write_text("\n".join([rows[0], ",".join(cells), *rows[2:]]) + "\n")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert cli.main(["results", str(ref_dir), "--archive", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"run {cells[0][:16]} (LeNet-5, " in err
+    assert "with different results (removed_at_drop 99.5 vs " in err and "archive into another folder" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before          # nothing written
+    # a torn merge (steps replaced, runs.csv not yet): the steps of runs it does not list are ignored
+    (folder / "runs.csv").write_text("\n".join(rows[:3]) + "\n")
+    assert cli.main(["results", str(ref_dir), "--archive", str(folder)]) == 0
+    assert (folder / "runs.csv").read_text().splitlines() == rows
 
 
 # ---- the Ray executor on a real local cluster -----------------------------------------------------

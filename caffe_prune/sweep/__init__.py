@@ -5,6 +5,7 @@ their weights, a metric set, oracles, seeds and the protocol::
 
     name = "lenet-domino"                       # default: the SPEC file's name
     out = "runs/sweeps/lenet-domino"            # the sweep directory (default runs/sweeps/NAME)
+    archive = "experiments/results/lenet-domino"   # its committed results archive (optional): runs there are skipped
     data = "data/cifar10"                       # default: as every command finds CIFAR-10
     seeds = [0, 1]                              # or a count: seeds = 8 is 0..7
     metrics = ["mean_sq_weights", "activation/taylor/*/weights_removed"]   # names, aliases, globs
@@ -31,7 +32,10 @@ compositions, ``metrics.list_metrics()``, and against the Domino variants only w
 canonical JSON of its whole configuration (every field of ``pruning.Config``, the data directory),
 with the weights file's sha256 in place of its path, so the same weights at another path give the
 same id. Relaunching the same or an extended SPEC skips finished runs and resumes interrupted ones
-from their directories. The sweep directory holds::
+from their directories. A SPEC's ``archive`` (caffe_prune.archive: the finished runs as committed
+files) carries a sweep over machines: a run whose id it holds is skipped, so a fresh clone
+elsewhere runs only what is missing, and ``caffe-prune results SWEEP_DIR --archive DIR`` merges
+the new runs into it. The sweep directory holds::
 
     results.sqlite             the store (caffe_prune.store): a row per run, per step, per attempt
     weights/SHA256.caffemodel  each weights file once, by content (where every node reads it)

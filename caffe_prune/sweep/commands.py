@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("spec", nargs="?", default=None, help="a TOML SPEC (flags below override or replace it)")
     p.add_argument("--name", default=None, help="the sweep's name (default: the SPEC file's name, or 'sweep')")
     p.add_argument("--out", default=None, help="the sweep directory (default runs/sweeps/NAME)")
+    p.add_argument("--archive", default=None, metavar="DIR",
+                   help="the sweep's results archive (default: the SPEC's archive): runs it holds are not run again")
+    p.add_argument("--no-archive", action="store_true", help="ignore the SPEC's archive: run every run the store lacks")
     p.add_argument("--nets", default=None, help="comma-separated networks, with published weights unless --weights")
     p.add_argument("--weights", action="append", default=[], metavar="NET=PATH", help="a network's caffemodel")
     p.add_argument("--metrics", default=None, help="comma-separated metric names, aliases or globs")
@@ -120,6 +123,10 @@ def spec_from_args(args) -> Spec:
         raw["name"] = args.name
     if args.out:
         raw["out"] = args.out
+    if args.archive:
+        raw["archive"] = args.archive
+    if args.no_archive:
+        raw.pop("archive", None)
     if args.data:
         raw["data"] = args.data
     if args.nets:
@@ -163,11 +170,11 @@ def cmd_sweep(args) -> int:
 
 def dry_run(spec: Spec) -> int:
     tasks = expand(spec, resolve_data(spec.data))
-    status = {}
+    status = {run_id: "archived" for run_id in (archive.ids(spec.archive) if spec.archive else ())}
     path = results_store.store_path(spec.out)
     if path.is_file():
         with results_store.Store(path, create=False) as store:
-            status = {r["id"]: r["status"] for r in store.runs()}
+            status.update({r["id"]: r["status"] for r in store.runs() if r["id"] not in status or r["status"] == "done"})
     for t in tasks:
         print(f"{t['id'][:16]}  {t['net']:<10} seed {t['seed']:<3} {status.get(t['id'], 'new'):<11} {t['method']}")
     counts = defaultdict(int)
@@ -213,7 +220,8 @@ def group_rows(rows, by) -> list:
 def cmd_results(args) -> int:
     if args.archive:
         written = archive.write(args.sweep_dir, args.archive)
-        print(f"wrote {written['runs']} finished runs ({written['steps']} steps) to {written['dir']}")
+        print(f"{written['dir']}: {written['runs']} finished runs ({written['steps']} steps), "
+              f"{written['added']} of them added from {args.sweep_dir}")
         return 0
     with results_store.Store(args.sweep_dir, create=False) as store:
         rows = select_runs(store, args.net, args.metric, args.status, args.seed)

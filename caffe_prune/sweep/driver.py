@@ -9,6 +9,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+from caffe_prune import archive
 from caffe_prune import store as results_store
 from caffe_prune.sweep.executors import LocalExecutor
 from caffe_prune.sweep.spec import Spec, expand
@@ -16,7 +17,7 @@ from caffe_prune.sweep.spec import Spec, expand
 @dataclasses.dataclass
 class Outcome:
     runs: int
-    done_before: int
+    done_before: int               # in the store or the SPEC's archive before this launch
     done: int = 0
     failed: int = 0
     busy: int = 0
@@ -37,14 +38,18 @@ def launch(spec: Spec, executor_factory=None, retries: int = 2, progress: bool =
     data = resolve_data(spec.data, progress)
     expand(spec, data)                         # every error in the SPEC before anything is written
     tasks = expand(spec, data, sweep_dir)
+    archived = archive.ids(spec.archive) if spec.archive else set()
     with results_store.Store(sweep_dir) as store:
-        store.add_runs(tasks)
-        store.set_meta("spec", spec.as_dict())
         done = {r["id"] for r in store.runs(status="done")}
-        todo = [dict(t, sweep_dir=str(sweep_dir)) for t in tasks if t["id"] not in done]
+        archived -= done
+        store.add_runs([t for t in tasks if t["id"] not in archived])     # the archive's runs are not run here
+        store.set_meta("spec", spec.as_dict())
+        todo = [dict(t, sweep_dir=str(sweep_dir)) for t in tasks if t["id"] not in done | archived]
         outcome = Outcome(runs=len(tasks), done_before=len(tasks) - len(todo), sweep_dir=str(sweep_dir))
-        log(f"sweep {spec.name}: {len(tasks)} runs, {outcome.done_before} done before, {len(todo)} to run "
-            f"-> {sweep_dir}")
+        in_archive = sum(t["id"] in archived for t in tasks)
+        log(f"sweep {spec.name}: {len(tasks)} runs, {outcome.done_before} done before"
+            + (f" ({in_archive} in the archive {spec.archive})" if spec.archive else "")
+            + f", {len(todo)} to run -> {sweep_dir}")
         if not todo:
             return outcome
         executor = (executor_factory or LocalExecutor)()

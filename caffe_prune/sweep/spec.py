@@ -22,7 +22,8 @@ RUN_FIELDS = ("net", "weights", "metric", "oracle", "seed", "data", "plugins")  
 STOPS = ("drop", "end")
 
 
-SPEC_KEYS = ("name", "out", "data", "networks", "metrics", "domino", "oracles", "forms", "seeds", "protocol", "plugins")
+SPEC_KEYS = ("name", "out", "archive", "data", "networks", "metrics", "domino", "oracles", "forms", "seeds", "protocol",
+             "plugins")
 
 
 class SweepError(ValueError):
@@ -43,6 +44,7 @@ class Spec:
     protocol: dict                 # Config fields other than RUN_FIELDS, plus stop and report_drop
     forms: str = methods.DEFAULT_FORMS   # which forms of papers/004's five an oracle "paper" composes
     plugins: list = dataclasses.field(default_factory=list)   # plugin metric files (caffe_prune.metrics.plugins)
+    archive: str | None = None     # the sweep's committed results archive (caffe_prune.archive): its runs are skipped
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,7 +125,17 @@ def parse_spec(raw: dict) -> Spec:
     return Spec(name=name, out=str(raw.get("out") or Path("runs") / "sweeps" / name), data=raw.get("data"),
                 networks={str(k): str(v) for k, v in networks.items()}, metrics=metrics, domino=domino,
                 oracles=oracles, seeds=list(dict.fromkeys(seeds)), protocol=protocol, forms=forms,
-                plugins=plugin_files)
+                plugins=plugin_files, archive=_archive(raw.get("archive")))
+
+
+def _archive(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise SweepError(f"archive must be a folder's path (the sweep's results archive), got {value!r}")
+    if Path(value).exists() and not Path(value).is_dir():
+        raise SweepError(f"archive {value} is not a folder; a results archive is a folder of runs.csv and steps.csv.gz")
+    return value
 
 
 def parse_protocol(given: dict) -> dict:
