@@ -1,10 +1,10 @@
 """caffe-prune: channel pruning research on stock BVLC Caffe (pycaffe).
 
-Data flows one way, one module per arrow: prototxt and caffemodel (``engine``) -> data as Caffe
+Data flows one way, one module per arrow: prototxt and caffemodel (``pycaffe``) -> data as Caffe
 reads it (``data``) -> the channel graph (``graph``: groups, Θ_C, their slices) -> masks on Caffe's
 blobs (``masking``) -> saliency metrics from Caffe's passes (``metrics``) -> a decision (a metric or
 the ``oracle``) -> a step record (``pruning``, in its ``rundir``) -> reports (``report``) and sweeps
-(``sweep``) -> the command line (``cli``).
+(``sweep``) -> the commands (``commands``, assembled by ``cli``).
 
 ``LAYERS`` is that order as data, lowest first: a module imports only from its own layer or lower
 ones, and never in a circle (tests/test_layout.py draws the import graph and checks both).
@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 LAYERS = (
     # foundations, no Caffe: errors, atomic files and locks, the layer registry, downloads, the
     # taxonomy's names, the oracle's choice, run directories, the results store
-    ("errors", "fsio", "layers", "download", "oracle", "metrics.plugins", "metrics.taxonomy", "metrics.methods", "rundir", "store",
-     "archive", "report.text"),
+    ("errors", "fsio", "layers", "download", "oracle", "analysis", "metrics.plugins", "metrics.taxonomy",
+     "metrics.methods", "rundir", "store", "archive", "report.text"),
     # Caffe itself
-    ("engine", "metrics.inputs"),
+    ("pycaffe", "metrics.inputs"),
     # data and weights as Caffe reads them
     ("data", "data.sources", "data.reader", "data.records_db", "data.records", "data.transform", "data.caffe_db",
-     "data.cifar10", "data.synthetic", "published"),
+     "data.cifar10", "data.synthetic", "published_weights"),
     # network definitions and datasets
     ("netdef", "networks", "data.dataset", "metrics.hessian"),
     # the channel graph, and what reads a net's blobs
@@ -28,12 +28,15 @@ LAYERS = (
     # masks, export, sessions, measured latency
     ("masking", "export", "graph_view", "importer", "session", "profile"),
     # a step's Caffe work, training
-    ("passes", "train", "train.recipe", "train.heldzero", "train.loop", "train.plots", "train.retrain"),
+    ("engines", "train", "train.recipe", "train.heldzero", "train.loop", "train.plots", "train.retrain"),
     # Algorithm 1
     ("pruning",),
     # what uses runs: the public API, fine-tuning, the bench, reports, sweeps
-    ("api", "finetune", "bench", "report", "report.published", "report.stats", "report.figures", "report.oracle",
-     "report.taxonomy", "report.domino", "report.faithfulness", "sweep", "sweep.spec", "sweep.executors", "sweep.driver"),
-    # the command line: options parsed into the objects above, commands that parse and print
-    ("options", "sweep.reproduce", "sweep.commands", "metrics.commands", "data.commands", "cli", "__main__"),
+    ("api", "finetune", "bench", "report", "report.published_figures", "report.stats", "report.figures", "report.oracle",
+     "report.taxonomy", "report.domino", "report.faithfulness", "sweep", "sweep.spec", "sweep.executors", "sweep.driver",
+     "sweep.papers"),
+    # the command line: options parsed into the objects above, commands that parse and print, the parser
+    ("commands", "commands.options", "commands.doctor", "commands.network", "commands.train", "commands.data",
+     "commands.profile", "commands.metrics", "commands.prune", "commands.sweep", "commands.report",
+     "commands.reproduce", "cli", "__main__"),
 )

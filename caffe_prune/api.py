@@ -91,8 +91,8 @@ def open_session(net, weights=None, data=None, **options) -> Session:
 def published_weights(net: str) -> str:
     """The authors' caffemodel of a built-in network (LeNet-5, CIFAR10, NIN, ResNet-20), checked by
     sha256 ($CAFFE_PRUNE_MODELS's mirror, or downloaded once into the cache)."""
-    from caffe_prune import published
-    return str(published.caffemodel(net))
+    from caffe_prune import published_weights
+    return str(published_weights.caffemodel(net))
 
 
 def load_plugin(path) -> plugins.Plugin:
@@ -164,7 +164,7 @@ def export(session: Session, pruned, out_dir, semantics: str = "zero-downstream"
     {"batch_sizes", "repeats", "threads"}). ``session`` opened with ``form="structure"``, or a
     session of the same network and weights (reopened in that form here)."""
     from caffe_prune.export import export_session
-    structure = session if session.kind == "structure" else Session(
+    structure = session if session.form == "structure" else Session(
         session.network, session.weights, session.dataset, session.batch_size, input_shape=session.input_shape,
         form="structure")
     return export_session(structure, set(pruned), out_dir, semantics, images, 0, timing)

@@ -2,10 +2,10 @@
 
 Modes (``--modes``, all by default):
 
-- ``naive``: caffe_prune.passes.Naive, one BLAS thread (the reference whose bits every mode must match);
+- ``naive``: caffe_prune.engines.Naive, one BLAS thread (the reference whose bits every mode must match);
 - ``naive-blas``: the same with every core given to OpenBLAS (Caffe's usual way to use a machine;
   timed beside the others, its decisions compared too: threads change the last bits);
-- ``fast-1``: caffe_prune.passes.Fast in this process (suffix-only probes, incremental test);
+- ``fast-1``: caffe_prune.engines.Fast in this process (suffix-only probes, incremental test);
 - ``fast-N``: the same with N worker processes (``--workers``, default one per core).
 
 The modes run interleaved, step after step, so that a busy machine slows them alike, after one
@@ -14,7 +14,7 @@ mode: seconds per step and per phase (saliency, probes, test), the step-throughp
 ``naive``, whether every decision, sensitivity and test score equals ``naive``'s (exact float ties
 named), CPU cores used (CPU time / wall time, workers included), peak memory (this process, and the
 largest worker), and the distance to the machine: a plain forward's GFLOP/s (FLOPs counted from the
-net's shapes, caffe_prune.passes.Plan) against the measured single-thread SGEMM rate, and each
+net's shapes, caffe_prune.engines.Plan) against the measured single-thread SGEMM rate, and each
 mode's effective GFLOP/s (the FLOPs a naive step does, per second of the mode's step).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, evaluate, passes, pruning
+from caffe_prune import engines, evaluate, pruning, pycaffe
 
 PHASES = ("saliency", "probes", "test")
 
@@ -98,7 +98,7 @@ def _fill(run: pruning.Run, images: int) -> None:
 def bench(config: pruning.Config, steps: int, modes, workers: int | None = None, fill_test: bool = False,
           progress: bool = True) -> dict:
     """Run ``steps`` steps of ``config`` in every mode; the figures as plain data."""
-    workers = workers or engine.cores()
+    workers = workers or pycaffe.cores()
     engines = {"naive": ("naive", None), "naive-blas": ("naive", None), "fast-1": ("fast", 1),
                f"fast-{workers}": ("fast", workers)}
     unknown = [m for m in modes if m not in engines and m != "fast-N"]
@@ -113,12 +113,12 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
             if fill_test:
                 run.engine.close()
                 _fill(run, config.test_size * config.batch_size)
-                run.engine = passes.make(kind, run.session, run.masker, run.test, count, config.cache_mb)
+                run.engine = engines.make(kind, run.session, run.masker, run.test, count, config.cache_mb)
             if name == "naive-blas":
-                engine.set_blas_threads(engine.cores())
+                pycaffe.set_blas_threads(pycaffe.cores())
             runs[name] = Mode(name, run)
         first = next(iter(runs.values())).run
-        graph, plan = first.graph, passes.Plan(first.net, first.graph)
+        graph, plan = first.graph, engines.Plan(first.net, first.graph)
         for mode in runs.values():                                # step 0: the unpruned measurement
             _set_threads(mode)
             mode.records.append({"test": mode.run._test()})
@@ -145,7 +145,7 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
     flops_naive_step = _naive_step_flops(config, plan, len(first.test))
     result = {"net": config.net, "steps": len(next(iter(runs.values())).seconds), "k": config.k,
               "test_images": len(first.test), "batch_size": config.batch_size,
-              "input_shape": list(first.session.input_shape), "oracle": bool(config.oracle), "cores": engine.cores(),
+              "input_shape": list(first.session.input_shape), "oracle": bool(config.oracle), "cores": pycaffe.cores(),
               "workers": workers, "sgemm_gflops_1_thread": round(peak, 2),
               "forward_gflops_1_thread": round(forward, 2), "forward_share_of_sgemm": round(forward / peak, 3),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "modes": {}}
@@ -174,12 +174,12 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
 
 
 def _set_threads(mode: Mode) -> None:
-    engine.set_blas_threads(engine.cores() if mode.name == "naive-blas" else engine.BLAS_THREADS)
+    pycaffe.set_blas_threads(pycaffe.cores() if mode.name == "naive-blas" else pycaffe.BLAS_THREADS)
 
 
-def _forward_rate(run: pruning.Run, plan: passes.Plan) -> float:
+def _forward_rate(run: pruning.Run, plan: engines.Plan) -> float:
     """GFLOP/s of one plain forward of a batch (one BLAS thread), best of three."""
-    engine.set_blas_threads(engine.BLAS_THREADS)
+    pycaffe.set_blas_threads(pycaffe.BLAS_THREADS)
     x, y = run.validation.batch(np.arange(min(run.config.batch_size, len(run.validation))))
     evaluate.feed(run.net, x, y)
     best = float("inf")

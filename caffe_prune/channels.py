@@ -3,7 +3,7 @@ tensor channel comes from, what ties them together, what reads them and what rid
 (caffe_prune.graph makes the prunable groups of this).
 
 ``trace(net_param, shapes)`` walks the layers Caffe instantiates
-(``engine.instantiated_layers``: the TEST phase, or the TRAIN phase for a definition saved from the
+(``pycaffe.instantiated_layers``: the TEST phase, or the TRAIN phase for a definition saved from the
 TRAIN net) in net order. ``shapes`` maps every blob name to its shape as Caffe computed it
 (``{name: blob.data.shape for name, blob in net.blobs.items()}``): no shape inference is
 re-implemented here. Each blob name holds the *current* tensor, so an in-place layer (top ==
@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from caffe_prune import layers
-from caffe_prune.engine import instantiated_layers
-from caffe_prune.errors import EngineError
+from caffe_prune.pycaffe import instantiated_layers
+from caffe_prune.errors import InputError
 
 NO_UNITS = frozenset()
 
@@ -178,13 +178,13 @@ class _Builder:
 
     def shape(self, blob, layer):
         if blob not in self.shapes:
-            raise EngineError(f"layer {layer.name!r}: the shapes given hold no blob {blob!r}")
+            raise InputError(f"layer {layer.name!r}: the shapes given hold no blob {blob!r}")
         return self.shapes[blob]
 
     def check_width(self, blob, tensor, layer):
         shape = self.shapes.get(blob)
         if shape is not None and len(shape) >= 2 and shape[1] != len(tensor.channels):
-            raise EngineError(f"layer {layer.name!r}: shapes give {blob!r} {shape[1]} channels, "
+            raise InputError(f"layer {layer.name!r}: shapes give {blob!r} {shape[1]} channels, "
                                      f"the graph traced {len(tensor.channels)}; shapes from another net?")
 
     def fresh(self, layer):
@@ -196,7 +196,7 @@ class _Builder:
     def visit(self, layer):
         for blob in layer.bottom:
             if blob not in self.tensors:
-                raise EngineError(f"layer {layer.name!r} reads blob {blob!r} that no earlier layer produces")
+                raise InputError(f"layer {layer.name!r} reads blob {blob!r} that no earlier layer produces")
             self.unread[blob] = False
         bottoms = [self.tensors[b] for b in layer.bottom]
         rule = layers.rule(layer.type)
@@ -289,7 +289,7 @@ class _Builder:
         self.check_width(layer.bottom[0], x, layer)
         m, n, g = len(x.channels), out_shape[1], cp.group
         if n != cp.num_output or m % g or n % g:
-            raise EngineError(f"layer {layer.name!r}: {m} inputs, {n} outputs in shapes "
+            raise InputError(f"layer {layer.name!r}: {m} inputs, {n} outputs in shapes "
                                      f"(num_output {cp.num_output}), group {g} do not fit")
         units = tuple(Channel(layer.name, i) for i in range(n))
         self.parent.update((u, u) for u in units)
@@ -327,7 +327,7 @@ class _Builder:
             self.fc[layer.name] = FcInfo(ip.num_output, None, size, ip.transpose)
         else:
             if len(x.channels) * x.block != size:
-                raise EngineError(f"layer {layer.name!r}: {len(x.channels)} channels of {x.block} "
+                raise InputError(f"layer {layer.name!r}: {len(x.channels)} channels of {x.block} "
                                          f"do not make its {size} inputs; shapes from another net?")
             self.fc[layer.name] = FcInfo(ip.num_output, len(x.channels), x.block, ip.transpose)
             self.consumers += [(ConsumerSlice(layer.name, "fc", c), s) for c, s in enumerate(x.channels) if s]
@@ -339,7 +339,7 @@ class _Builder:
 def trace(net_param, shapes) -> _Builder:
     """The traversal of ``net_param``'s layers (TEST phase) with blob shapes as Caffe computed them."""
     if net_param.layers:
-        raise EngineError(f"net {net_param.name!r} uses the V1 'layers' field; upgrade it with "
+        raise InputError(f"net {net_param.name!r} uses the V1 'layers' field; upgrade it with "
                           f"Caffe's upgrade_net_proto_text")
     builder = _Builder(shapes)
     builder.tensors.update((name, _tensor_of(builder.shapes.get(name))) for name in net_param.input)

@@ -3,7 +3,7 @@
 Each carries a one-line message naming the file, layer, record or argument and what to do;
 ``caffe-prune``'s error boundary (caffe_prune.cli) prints it as one line with exit status 2.
 
-- ``EngineError``: a problem with Caffe or with what was about to be handed to it (a prototxt, a
+- ``InputError``: a problem with Caffe or with what was about to be handed to it (a prototxt, a
   caffemodel, a pruning state, an option);
 - ``DataError``: data that cannot be read or used as given (a data set, a record, a transform);
   a ValueError, as the other input errors are;
@@ -12,7 +12,7 @@ Each carries a one-line message naming the file, layer, record or argument and w
 """
 
 
-class EngineError(RuntimeError):
+class InputError(RuntimeError):
     """A problem with Caffe or with what was about to be handed to it; the message is one line."""
 
 
@@ -27,3 +27,8 @@ class MetricError(ValueError):
 class PluginError(MetricError):
     """A plugin metric that cannot be loaded, or that raised or returned values that cannot be used;
     the message is one line naming the plugin (and, from a pruning run, the step)."""
+
+
+def one_line(exc) -> str:
+    """An exception's message on one line (what the command line prints)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine
 from caffe_prune.netdef import EVAL_TOPS
+from caffe_prune.errors import InputError
 
 
 def feed(net, x: np.ndarray, y: np.ndarray) -> int:
@@ -19,10 +19,10 @@ def feed(net, x: np.ndarray, y: np.ndarray) -> int:
     batch of another size; returns the batch size."""
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y) or len(x) == 0:
-        raise engine.EngineError(f"a batch needs as many labels as images (got {len(x)} and {len(y)}), at least one")
+        raise InputError(f"a batch needs as many labels as images (got {len(x)} and {len(y)}), at least one")
     inputs = net.inputs
     if len(inputs) < 2:
-        raise engine.EngineError(f"the net has inputs {list(inputs)}; an evaluation form takes images and labels")
+        raise InputError(f"the net has inputs {list(inputs)}; an evaluation form takes images and labels")
     data, label = net.blobs[inputs[0]], net.blobs[inputs[1]]
     if data.data.shape != x.shape:
         data.reshape(*x.shape)
@@ -39,7 +39,7 @@ def scores(net, first: int = 0) -> tuple:
     loss = float(net.blobs[EVAL_TOPS["loss"]].data)
     if not np.isfinite(loss):
         n = net.blobs[net.inputs[0]].data.shape[0]
-        raise engine.EngineError(f"the loss of images {first}..{first + n - 1} is {loss}: the net's weights or "
+        raise InputError(f"the loss of images {first}..{first + n - 1} is {loss}: the net's weights or "
                                  f"inputs hold values that are not finite, so no accuracy it reports means anything")
     return loss, float(net.blobs[EVAL_TOPS["top1"]].data), float(net.blobs[EVAL_TOPS["top5"]].data)
 
@@ -64,19 +64,19 @@ def evaluate(net, inputs, labels=None, batch_size: int = 128, batches: int | Non
     dataset split (caffe_prune.data.dataset.Split, ``labels`` None), read and transformed a batch
     at a time, so that memory holds a batch, not the split. ``batches``: only the first N."""
     if batches is not None and batches < 1:
-        raise engine.EngineError(f"--batches must be at least 1, got {batches}")
+        raise InputError(f"--batches must be at least 1, got {batches}")
     if labels is None:
         split = inputs if batches is None else inputs.head(batches * batch_size)
         count, stream = len(split), split.batches(batch_size)
     else:
         if len(inputs) != len(labels):
-            raise engine.EngineError(f"{len(inputs)} inputs but {len(labels)} labels")
+            raise InputError(f"{len(inputs)} inputs but {len(labels)} labels")
         if batches is not None:
             inputs, labels = inputs[:batches * batch_size], labels[:batches * batch_size]
         count = len(inputs)
         stream = ((inputs[lo:lo + batch_size], labels[lo:lo + batch_size]) for lo in range(0, count, batch_size))
     if count == 0:
-        raise engine.EngineError("no images to evaluate")
+        raise InputError("no images to evaluate")
     rows = []
     for number, (x, y) in enumerate(tqdm(stream, total=-(-count // batch_size), desc="evaluate", unit="batch",
                                          disable=not progress, leave=False)):

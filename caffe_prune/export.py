@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, fsio, layers, netdef, profile
+from caffe_prune import fsio, layers, netdef, profile, pycaffe
+from caffe_prune.errors import InputError
 
 
 def compact(net_param, graph, pruned, net) -> tuple:
@@ -32,7 +33,7 @@ def compact(net_param, graph, pruned, net) -> tuple:
     removed = defaultdict(list)
     for (layer, blob, axis), positions in graph.removed_positions(pruned).items():
         removed[layer].append((blob, axis, positions))
-    out = engine.caffe_pb2().NetParameter()
+    out = pycaffe.caffe_pb2().NetParameter()
     out.CopyFrom(net_param)
     weights = {}
     for layer in out.layer:
@@ -60,14 +61,14 @@ def _outputs(net, x, logits: str | None = None) -> dict:
 
 def compact_net(net_param, graph, pruned, net, input_shape, where: str, probe: bool = True) -> tuple:
     """(compact NetParameter, its weights, the compact structure form built in Caffe with them);
-    ``probe``: build it in a forked child first (engine.probe_construct)."""
+    ``probe``: build it in a forked child first (pycaffe.probe_construct)."""
     compact_param, weights = compact(net_param, graph, pruned, net)
     form = netdef.structure_form(compact_param, input_shape, where)
-    small = engine.net_from_param(netdef.without_fillers(form), probe=probe, where=f"{where} (compact)")
+    small = pycaffe.net_from_param(netdef.without_fillers(form), probe=probe, where=f"{where} (compact)")
     for layer, arrays in weights.items():
         for blob, array in zip(small.params[layer], arrays):
             if blob.data.shape != array.shape:
-                raise engine.EngineError(f"export: layer {layer!r} blob shape {array.shape} does not fit the "
+                raise InputError(f"export: layer {layer!r} blob shape {array.shape} does not fit the "
                                          f"compact net's {blob.data.shape}")
             blob.data[...] = array
     return compact_param, weights, small
@@ -129,7 +130,7 @@ def export_session(session, pruned, out_dir, semantics: str = "zero-downstream",
     inputs = session.dataset.test.head(images).x if session.dataset is not None else None
     try:
         logits = network.head().logits
-    except engine.EngineError:        # a net without a classifier head: its outputs are compared
+    except InputError:        # a net without a classifier head: its outputs are compared
         logits = None
     done = export(network.param, g, pruned, session.net, out_dir, network.name, session.input_shape, inputs,
                   network.where, seed, logits)
@@ -150,14 +151,14 @@ def export_session(session, pruned, out_dir, semantics: str = "zero-downstream",
                                f"channels, so the compact net is not exactly the masked one; measured deviation "
                                f"{deviation:.3g}")
     elif semantics == "zero-downstream" and deviation > 1e-4:
-        raise engine.EngineError(f"compact export deviates from the masked net by {deviation:.3g} (relative); "
+        raise InputError(f"compact export deviates from the masked net by {deviation:.3g} (relative); "
                                  f"please report this as a bug")
     if timing is not None:            # the original and the compact network timed as Caffe runs them
         kept = {name: [b.data.copy() for b in blobs] for name, blobs in done["net"].params.items()}
         shape = session.input_shape
         before = profile.profile(network.param, session.weights, shape, where=network.where, **timing,
                                  costs={"macs": original.macs, "params": original.params})
-        after = profile.profile(engine.read_prototxt(done["prototxt"]), kept, shape, where=done["prototxt"],
+        after = profile.profile(pycaffe.read_prototxt(done["prototxt"]), kept, shape, where=done["prototxt"],
                                 **timing, costs={"macs": left.macs, "params": left.params})
         report["latency"] = profile.compare(before, after)
     return report

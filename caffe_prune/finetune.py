@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from caffe_prune import engine, fsio, masking, pruning, train
+from caffe_prune import analysis, fsio, masking, pruning, train
 from caffe_prune.download import digest
 from caffe_prune.rundir import RunDir
 from caffe_prune.session import Network, Session, parse_shape
+from caffe_prune.errors import InputError
 
 
-class FinetuneError(engine.EngineError):
+class FinetuneError(InputError):
     """A fine-tuning request that cannot be carried out; the message is one line."""
 
 
@@ -35,7 +36,7 @@ def read_run(run_dir) -> tuple:
     """(Config, header, steps) of a pruning run directory, read through caffe_prune.rundir."""
     try:
         header, steps = RunDir(run_dir).read()
-    except engine.EngineError as exc:
+    except InputError as exc:
         raise FinetuneError(str(exc)) from None
     known = {f.name for f in dataclasses.fields(pruning.Config)}
     return pruning.Config(**{k: v for k, v in header["config"].items() if k in known}), header, steps
@@ -43,14 +44,14 @@ def read_run(run_dir) -> tuple:
 
 def session_at(run_dir, step: int | None = None, progress: bool = True) -> dict:
     """The run's session with the groups of steps 1..step committed (default step: the last measured
-    step within the run's drop, pruning.step_at_drop): {session, masker, step, steps, config, weights}."""
+    step within the run's drop, analysis.step_at_drop): {session, masker, step, steps, config, weights}."""
     run_dir = Path(run_dir)
     config, header, steps = read_run(run_dir)
     last = len(steps) - 1
     if last < 1:
         raise FinetuneError(f"{run_dir} has no pruning step yet (only step 0)")
     if step is None:
-        step = pruning.step_at_drop(steps, config.max_drop) or last
+        step = analysis.step_at_drop(steps, config.max_drop) or last
     if not 1 <= step <= last:
         raise FinetuneError(f"--step {step}: {run_dir} has steps 1..{last}")
     identity = header.get("identity") or {}

@@ -69,7 +69,7 @@ import numpy as np
 from caffe_prune import layers, netdef
 from caffe_prune.channels import (NO_UNITS, Channel, ConsumerSlice, FcInfo, ProducerInfo, Rider,  # noqa: F401
                                   trace)
-from caffe_prune.errors import EngineError
+from caffe_prune.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class ChannelGraph:
         if pruned:
             ids = np.fromiter(pruned, dtype=np.intp, count=len(pruned))
             if ids.min() < 0 or ids.max() >= self._never:
-                raise EngineError(f"pruned holds group ids outside 0..{self._never - 1}")
+                raise InputError(f"pruned holds group ids outside 0..{self._never - 1}")
             mask[ids] = True
         return mask
 
@@ -242,7 +242,7 @@ class ChannelGraph:
     def active(self, layer: str, pruned) -> int:
         """Output channels of conv ``layer`` still present."""
         if layer not in self._conv:
-            raise EngineError(f"{layer!r} is not a Convolution of this graph")
+            raise InputError(f"{layer!r} is not a Convolution of this graph")
         return int(np.count_nonzero(~self._mask(pruned)[self._conv[layer][1]]))
 
     def present(self, layer: str, pruned, side: str = "output") -> np.ndarray:
@@ -257,7 +257,7 @@ class ChannelGraph:
             return ~mask[self._conv[layer][0]]
         if side == "input" and layer in self._fc_in:
             return ~mask[self._fc_in[layer]]
-        raise EngineError(f"{layer!r} has no {side} channels in this graph (side is 'output' "
+        raise InputError(f"{layer!r} has no {side} channels in this graph (side is 'output' "
                           f"for a Convolution, 'input' for a Convolution or an InnerProduct fed channels)")
 
     def prunable(self, pruned) -> list:
@@ -311,7 +311,7 @@ class ChannelGraph:
         computed on the layers the group touches only."""
         removed, per_layer = self._removed(pruned)
         if not 0 <= group_id < self._never:
-            raise EngineError(f"no group {group_id}; the graph has groups 0..{self._never - 1}")
+            raise InputError(f"no group {group_id}; the graph has groups 0..{self._never - 1}")
         added = defaultdict(set)
         for s in self.groups[group_id].slices:
             added[(s.layer, s.blob, s.axis)].update(s.positions)
@@ -335,7 +335,7 @@ class ChannelGraph:
             info = self.producers[layer]
             kept = {frozenset(v) for v in by_rows.values()}
             if len(kept) > 1 or len(by_rows) != info.group:
-                raise EngineError(f"layer {layer!r}: its groups lose different channels "
+                raise InputError(f"layer {layer!r}: its groups lose different channels "
                                   f"{[sorted(v) for v in by_rows.values()]}; the graph's ties were violated")
         return {key: sorted(positions) for key, positions in removed.items() if positions}
 
@@ -371,9 +371,9 @@ class ChannelGraph:
         pruned = set()
         for i in ids:
             if not 0 <= i < len(self.groups):
-                raise EngineError(f"no group {i}; the net has groups 0..{len(self.groups) - 1}")
+                raise InputError(f"no group {i}; the net has groups 0..{len(self.groups) - 1}")
             if i not in self.prunable(pruned) and i not in pruned:
-                raise EngineError(f"with groups {sorted(pruned)} pruned, group {i} would leave "
+                raise InputError(f"with groups {sorted(pruned)} pruned, group {i} would leave "
                                   f"{', '.join(self.groups[i].layers)} without a channel (a layer keeps at least one)")
             pruned.add(i)
         return pruned
@@ -381,7 +381,7 @@ class ChannelGraph:
     def random_state(self, fraction: float, seed: int = 0) -> set:
         """A seeded random ``fraction`` of the groups, each drawn from what is still prunable."""
         if not 0 < fraction < 1:
-            raise EngineError(f"the fraction of groups to prune must be in (0, 1), got {fraction}")
+            raise InputError(f"the fraction of groups to prune must be in (0, 1), got {fraction}")
         rng, pruned = np.random.default_rng(seed), set()
         for _ in range(int(fraction * len(self.groups))):
             offered = self.prunable(pruned)

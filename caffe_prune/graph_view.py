@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from caffe_prune import engine, fsio
+from caffe_prune import fsio, pycaffe
+from caffe_prune.errors import InputError
 
 PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#fdb462", "#b3de69", "#fccde5", "#bc80bd",
            "#ccebc5", "#ffed6f"]
@@ -74,15 +75,15 @@ def draw(graph, net_param, path) -> Path:
     try:
         import pydot
     except ImportError:
-        raise engine.EngineError("drawing needs pydot: pip install pydot (and Graphviz: apt-get install "
+        raise InputError("drawing needs pydot: pip install pydot (and Graphviz: apt-get install "
                                  "graphviz)") from None
     path = Path(path)
     if path.suffix not in (".png", ".svg"):
-        raise engine.EngineError(f"{path}: the picture must be .png or .svg")
+        raise InputError(f"{path}: the picture must be .png or .svg")
     clusters = tie_clusters(graph)
     dot = pydot.Dot(graph_type="digraph", rankdir="TB", fontname="Helvetica")
     producer_of = {}
-    for layer in engine.instantiated_layers(net_param):
+    for layer in pycaffe.instantiated_layers(net_param):
         label = f"{layer.name}\\n{layer.type}"
         style = {"shape": "box", "style": "filled", "fillcolor": "#eeeeee"}
         if layer.name in graph.producers:
@@ -101,5 +102,5 @@ def draw(graph, net_param, path) -> Path:
         with fsio.replacing(path) as tmp:
             (dot.write_png if path.suffix == ".png" else dot.write_svg)(str(tmp))
     except (OSError, FileNotFoundError) as exc:
-        raise engine.EngineError(f"Graphviz could not draw {path} ({exc}); apt-get install graphviz") from None
+        raise InputError(f"Graphviz could not draw {path} ({exc}); apt-get install graphviz") from None
     return path

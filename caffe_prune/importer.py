@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, fsio, netdef
+from caffe_prune import fsio, netdef, pycaffe
+from caffe_prune.errors import InputError
 
 UNKNOWN_FIELD = re.compile(r'has no field named "(\w+)"')
 
@@ -62,7 +63,7 @@ def parse_tolerant(path, message):
         except text_format.ParseError as exc:
             field = UNKNOWN_FIELD.search(str(exc))
             if not field or not hasattr(exc, "GetLine"):
-                raise engine.EngineError(f"{path}:{getattr(exc, 'GetLine', lambda: '?')()}: "
+                raise InputError(f"{path}:{getattr(exc, 'GetLine', lambda: '?')()}: "
                                          f"{str(exc).split(' : ', 1)[-1]}") from None
             lines = text.split("\n")
             start = sum(len(l) + 1 for l in lines[:exc.GetLine() - 1])
@@ -82,11 +83,11 @@ def published_files(src) -> tuple[Path | None, Path]:
     if src.is_file() and src.suffix == ".caffemodel":
         return None, src
     if not src.is_dir():
-        raise engine.EngineError(f"{src} is neither a caffemodel nor a directory holding a published model")
+        raise InputError(f"{src} is neither a caffemodel nor a directory holding a published model")
     prototxts = [src / n for n in ("masked.prototxt", "original.prototxt") if (src / n).is_file()]
     models = sorted(src.glob("*.caffemodel"))
     if len(models) != 1:
-        raise engine.EngineError(f"{src} must hold exactly one caffemodel (and optionally masked.prototxt "
+        raise InputError(f"{src} must hold exactly one caffemodel (and optionally masked.prototxt "
                                  f"or original.prototxt); found {sorted(p.name for p in src.iterdir())}")
     return (prototxts[0] if prototxts else None), models[0]
 
@@ -133,7 +134,7 @@ def network_of(src: Path, model_param, net: str | None) -> str | None:
 
 def weights_mismatch(net_param, weights: dict) -> str | None:
     """Why `weights` do not load by name into `net_param` (built in Caffe), or None if they do."""
-    net = engine.net_from_param(net_param)
+    net = pycaffe.net_from_param(net_param)
     for layer, blobs in net.params.items():
         arrays = weights.get(layer)
         if arrays is None:
@@ -147,7 +148,7 @@ def weights_mismatch(net_param, weights: dict) -> str | None:
 def stock_definition(authors, model_param, weights: dict):
     """The authors' own definition made stock: their cleaned prototxt if given, else the one
     embedded in the caffemodel; param specs trimmed to the blobs each layer really has."""
-    stock = engine.caffe_pb2().NetParameter()
+    stock = pycaffe.caffe_pb2().NetParameter()
     stock.CopyFrom(authors if authors is not None else model_param)
     for layer in stock.layer:
         del layer.blobs[:]
@@ -165,11 +166,11 @@ def import_published(src, out_dir, net: str | None = None) -> dict:
     from caffe_prune import networks
     src, out_dir = Path(src), Path(out_dir)
     prototxt, caffemodel = published_files(src)
-    model = engine.read_caffemodel(caffemodel)
+    model = pycaffe.read_caffemodel(caffemodel)
     name = network_of(src, model, net)
     authors, dropped = None, []
     if prototxt is not None:
-        authors = engine.caffe_pb2().NetParameter()
+        authors = pycaffe.caffe_pb2().NetParameter()
         dropped = parse_tolerant(prototxt, authors)
     weights = unmasked_weights(model)
     masked = sum(len(l.blobs) for l in model.layer) - sum(len(w) for w in weights.values())
@@ -191,11 +192,11 @@ def import_published(src, out_dir, net: str | None = None) -> dict:
         definition = str(prototxt or caffemodel)
         why = weights_mismatch(deploy, weights)
         if why is not None:
-            raise engine.EngineError(f"{caffemodel}: {why} in its own definition: the caffemodel is damaged")
+            raise InputError(f"{caffemodel}: {why} in its own definition: the caffemodel is damaged")
     out_dir.mkdir(parents=True, exist_ok=True)
     stock_path = netdef.write_prototxt(stock, out_dir / f"{name}.prototxt")
     deploy_path = netdef.write_prototxt(deploy, out_dir / f"{name}.deploy.prototxt")
-    net_ = engine.load_net(deploy_path, probe=True)
+    net_ = pycaffe.load_net(deploy_path, probe=True)
     for layer, blobs in net_.params.items():
         for blob, array in zip(blobs, weights[layer]):
             blob.data[...] = array

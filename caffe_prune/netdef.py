@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from caffe_prune import engine, fsio
+from caffe_prune import fsio, pycaffe
 from caffe_prune.layers import DATA_TYPES, LEARNED_TYPES, LOSS_TYPES, rule
+from caffe_prune.errors import InputError
 
 # the tops of the scoring layers evaluation_form adds (a slash keeps them apart from user blobs)
 EVAL_TOPS = {"loss": "caffe_prune/loss", "top1": "caffe_prune/top1", "top5": "caffe_prune/top5"}
@@ -38,7 +39,7 @@ INPUT_SHAPE_HINT = "pass --input-shape C,H,W"
 
 
 def data_layers(net_param) -> list:
-    return [layer for layer in engine.instantiated_layers(net_param) if layer.type in DATA_TYPES]
+    return [layer for layer in pycaffe.instantiated_layers(net_param) if layer.type in DATA_TYPES]
 
 
 def input_blobs(net_param) -> tuple:
@@ -48,11 +49,11 @@ def input_blobs(net_param) -> tuple:
     if found:
         layer = found[0]
         if not layer.top:
-            raise engine.EngineError(f"data layer {layer.name!r} has no top")
+            raise InputError(f"data layer {layer.name!r} has no top")
         return layer.top[0], (layer.top[1] if len(layer.top) > 1 else None), layer
     if net_param.input:
         return net_param.input[0], (net_param.input[1] if len(net_param.input) > 1 else None), None
-    raise engine.EngineError(f"net {net_param.name!r} has no data layer, Input layer or input: field; "
+    raise InputError(f"net {net_param.name!r} has no data layer, Input layer or input: field; "
                              f"it cannot be fed images")
 
 
@@ -66,33 +67,33 @@ def _old_style_shape(net_param):
 
 def declared_input_shape(net_param, where: str) -> tuple:
     """(C, H, W) of the images as the definition states it (see the module docstring); raises
-    EngineError saying what is known and what to pass when nothing states it."""
+    InputError saying what is known and what to pass when nothing states it."""
     from caffe_prune.data import records
     _, _, layer = input_blobs(net_param)
     if layer is None:
         shape = _old_style_shape(net_param)
         if shape:
             return shape
-        raise engine.EngineError(f"{where}: input {net_param.input[0]!r} has no input_shape or input_dim; "
+        raise InputError(f"{where}: input {net_param.input[0]!r} has no input_shape or input_dim; "
                                  f"{INPUT_SHAPE_HINT}")
     if layer.type == "Input":
         shapes = layer.input_param.shape
         if shapes and len(shapes[0].dim) >= 2:
             return tuple(int(d) for d in shapes[0].dim[1:])
-        raise engine.EngineError(f"{where}: Input layer {layer.name!r} has no shape; {INPUT_SHAPE_HINT}")
+        raise InputError(f"{where}: Input layer {layer.name!r} has no shape; {INPUT_SHAPE_HINT}")
     if layer.type == "MemoryData":
         p = layer.memory_data_param
         return int(p.channels), int(p.height), int(p.width)
     if layer.type == "DummyData":
         if layer.dummy_data_param.shape and len(layer.dummy_data_param.shape[0].dim) >= 2:
             return tuple(int(d) for d in layer.dummy_data_param.shape[0].dim[1:])
-        raise engine.EngineError(f"{where}: DummyData layer {layer.name!r} has no shape; {INPUT_SHAPE_HINT}")
+        raise InputError(f"{where}: DummyData layer {layer.name!r} has no shape; {INPUT_SHAPE_HINT}")
     crop = layer.transform_param.crop_size
     try:
         channels, height, width = records.record_shape(layer)
     except ValueError as exc:      # the source is absent or unreadable: say what the prototxt gives
         known = _partial_shape(layer)
-        raise engine.EngineError(f"{where}: the image shape is unknown: {exc}"
+        raise InputError(f"{where}: the image shape is unknown: {exc}"
                                  + (f"; the prototxt gives {known}" if known else "")
                                  + f"; {INPUT_SHAPE_HINT}") from None
     return (channels, crop, crop) if crop else (channels, height, width)
@@ -120,7 +121,7 @@ def _without_splits(layers):
 
 
 def _copy(layer, alias):
-    pb2 = engine.caffe_pb2()
+    pb2 = pycaffe.caffe_pb2()
     copy = pb2.LayerParameter()
     copy.CopyFrom(layer)
     del copy.blobs[:]
@@ -143,8 +144,8 @@ def structure_form(net_param, input_shape=None, where: str | None = None):
     where = where or f"net {net_param.name!r}"
     data, label, _ = input_blobs(net_param)
     shape = tuple(input_shape) if input_shape else declared_input_shape(net_param, where)
-    layers, alias = _without_splits(engine.instantiated_layers(net_param))
-    out = engine.caffe_pb2().NetParameter(name=net_param.name)
+    layers, alias = _without_splits(pycaffe.instantiated_layers(net_param))
+    out = pycaffe.caffe_pb2().NetParameter(name=net_param.name)
     _input_layer(out, data, [(data, (1, *shape))])
     dropped = {label} if label else set()
     for layer in layers:
@@ -161,7 +162,7 @@ def structure_form(net_param, input_shape=None, where: str | None = None):
 def without_fillers(form):
     """A copy with Caffe's default constant fillers, for nets whose weights are loaded or never read
     (AlexNet's 68M fc weights would take half a second to fill)."""
-    fast = engine.caffe_pb2().NetParameter()
+    fast = pycaffe.caffe_pb2().NetParameter()
     fast.CopyFrom(form)
     for layer in fast.layer:
         for param in (layer.convolution_param, layer.inner_product_param):
@@ -172,8 +173,8 @@ def without_fillers(form):
 
 def shapes(form, where: str | None = None) -> dict:
     """{"blobs": {blob: shape}, "params": {layer: [shape of each parameter blob]}, "bytes_per_image"}
-    of a form, as Caffe computes them (after engine.check_net; ``where`` names the user's file)."""
-    net = engine.net_from_param(without_fillers(form), where=where)
+    of a form, as Caffe computes them (after pycaffe.check_net; ``where`` names the user's file)."""
+    net = pycaffe.net_from_param(without_fillers(form), where=where)
     return {"blobs": {name: tuple(blob.shape) for name, blob in net.blobs.items()},     # shapes: nothing allocated
             "params": {name: [tuple(b.shape) for b in blobs] for name, blobs in net.params.items()},
             "bytes_per_image": _bytes_per_image(net, form)}
@@ -206,11 +207,11 @@ class Head:
 def choose_head(net_param, logits: str | None = None, where: str | None = None) -> Head:
     """The logits (see the module docstring)."""
     where = where or f"net {net_param.name!r}"
-    layers, alias = _without_splits(engine.instantiated_layers(net_param))
+    layers, alias = _without_splits(pycaffe.instantiated_layers(net_param))
     produced = [top for layer in layers if layer.type not in DATA_TYPES for top in layer.top]
     if logits is not None:
         if logits not in produced:
-            raise engine.EngineError(f"{where}: --logits {logits!r} is not a blob any layer produces; "
+            raise InputError(f"{where}: --logits {logits!r} is not a blob any layer produces; "
                                      f"candidates: {', '.join(dict.fromkeys(reversed(produced[-6:])))}")
         return Head(logits, "--logits")
     for types, what in ((("SoftmaxWithLoss",), "loss"), (("Softmax",), "softmax")):
@@ -228,7 +229,7 @@ def choose_head(net_param, logits: str | None = None, where: str | None = None) 
                         f"{where} has no SoftmaxWithLoss or Softmax; using the output of the last "
                         f"{layer.type}, {layer.name!r}, as the logits (choose another with --logits BLOB)")
     others = sorted({layer.type for layer in layers if layer.type in LOSS_TYPES})
-    raise engine.EngineError(f"{where} has no classifier head (no SoftmaxWithLoss, Softmax, InnerProduct or "
+    raise InputError(f"{where} has no classifier head (no SoftmaxWithLoss, Softmax, InnerProduct or "
                              f"Convolution" + (f"; its losses are {', '.join(others)}" if others else "")
                              + "); name the logits blob with --logits BLOB")
 
@@ -237,9 +238,9 @@ def evaluation_form(net_param, input_shape, batch_size: int, head: Head, classes
     """The layers feeding ``head.logits``, fed by one Input layer (the images and labels, in the net's
     own blob names) and scored by Caffe's SoftmaxWithLoss and Accuracy (top-1, top-min(5, classes))."""
     if batch_size < 1:
-        raise engine.EngineError(f"the batch size must be at least 1, got {batch_size}")
+        raise InputError(f"the batch size must be at least 1, got {batch_size}")
     data, label, _ = input_blobs(net_param)
-    layers, alias = _without_splits(engine.instantiated_layers(net_param))
+    layers, alias = _without_splits(pycaffe.instantiated_layers(net_param))
     body = [layer for layer in layers if layer.type not in DATA_TYPES]
     names = {top for layer in body for top in layer.top} | {data}
     label = label or next(n for n in ("label", "caffe_prune/label") if n not in names)
@@ -249,7 +250,7 @@ def evaluation_form(net_param, input_shape, batch_size: int, head: Head, classes
         if needed & set(layer.top):
             kept.append(layer)
             needed |= {alias.get(b, b) for b in layer.bottom}
-    out = engine.caffe_pb2().NetParameter(name=net_param.name)
+    out = pycaffe.caffe_pb2().NetParameter(name=net_param.name)
     _input_layer(out, data, [(data, (batch_size, *input_shape)), (label, (batch_size,))])
     out.layer.extend(_copy(layer, alias) for layer in reversed(kept))
     out.layer.add(name="caffe_prune/loss", type="SoftmaxWithLoss", bottom=[head.logits, label],
@@ -267,7 +268,7 @@ def gradient_form(form):
     skips the weight gradients they never read (about half of a backward's GEMMs); the first
     learnable layers on each path from the input keep lr_mult 1, which is what makes Caffe run the
     backward through everything above them. The blob diffs are the same bits."""
-    out = engine.caffe_pb2().NetParameter()
+    out = pycaffe.caffe_pb2().NetParameter()
     out.CopyFrom(form)
     needs = set()                      # blobs Caffe will back-propagate into
     for layer in out.layer:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from caffe_prune import engine
+from caffe_prune import pycaffe
 from caffe_prune.data.transform import Transform
+from caffe_prune.errors import InputError
 
 NETWORKS = ("LeNet-5", "CIFAR10", "ResNet-20", "NIN", "AlexNet", "SqueezeNet")
 
@@ -59,14 +60,14 @@ SOLVERS = {
     "AlexNet": _PUBLISHED_SOLVER,                           # AlexNet-CIFAR10/solver-gpu.prototxt
     "SqueezeNet": _PUBLISHED_SOLVER,                        # SqueezeNet-CIFAR10/solver-gpu.prototxt
 }
-# What every published solver-gpu.prototxt also sets, except solver_mode: GPU (engine.set_mode decides)
+# What every published solver-gpu.prototxt also sets, except solver_mode: GPU (pycaffe.set_mode decides)
 # and their snapshot_prefix (ours is snapshots/<NET>, in solver()).
 SOLVER_COMMON = dict(display=100, snapshot=500, test_initialization=True)
 
 
 def _dsl():
-    """pycaffe's NetSpec vocabulary (layers, params), imported through the engine."""
-    cf = engine.caffe()
+    """pycaffe's NetSpec vocabulary (layers, params), imported through the pycaffe."""
+    cf = pycaffe.caffe()
     return cf.layers, cf.params
 
 
@@ -268,7 +269,7 @@ BUILDERS = {"LeNet-5": lenet5, "CIFAR10": cifar10_quick, "ResNet-20": resnet20, 
 
 def _builder(name):
     if name not in BUILDERS:
-        raise engine.EngineError(f"unknown network {name!r}; known networks: {', '.join(NETWORKS)}")
+        raise InputError(f"unknown network {name!r}; known networks: {', '.join(NETWORKS)}")
     return BUILDERS[name]
 
 
@@ -280,10 +281,10 @@ def _data_layer(name, phase):
     transform = dict(TRAIN_TRANSFORMS[name])
     if phase == "test":
         transform.pop("mirror", None)
-    n = engine.caffe().NetSpec()
+    n = pycaffe.caffe().NetSpec()
     n.data, n.label = L.Data(source=SOURCES[phase], backend=P.Data.LMDB, batch_size=BATCH_SIZE,
                              transform_param=transform, ntop=2,
-                             include=dict(phase=getattr(engine.caffe_pb2(), phase.upper())))
+                             include=dict(phase=getattr(pycaffe.caffe_pb2(), phase.upper())))
     return n
 
 
@@ -292,13 +293,13 @@ def train_test(name):
     logits and TEST-only top-1 ("accuracy") and top-5 ("accuracy_top5") Accuracy layers."""
     build = _builder(name)
     L, _ = _dsl()
-    test_phase = dict(phase=engine.caffe_pb2().TEST)
+    test_phase = dict(phase=pycaffe.caffe_pb2().TEST)
     n = _data_layer(name, "test")
     logits = build(n, n.data)
     n.loss = L.SoftmaxWithLoss(logits, n.label)
     n.accuracy = L.Accuracy(logits, n.label, include=test_phase)
     n.accuracy_top5 = L.Accuracy(logits, n.label, include=test_phase, top_k=5)
-    net = engine.caffe_pb2().NetParameter(name=name)
+    net = pycaffe.caffe_pb2().NetParameter(name=name)
     net.layer.extend(_data_layer(name, "train").to_proto().layer)
     net.layer.extend(n.to_proto().layer)
     return net
@@ -309,7 +310,7 @@ def deploy(name, batch_size: int = 1):
     a Softmax "prob" on the logits."""
     build = _builder(name)
     L, _ = _dsl()
-    n = engine.caffe().NetSpec()
+    n = pycaffe.caffe().NetSpec()
     n.data = L.Input(shape=dict(dim=[batch_size, *IMAGE_SHAPE]))
     n.prob = L.Softmax(build(n, n.data))
     net = n.to_proto()
@@ -323,7 +324,7 @@ def definition(net):
     if net in NETWORKS:
         return train_test(net)
     path = Path(net)
-    return engine.read_caffemodel(path) if path.suffix == ".caffemodel" else engine.read_prototxt(path)
+    return pycaffe.read_caffemodel(path) if path.suffix == ".caffemodel" else pycaffe.read_prototxt(path)
 
 
 def transform(name) -> Transform:
@@ -337,7 +338,7 @@ def solver(name, net_path=None):
     _builder(name)
     schedule = dict(SOLVERS[name], **SOLVER_COMMON)
     schedule["test_iter"] = [schedule["test_iter"]]     # a repeated field: one entry per test net
-    return engine.caffe_pb2().SolverParameter(
+    return pycaffe.caffe_pb2().SolverParameter(
         net=net_path or f"prototxt/{name}/train_test.prototxt",
         snapshot_prefix=f"snapshots/{name}", **schedule)
 

@@ -12,8 +12,8 @@ around ``net._forward(i, i)`` for layer i, the layers run one at a time in order
 does with ``Layer::Forward``). Medians and the interquartile range, not means: on a shared machine
 background load makes some repeats slow. The whole forward and the layer-by-layer pass alternate,
 repeat after repeat, so that load that drifts hits both alike. On the CPU, Caffe's convolutions and
-InnerProducts are OpenBLAS GEMMs, so the BLAS thread count (caffe_prune.engine.set_blas_threads) is
-part of what is measured; it is restored to ``engine.BLAS_THREADS`` afterwards.
+InnerProducts are OpenBLAS GEMMs, so the BLAS thread count (caffe_prune.pycaffe.set_blas_threads) is
+part of what is measured; it is restored to ``pycaffe.BLAS_THREADS`` afterwards.
 
 On a GPU, Caffe queues kernels and returns: each timed region therefore ends with a synchronisation,
 made by reading the ``.data`` of a small blob the region wrote (pycaffe's ``.data`` copies a blob the
@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from caffe_prune import engine, netdef
+from caffe_prune import netdef, pycaffe
+from caffe_prune.errors import InputError
 
 THREADS_HELP = "comma-separated BLAS thread counts, whole numbers or 'all' (every core)"
 
@@ -39,7 +40,7 @@ THREADS_HELP = "comma-separated BLAS thread counts, whole numbers or 'all' (ever
 def _sync_blob(net, blob_ids):
     """The smallest of these blobs, read to end a timed region on a GPU (None on the CPU)."""
     blobs = [net._blobs[j] for j in blob_ids]
-    return min(blobs, key=lambda b: b.count) if engine.on_gpu() and blobs else None
+    return min(blobs, key=lambda b: b.count) if pycaffe.on_gpu() and blobs else None
 
 
 def latency(net, repeats: int = 20, warmup: int = 3, per_layer: bool = True) -> dict:
@@ -52,7 +53,7 @@ def latency(net, repeats: int = 20, warmup: int = 3, per_layer: bool = True) -> 
     q1_ms, q3_ms, min_ms of the whole forwards; with per_layer, ``layers``: [{name, type, median_ms,
     share}] in net order (share: of layers_sum_ms, the sum of the layer medians)."""
     if repeats < 1 or warmup < 0:
-        raise engine.EngineError(f"latency: repeats {repeats} must be at least 1 and warmup {warmup} at least 0")
+        raise InputError(f"latency: repeats {repeats} must be at least 1 and warmup {warmup} at least 0")
     last = len(net.layers) - 1
     end = _sync_blob(net, list(net._outputs) or list(net._top_ids(last)))
     tops = [_sync_blob(net, net._top_ids(i)) for i in range(last + 1)]
@@ -89,18 +90,18 @@ def latency(net, repeats: int = 20, warmup: int = 3, per_layer: bool = True) -> 
 
 
 def thread_counts(threads) -> list:
-    """BLAS thread counts from whole numbers and 'all' (engine.cores()), duplicates dropped."""
+    """BLAS thread counts from whole numbers and 'all' (pycaffe.cores()), duplicates dropped."""
     counts = []
     for value in threads:
         text = str(value).strip().lower()
-        count = engine.cores() if text == "all" else int(text) if text.isdigit() else 0
+        count = pycaffe.cores() if text == "all" else int(text) if text.isdigit() else 0
         if count < 1:
-            raise engine.EngineError(f"--threads: {str(value)!r} is not a thread count; give {THREADS_HELP}, "
+            raise InputError(f"--threads: {str(value)!r} is not a thread count; give {THREADS_HELP}, "
                                      f"e.g. --threads 1,all")
         if count not in counts:
             counts.append(count)
     if not counts:
-        raise engine.EngineError(f"--threads is empty; give {THREADS_HELP}, e.g. --threads 1,all")
+        raise InputError(f"--threads is empty; give {THREADS_HELP}, e.g. --threads 1,all")
     return counts
 
 
@@ -108,21 +109,21 @@ def _build(form, weights, where: str):
     """The structure form in Caffe with ``weights``: a caffemodel path, {layer: [arrays]} (as
     export.compact returns), or None (the definition's own fillers: a toy net's random weights)."""
     if weights is None:
-        return engine.net_from_param(form, where=where)
+        return pycaffe.net_from_param(form, where=where)
     if not isinstance(weights, dict):
-        return engine.net_from_param(netdef.without_fillers(form), os.fspath(weights), where=where)
-    net = engine.net_from_param(netdef.without_fillers(form), where=where)
+        return pycaffe.net_from_param(netdef.without_fillers(form), os.fspath(weights), where=where)
+    net = pycaffe.net_from_param(netdef.without_fillers(form), where=where)
     missing = [name for name in net.params if name not in weights]
     if missing:
-        raise engine.EngineError(f"{where}: the weights given hold no arrays for layer(s) {', '.join(missing[:4])}; "
+        raise InputError(f"{where}: the weights given hold no arrays for layer(s) {', '.join(missing[:4])}; "
                                  f"pass the {{layer: [arrays]}} that export.compact returned for this net")
     for name, arrays in weights.items():
         blobs = net.params[name] if name in net.params else []
         if name in net.params and len(arrays) != len(blobs):
-            raise engine.EngineError(f"{where}: layer {name!r} is given {len(arrays)} arrays, the net has {len(blobs)} blobs")
+            raise InputError(f"{where}: layer {name!r} is given {len(arrays)} arrays, the net has {len(blobs)} blobs")
         for i, (blob, array) in enumerate(zip(blobs, arrays)):
             if tuple(np.shape(array)) != tuple(blob.data.shape):
-                raise engine.EngineError(f"{where}: layer {name!r} blob {i} is given shape {tuple(np.shape(array))}, "
+                raise InputError(f"{where}: layer {name!r} blob {i} is given shape {tuple(np.shape(array))}, "
                                          f"the net has {tuple(blob.data.shape)}; use the weights of this definition")
             blob.data[...] = array
     return net
@@ -140,12 +141,12 @@ def profile(net_param, weights, input_shape=None, batch_sizes=(1, 32), threads=(
     runs: [{batch, threads, **latency(...)}], ordered by batch then threads}."""
     where = where or f"net {net_param.name!r}"
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise engine.EngineError(f"{where}: batch sizes {list(batch_sizes)} must be whole numbers of at least 1")
+        raise InputError(f"{where}: batch sizes {list(batch_sizes)} must be whole numbers of at least 1")
     if repeats < 1 or warmup < 0:
-        raise engine.EngineError(f"{where}: repeats {repeats} must be at least 1 and warmup {warmup} at least 0")
+        raise InputError(f"{where}: repeats {repeats} must be at least 1 and warmup {warmup} at least 0")
     counts = thread_counts(threads)
     form = netdef.structure_form(net_param, input_shape, where)
-    engine.check_net(form, "test", where)
+    pycaffe.check_net(form, "test", where)
     net = _build(form, weights, where)
     data = net.inputs[0]
     shape = tuple(net.blobs[data].data.shape[1:])
@@ -156,12 +157,12 @@ def profile(net_param, weights, input_shape=None, batch_sizes=(1, 32), threads=(
             net.reshape()
             net.blobs[data].data[...] = np.random.default_rng(seed).normal(size=(batch, *shape)).astype(np.float32)
             for count in counts:
-                engine.set_blas_threads(count)
+                pycaffe.set_blas_threads(count)
                 runs.append({"batch": batch, "threads": count, **latency(net, repeats, warmup, per_layer)})
     finally:
-        engine.set_blas_threads(engine.BLAS_THREADS)
-    return {"net": net_param.name or where, "input_shape": list(shape), "gpu": engine.on_gpu(),
-            "cores": engine.cores(), "parameters": int(sum(b.data.size for blobs in net.params.values() for b in blobs)),
+        pycaffe.set_blas_threads(pycaffe.BLAS_THREADS)
+    return {"net": net_param.name or where, "input_shape": list(shape), "gpu": pycaffe.on_gpu(),
+            "cores": pycaffe.cores(), "parameters": int(sum(b.data.size for blobs in net.params.values() for b in blobs)),
             "costs": copy.deepcopy(costs), "runs": runs}
 
 
@@ -191,7 +192,7 @@ def compare(original: dict, compact: dict) -> dict:
                                                 small[n]["median_ms"] if n in small else None)} for n in names]
         runs.append(row)
     if not runs:
-        raise engine.EngineError("compare: the two profiles share no (batch, threads) pair; profile both with "
+        raise InputError("compare: the two profiles share no (batch, threads) pair; profile both with "
                                  "the same batch sizes and thread counts")
     costs = {key: {"original": value, "compact": (compact.get("costs") or {}).get(key),
                    "ratio": _ratio(value, (compact.get("costs") or {}).get(key))}

@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, masking, metrics, oracle, passes
+from caffe_prune import engines, masking, metrics, oracle, pycaffe
+from caffe_prune.analysis import DEFAULT_DROP, final_scores
 from caffe_prune.download import digest
-from caffe_prune.errors import PluginError
+from caffe_prune.errors import InputError, PluginError
 from caffe_prune.metrics import plugins
 from caffe_prune.rundir import RunDir
 from caffe_prune.session import Session
@@ -67,7 +68,7 @@ class Config:
     oracle_eval_size: int = 2             # validation batches per oracle sensitivity
     test_size: int = 80                   # test batches per measurement (or all available)
     test_interval: int = 1
-    max_drop: float | None = 5.0          # points of top-1 below the initial accuracy; None: no drop stop
+    max_drop: float | None = DEFAULT_DROP   # points of top-1 below the initial accuracy; None: no drop stop
     floor: float | None = None            # optional absolute top-1 (%) to stop at
     batch_size: int = 128
     seed: int = 0
@@ -81,9 +82,9 @@ class Config:
     transform: dict | None = None         # transform flags replacing the data layer's (options.transform_fields)
     logits: str | None = None
     input_shape: str | None = None
-    engine: str = "fast"                  # how the Caffe work is done (caffe_prune.passes): same decisions
+    engine: str = "fast"                  # how the Caffe work is done (caffe_prune.engines): same decisions
     workers: int | None = None            # fast engine's processes (default: one per core)
-    cache_mb: int | None = None           # fast engine's test checkpoints (default: passes.default_cache_mb)
+    cache_mb: int | None = None           # fast engine's test checkpoints (default: engines.default_cache_mb)
     retrain_every: int | None = later(None)   # prune-retrain: fine-tune after every S committed steps (None: never)
     retrain_iters: int | None = later(None)   # ... for I solver iterations, pruned groups held at zero
     target: dict | None = later(None)         # a budget to stop at: {"macs"|"params"|"weights": fraction left}
@@ -109,47 +110,47 @@ class Config:
 
     def check(self) -> None:
         if (self.metric is None) == (not self.oracle):
-            raise engine.EngineError("give exactly one of --metric M or --oracle M1,M2,...")
+            raise InputError("give exactly one of --metric M or --oracle M1,M2,...")
         for name, value, low in (("k", self.k, 1), ("eval_size", self.eval_size, 1),
                                  ("oracle_eval_size", self.oracle_eval_size, 1), ("test_size", self.test_size, 1),
                                  ("test_interval", self.test_interval, 1), ("batch_size", self.batch_size, 1)):
             if value < low:
-                raise engine.EngineError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+                raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
         if self.max_drop is not None and self.max_drop < 0:
-            raise engine.EngineError(f"--max-drop must be >= 0 points, got {self.max_drop}")
+            raise InputError(f"--max-drop must be >= 0 points, got {self.max_drop}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise engine.EngineError(f"--max-steps must be at least 1, got {self.max_steps}")
+            raise InputError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.semantics not in masking.SEMANTICS:
-            raise engine.EngineError(f"--semantics must be one of {', '.join(masking.SEMANTICS)}")
-        if self.engine not in passes.ENGINES:
-            raise engine.EngineError(f"--engine must be one of {', '.join(passes.ENGINES)}")
+            raise InputError(f"--semantics must be one of {', '.join(masking.SEMANTICS)}")
+        if self.engine not in engines.ENGINES:
+            raise InputError(f"--engine must be one of {', '.join(engines.ENGINES)}")
         if self.workers is not None and self.workers < 1:
-            raise engine.EngineError(f"--workers must be at least 1, got {self.workers}")
+            raise InputError(f"--workers must be at least 1, got {self.workers}")
         if self.cache_mb is not None and self.cache_mb < 0:
-            raise engine.EngineError(f"--cache-mb must be 0 or more, got {self.cache_mb}")
+            raise InputError(f"--cache-mb must be 0 or more, got {self.cache_mb}")
         if self.shortlist not in oracle.SHORTLISTS:
-            raise engine.EngineError(f"--shortlist must be one of {', '.join(oracle.SHORTLISTS)}")
+            raise InputError(f"--shortlist must be one of {', '.join(oracle.SHORTLISTS)}")
         if (self.retrain_every is None) != (self.retrain_iters is None):
-            raise engine.EngineError("--retrain-every S and --retrain-iters I go together")
+            raise InputError("--retrain-every S and --retrain-iters I go together")
         for name, value in (("retrain_every", self.retrain_every), ("retrain_iters", self.retrain_iters)):
             if value is not None and value < 1:
-                raise engine.EngineError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         for key, fraction in (self.target or {}).items():
             if key not in TARGETS:
-                raise engine.EngineError(f"--target {key}: budgets are {', '.join(TARGETS)} (fractions left, e.g. "
+                raise InputError(f"--target {key}: budgets are {', '.join(TARGETS)} (fractions left, e.g. "
                                          f"--target macs=0.5)")
             if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-                raise engine.EngineError(f"--target {key}={fraction}: the fraction left must be in (0, 1]")
+                raise InputError(f"--target {key}={fraction}: the fraction left must be in (0, 1]")
         from caffe_prune.data.dataset import VAL_SPLITS
         if self.val_split not in VAL_SPLITS:
-            raise engine.EngineError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {self.val_split!r}")
+            raise InputError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {self.val_split!r}")
         names = [self.metric] if self.metric else self.oracle
         self.plugins = plugins.resolve(names, self.plugins)     # loaded here (a sweep's worker: from its file)
         for name in names:
             try:
                 metrics.parse(name)
             except metrics.MetricError as exc:   # its message lists the valid names
-                raise engine.EngineError(str(exc)) from None
+                raise InputError(str(exc)) from None
 
 
 # budgets a run can stop at (``--target KEY=FRACTION``): the step record's field each reads
@@ -170,6 +171,7 @@ class Run:
         self.config, self.out, self.progress = config, Path(out_dir), progress
         self.dir = RunDir(self.out)
         self.timing = {}                 # seconds of the current step's phases (saliency, probes, test)
+        self.engine = None               # the engine config.engine names (caffe_prune.engines), once made
         self.lock = self.dir.lock()
         try:
             self.session = Session.from_config(config, progress=progress)
@@ -190,7 +192,7 @@ class Run:
                              "input_shape": list(self.session.input_shape), "logits": self.session.head.logits,
                              "classes": self.session.classes, "groups": len(self.graph.groups),
                              "conv_weights": self.graph.conv_weights(set())},
-                "versions": {k: v for k, v in engine.versions().items() if k in ("caffe", "source", "blas", "python")},
+                "versions": {k: v for k, v in pycaffe.versions().items() if k in ("caffe", "source", "blas", "python")},
                 "original": self.graph.costs(set())._asdict(),     # what the unpruned net computes and holds
             }
             self.retraining = None
@@ -199,7 +201,7 @@ class Run:
                 self.retraining = train.recipe_of(network, config.data, progress=progress)
             self.steps = self._open(force)
             self.test = dataset.test.head(test_images)
-            self.engine = passes.make(config.engine, self.session, self.masker, self.test, config.workers,
+            self.engine = engines.make(config.engine, self.session, self.masker, self.test, config.workers,
                                       config.cache_mb)
         except BaseException:
             self.lock.release()
@@ -225,7 +227,7 @@ class Run:
                 differ = sorted(k for k in mine["config"] if theirs["config"].get(k) != mine["config"][k])
                 differ += [f"{k} contents" for k in ("definition_sha256", "weights_sha256", "data", "plugins")
                            if (theirs.get("identity") or {}).get(k) != mine["identity"].get(k)]
-                raise engine.EngineError(f"{self.out} holds a run with a different configuration "
+                raise InputError(f"{self.out} holds a run with a different configuration "
                                          f"({', '.join(differ) or 'protocol'}); use another --out or --force")
             self.dir.clear()
             previous = None
@@ -245,9 +247,8 @@ class Run:
         self.steps.append(record)
 
     def close(self) -> None:
-        engine_ = getattr(self, "engine", None)
-        if engine_ is not None:
-            engine_.close()
+        if self.engine is not None:
+            self.engine.close()
         self.lock.release()
 
     # ---- measurements ----
@@ -358,7 +359,7 @@ class Run:
         self.masker = masking.Masker(self.graph, [self.net], c.semantics)
         for group in committed:
             self.masker.commit(group)
-        self.engine = passes.make(c.engine, self.session, self.masker, self.test, c.workers, c.cache_mb)
+        self.engine = engines.make(c.engine, self.session, self.masker, self.test, c.workers, c.cache_mb)
         return {**done, "before": before, "after": self._test()}
 
     def _finished(self, initial: float) -> bool:
@@ -379,31 +380,3 @@ def _within_budget_of(graph, steps, target: dict) -> bool:
     costs = graph.costs({s["group"] for s in steps[1:]})._asdict()
     original = graph.costs(set())._asdict()
     return all(costs[TARGETS[key]] <= fraction * original[TARGETS[key]] for key, fraction in target.items())
-
-
-def final_scores(step: dict) -> dict | None:
-    """A step's test scores as the run continued from it: after its retraining when it had one."""
-    return (step.get("retrain") or {}).get("after") or step.get("test")
-
-
-def step_at_drop(steps: list, max_drop: float | None = 5.0) -> int:
-    """The last measured step within `max_drop` points of the start (after its retraining, when it
-    had one; 5 points when the run itself had no drop stop); 0 when none is."""
-    max_drop = 5.0 if max_drop is None else max_drop
-    initial = 100 * steps[0]["test"]["top1"]
-    best = 0
-    for number, step in enumerate(steps[1:], 1):     # steps[n] is step n
-        scores = final_scores(step)
-        if scores is not None:
-            if 100 * scores["top1"] < initial - max_drop:
-                break
-            best = number
-    return best
-
-
-def removed_at_drop(steps: list, max_drop: float | None = 5.0, measure: str = "percent_conv_removed") -> float:
-    """% of conv weights removed at the last measured step within `max_drop` points of the start
-    (papers/004 Table 2's figure; 5 points when the run itself had no drop stop); ``measure``
-    "percent_macs_removed": the % of MACs removed there instead."""
-    at = step_at_drop(steps, max_drop)
-    return steps[at][measure] if at else 0.0

@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from caffe_prune import fsio
-from caffe_prune.errors import EngineError
+from caffe_prune.errors import InputError
 
 CONFIG, STEPS, LOCK = "config.json", "steps.jsonl", ".lock"
 
@@ -52,7 +52,7 @@ class RunDir:
         write: the caller rebuilds it)."""
         path = self.path / CONFIG
         if path.is_dir():
-            raise EngineError(f"{path} is a directory; the run directory is damaged: use another --out")
+            raise InputError(f"{path} is a directory; the run directory is damaged: use another --out")
         try:
             header = json.loads(path.read_text())
         except FileNotFoundError:
@@ -60,7 +60,7 @@ class RunDir:
         except (ValueError, UnicodeDecodeError):
             return None
         except OSError as exc:
-            raise EngineError(f"cannot read {path}: {exc.strerror}") from None
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
         return header if isinstance(header, dict) and isinstance(header.get("config"), dict) else None
 
     def write_header(self, header: dict) -> None:
@@ -74,7 +74,7 @@ class RunDir:
         cut a torn last line off the file (the run's owner only; readers leave it)."""
         path = self.path / STEPS
         if path.is_dir():
-            raise EngineError(f"{path} is a directory; the run directory is damaged: use --force or another --out")
+            raise InputError(f"{path} is a directory; the run directory is damaged: use --force or another --out")
         steps = []
         for number, line in enumerate(fsio.complete_lines(path, repair), 1):
             try:
@@ -87,7 +87,7 @@ class RunDir:
                  isinstance(step.get("group"), int) and 0 <= step["group"] < (groups or float("inf"))) and \
                 (expected > 0 or isinstance(step.get("test"), dict))
             if not valid or (expected and step["group"] in {s["group"] for s in steps[1:]}):
-                raise EngineError(f"{path}:{number} is not step {expected} of this run; the run directory "
+                raise InputError(f"{path}:{number} is not step {expected} of this run; the run directory "
                                   f"is damaged: use --force (starts over) or another --out")
             steps.append(step)
         return steps
@@ -98,15 +98,15 @@ class RunDir:
     # ---- reading a run as plain files ----
 
     def read(self) -> tuple:
-        """(header, steps) of a run made by `caffe-prune prune`; EngineError naming the directory
+        """(header, steps) of a run made by `caffe-prune prune`; InputError naming the directory
         when it is not one."""
         header = self.header() if (self.path / CONFIG).exists() else None
         if header is None or not (self.path / STEPS).is_file():
-            raise EngineError(f"{self.path} is not a pruning run directory (no readable {CONFIG} and {STEPS}; "
+            raise InputError(f"{self.path} is not a pruning run directory (no readable {CONFIG} and {STEPS}; "
                               f"make one with `caffe-prune prune ... --out {self.path}`)")
         steps = self.steps(repair=False)
         if not steps:
-            raise EngineError(f"{self.path}/{STEPS} holds no step 0: the run has not started")
+            raise InputError(f"{self.path}/{STEPS} holds no step 0: the run has not started")
         return header, steps
 
     # ---- housekeeping ----
@@ -144,7 +144,7 @@ class RunDir:
             path = self.retrained(step)
             if path.is_file():
                 return path
-            raise EngineError(f"{path} is missing, but step {step} of {self.path} records its retraining; the run "
+            raise InputError(f"{path} is missing, but step {step} of {self.path} records its retraining; the run "
                               f"directory is damaged: use --force (starts over) or another --out")
         return None
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, evaluate, netdef, networks
+from caffe_prune import evaluate, netdef, networks, pycaffe
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.data.transform import Transform
 from caffe_prune.graph import ChannelGraph
+from caffe_prune.errors import InputError
 
 
 def parse_shape(text) -> tuple | None:
@@ -36,7 +37,7 @@ def parse_shape(text) -> tuple | None:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise engine.EngineError(f"--input-shape {text!r} is not C,H,W with three positive integers (e.g. 3,224,224)")
+        raise InputError(f"--input-shape {text!r} is not C,H,W with three positive integers (e.g. 3,224,224)")
     return shape
 
 
@@ -55,12 +56,12 @@ class Network:
             return cls(networks.train_test(spec), spec, spec, input_shape or networks.IMAGE_SHAPE)
         path = Path(spec)
         if not path.exists():
-            raise engine.EngineError(f"{spec} is neither a file nor one of the built-in networks "
+            raise InputError(f"{spec} is neither a file nor one of the built-in networks "
                                      f"({', '.join(networks.NETWORKS)})")
-        param = engine.read_caffemodel(path) if path.suffix == ".caffemodel" else engine.read_prototxt(path)
+        param = pycaffe.read_caffemodel(path) if path.suffix == ".caffemodel" else pycaffe.read_prototxt(path)
         if not param.layer and not param.input:
-            raise engine.EngineError(f"{spec} defines no layers: not a network prototxt")
-        engine.check_net(param, None, spec)
+            raise InputError(f"{spec} defines no layers: not a network prototxt")
+        pycaffe.check_net(param, None, spec)
         return cls(param, spec, None, input_shape)
 
     @property
@@ -71,12 +72,12 @@ class Network:
         """The input shape the definition (or --input-shape) states, or None when nothing does."""
         try:
             return self.input_shape
-        except (engine.EngineError, ValueError):
+        except (InputError, ValueError):
             return None
 
     @cached_property
     def input_shape(self) -> tuple:
-        """(C, H, W) the prototxt states (or --input-shape); EngineError when nothing does."""
+        """(C, H, W) the prototxt states (or --input-shape); InputError when nothing does."""
         return self._input_shape or netdef.declared_input_shape(self.param, self.where)
 
     def structure(self, input_shape=None):
@@ -101,7 +102,7 @@ class Network:
     def classes(self, head: netdef.Head, input_shape=None) -> int:
         shape = self.shapes(input_shape).get(head.logits)
         if shape is None or len(shape) < 2:
-            raise engine.EngineError(f"{self.where}: the logits blob {head.logits!r} has no class axis "
+            raise InputError(f"{self.where}: the logits blob {head.logits!r} has no class axis "
                                      f"(shape {shape}); choose another with --logits")
         return int(shape[1])
 
@@ -117,15 +118,15 @@ class Session:
                  logits: str | None = None, mode: str = "auto", input_shape=None, device: int = 0,
                  form: str = "evaluation"):
         if form not in FORMS:
-            raise engine.EngineError(f"form {form!r} is not one of {', '.join(FORMS)}")
-        engine.set_mode(mode, device)
-        self.kind = form
+            raise InputError(f"form {form!r} is not one of {', '.join(FORMS)}")
+        pycaffe.set_mode(mode, device)
+        self.form = form                  # the form's name; self.param is its NetParameter
         self.network, self.dataset, self.weights = network, dataset, weights
         self.batch_size = batch_size
         self.input_shape = dataset.shape if dataset is not None else tuple(input_shape or network.input_shape)
         declared = network.declared_shape()
         if dataset is not None and declared and declared != self.input_shape:
-            raise engine.EngineError(f"{dataset.description}: the images are {'x'.join(map(str, self.input_shape))} after "
+            raise InputError(f"{dataset.description}: the images are {'x'.join(map(str, self.input_shape))} after "
                                      f"the transform, but {network.where} takes {'x'.join(map(str, declared))}; pass "
                                      f"--crop-size, other --data or --input-shape")
         self.head = self.classes = None
@@ -136,14 +137,14 @@ class Session:
             self.classes = network.classes(self.head, self.input_shape)
             if dataset is not None:
                 dataset.check_batches(self.classes, network.where)   # every batch read is checked
-            self.form = netdef.evaluation_form(network.param, self.input_shape, batch_size, self.head, self.classes)
+            self.param = netdef.evaluation_form(network.param, self.input_shape, batch_size, self.head, self.classes)
         else:
-            self.form = network.structure(self.input_shape)
+            self.param = network.structure(self.input_shape)
         if form == "evaluation":
             self._check_memory(batch_size)
-        built = netdef.without_fillers(self.form) if weights is not None else self.form   # every blob is loaded
-        self.net = engine.net_from_param(built, weights, where=network.where)
-        self.graph = ChannelGraph.of_net(self.form, self.net)
+        built = netdef.without_fillers(self.param) if weights is not None else self.param   # every blob is loaded
+        self.net = pycaffe.net_from_param(built, weights, where=network.where)
+        self.graph = ChannelGraph.of_net(self.param, self.net)
 
     def _check_memory(self, batch_size: int) -> None:
         """Refuse a batch whose blobs cannot fit (one line) rather than let the kernel kill the process
@@ -151,10 +152,10 @@ class Session:
         (netdef.shapes: bytes_per_image; measured: ResNet-50 at 224x224 and batch 128 took 20 GiB
         before it was killed)."""
         per_image = self.network.shapes(self.input_shape, what="bytes_per_image")
-        need, available = per_image * batch_size, engine.available_bytes()
+        need, available = per_image * batch_size, pycaffe.available_bytes()
         if need > available:
             fits = max(1, int(0.8 * available // per_image))
-            raise engine.EngineError(f"{self.network.where}: its blobs take {per_image / 2 ** 20:.1f} MiB per image, "
+            raise InputError(f"{self.network.where}: its blobs take {per_image / 2 ** 20:.1f} MiB per image, "
                                      f"{need / 2 ** 30:.1f} GiB at batch {batch_size}, more than the "
                                      f"{available / 2 ** 30:.1f} GiB available; use --batch-size {fits} or less")
 

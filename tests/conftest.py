@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from caffe_prune import engine, layers
+from caffe_prune import layers, pycaffe
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -33,8 +33,8 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def caffe():
-    cf = engine.caffe()
-    engine.set_mode("cpu")
+    cf = pycaffe.caffe()
+    pycaffe.set_mode("cpu")
     return cf
 
 
@@ -57,13 +57,13 @@ def evaluation_form(net_param, batch_size=128, input_shape=(3, 32, 32), classes=
 def evaluation(net, weights, batches=None, data=SUBSET, **kw):
     """`caffe-prune evaluate NET WEIGHTS --data DATA` as a call: the scores."""
     import argparse
-    from caffe_prune import cli
+    from caffe_prune.commands.network import run_evaluation
     args = argparse.Namespace(net=str(net), weights=str(weights), data=None if data is None else str(data),
                               batches=batches, input_shape=None,
                               logits=None, data_root="", scale=None, mean_value=None, mean_file=None, crop_size=None)
     for key, value in kw.items():
         setattr(args, key, value)
-    return cli.run_evaluation(args, progress=False)[0]
+    return run_evaluation(args, progress=False)[0]
 
 
 def conv_weight_count(net_param, channels: int = 3) -> int:
@@ -78,7 +78,7 @@ def conv_weight_count(net_param, channels: int = 3) -> int:
     layers that keep channels (ReLU, Pooling, BatchNorm, ...)."""
     width = {top: None for top in net_param.input}
     total = 0
-    for layer in engine.layers_in_phase(net_param, "test"):
+    for layer in pycaffe.layers_in_phase(net_param, "test"):
         bottoms = [width.get(b) for b in layer.bottom]
         if layer.type == "Input":
             out = [shape.dim[1] if len(shape.dim) > 1 else None for shape in layer.input_param.shape]

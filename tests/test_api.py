@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from caffe_prune import api, engine
+from caffe_prune import api, pycaffe
 from conftest import REPO
 
 
@@ -41,7 +41,7 @@ def test_the_readme_example_runs_as_written(caffe, tmp_path, monkeypatch, capsys
     measured = api.evaluate(session, run.pruned, batches=2)       # the run's 2 test batches, masked
     assert measured["top1"] == run.steps[-1]["test"]["top1"]
 
-    compact = engine.read_prototxt(report["prototxt"])
+    compact = pycaffe.read_prototxt(report["prototxt"])
     widths = {layer.name: layer.convolution_param.num_output for layer in compact.layer if layer.type == "Convolution"}
     assert widths["conv1"] + widths["conv2"] == 70 - 3
     assert report["percent_conv_removed"] == pytest.approx(session.graph.percent_conv_removed(set(run.pruned)), abs=1e-3)

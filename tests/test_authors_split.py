@@ -7,9 +7,11 @@ import tomllib
 import numpy as np
 import pytest
 
-from caffe_prune import cli, engine, options, pruning
+from caffe_prune import cli, pruning
+from caffe_prune.commands import options
 from caffe_prune.data import cifar10
 from caffe_prune.data.dataset import open_dataset, records_sha256
+from caffe_prune.errors import InputError
 from conftest import PUBLISHED, REPO, SUBSET
 
 LENET = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
@@ -152,7 +154,7 @@ def test_indices_refused_when_they_cannot_be_placed():
 
 
 def test_config_and_cli_refuse_other_splits(capsys):
-    with pytest.raises(engine.EngineError) as exc:
+    with pytest.raises(InputError) as exc:
         pruning.Config(net="LeNet-5", weights=str(LENET), metric="mean_activations", val_split="random").check()
     assert "--val-split must be one of seeded, authors" in one_line(exc)
     with pytest.raises(SystemExit):

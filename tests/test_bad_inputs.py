@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from caffe_prune import cli, engine
+from caffe_prune import cli, pycaffe
 from conftest import PUBLISHED
 
 LENET = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
@@ -64,21 +64,21 @@ def garbage_caffemodel(tmp):
 
 
 def corrupt_weights(tmp, scale):
-    model = engine.read_caffemodel(LENET)
+    model = pycaffe.read_caffemodel(LENET)
     layer = next(l for l in model.layer if l.name == "conv2")
     layer.blobs[0].data[7] = scale
     (tmp / "corrupt.caffemodel").write_bytes(model.SerializeToString())
 
 
 def pooling_zero_model(tmp):
-    model = engine.read_caffemodel(LENET)
+    model = pycaffe.read_caffemodel(LENET)
     next(l for l in model.layer if l.type == "Pooling").pooling_param.kernel_size = 0
     (tmp / "model").mkdir()
     (tmp / "model" / "original.caffemodel").write_bytes(model.SerializeToString())
 
 
 def python_layer_model(tmp):
-    model = engine.read_caffemodel(LENET)
+    model = pycaffe.read_caffemodel(LENET)
     layer = next(l for l in model.layer if l.type == "Pooling")
     layer.type = "Python"
     layer.python_param.module, layer.python_param.layer = "no_such_module_anywhere", "Pool"
@@ -396,11 +396,11 @@ def test_bad_input(caffe, tmp_path, name, kind, files, argv, code, says):
         for file, text in files.items():
             (tmp_path / file).write_text(text)
     if any(a == "w.caffemodel" for a in argv) and not (tmp_path / "w.caffemodel").exists():
-        net = engine.load_net(tmp_path / "n.prototxt" if (tmp_path / "n.prototxt").exists() else
+        net = pycaffe.load_net(tmp_path / "n.prototxt" if (tmp_path / "n.prototxt").exists() else
                               _tiny_file(tmp_path))
         net.save(str(tmp_path / "w.caffemodel"))
         if (tmp_path / "n.prototxt").exists() and "num_output: 5" in (tmp_path / "n.prototxt").read_text():
-            engine.load_net(_tiny_file(tmp_path)).save(str(tmp_path / "w.caffemodel"))
+            pycaffe.load_net(_tiny_file(tmp_path)).save(str(tmp_path / "w.caffemodel"))
     try:
         status, out, err = run_cli(argv, tmp_path)
     finally:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import download, engine, export, masking
+from caffe_prune import download, export, masking, pycaffe
 from caffe_prune.session import Network
+from caffe_prune.errors import InputError
 from conftest import conv_weight_count
 
 pytestmark = pytest.mark.xdist_group("test_caffe_models")       # one process: its module fixtures are costly
@@ -94,7 +95,7 @@ def export_random_fraction(network, out_dir, fraction=0.3, seed=1):
     rng, pruned = np.random.default_rng(seed), set()
     for _ in range(int(fraction * len(g.groups))):
         pruned.add(int(rng.choice(g.prunable(pruned))))
-    full = engine.net_from_param(network.structure())
+    full = pycaffe.net_from_param(network.structure())
     randomize(full)
     masker = masking.Masker(g, [full])
     for group_id in sorted(pruned):
@@ -117,7 +118,7 @@ def test_groups_and_export(caffe, source_tree, tmp_path, name):
     assert not g.barriers
 
     done, deviation = export_random_fraction(network, tmp_path)
-    exported = engine.read_prototxt(done["prototxt"])
+    exported = pycaffe.read_prototxt(done["prototxt"])
     assert [layer.name for layer in exported.layer] == [layer.name for layer in network.param.layer]
     if not done["lrn_across"]:
         assert deviation <= 1e-5, f"{name}: relative deviation {deviation:.3g}"
@@ -126,7 +127,7 @@ def test_groups_and_export(caffe, source_tree, tmp_path, name):
     # neutral (alpha 0: a constant factor k^-beta) the export is exact again
     print(f"{name}: across-channel LRN {done['lrn_across']}: relative deviation {deviation:.3g}")
     assert deviation < 0.01
-    neutral = engine.caffe_pb2().NetParameter()
+    neutral = pycaffe.caffe_pb2().NetParameter()
     neutral.CopyFrom(network.param)
     for layer in neutral.layer:
         if layer.type == "LRN":
@@ -136,9 +137,9 @@ def test_groups_and_export(caffe, source_tree, tmp_path, name):
 
 
 def test_train_val_without_data_asks_for_the_shape(caffe, source_tree):
-    with pytest.raises(engine.EngineError, match=r"227x227 after crop_size; pass --input-shape C,H,W"):
+    with pytest.raises(InputError, match=r"227x227 after crop_size; pass --input-shape C,H,W"):
         Network.open(source_tree / "models/bvlc_alexnet/train_val.prototxt").graph
-    with pytest.raises(engine.EngineError, match=r"mnist_test_lmdb does not exist.*pass --input-shape C,H,W"):
+    with pytest.raises(InputError, match=r"mnist_test_lmdb does not exist.*pass --input-shape C,H,W"):
         Network.open(source_tree / "examples/mnist/lenet_train_test.prototxt").graph
 
 
@@ -147,7 +148,7 @@ def test_googlenet_main_head_is_the_last_loss(caffe, source_tree):
     head = network.head()
     assert head.logits == "loss3/classifier" and "3 SoftmaxWithLoss layers" in head.note
     assert network.head("loss1/classifier").logits == "loss1/classifier"
-    with pytest.raises(engine.EngineError, match="--logits 'loss9' is not a blob any layer produces"):
+    with pytest.raises(InputError, match="--logits 'loss9' is not a blob any layer produces"):
         network.head("loss9")
 
 

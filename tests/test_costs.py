@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from caffe_prune import engine, export, netdef, networks
+from caffe_prune import export, netdef, networks, pycaffe
 from caffe_prune.graph import ChannelGraph
 from caffe_prune.session import Network
 from conftest import PUBLISHED, REPO, SUBSET
@@ -40,7 +40,7 @@ def counted_by_caffe(net) -> dict:
 
 def check(form, graph, shape, pruned, where="test"):
     """The structure form's costs and those of its compact export at state ``pruned``."""
-    full = engine.net_from_param(form)
+    full = pycaffe.net_from_param(form)
     assert counted_by_caffe(full) == graph.costs(set())._asdict()
     _, _, small = export.compact_net(form, graph, pruned, full, shape, where, probe=False)
     left = graph.costs(pruned)._asdict()
@@ -69,8 +69,8 @@ def test_zoo_style_networks_costs_equal_their_compact_exports(caffe, tmp_path, b
 
 def test_grouped_deconvolution_costs_equal_its_compact_export(caffe):
     from google.protobuf import text_format
-    param = text_format.Parse(deconv_net(group=2), engine.caffe_pb2().NetParameter())
-    net = engine.net_from_param(param)
+    param = text_format.Parse(deconv_net(group=2), pycaffe.caffe_pb2().NetParameter())
+    net = pycaffe.net_from_param(param)
     g = ChannelGraph.of_net(param, net)
     check(param, g, (3, 8, 8), g.chosen([0, 3, 7]))
 
@@ -96,7 +96,7 @@ def test_run_records_costs_and_stops_at_a_budget(caffe, tmp_path):
     header = json.loads((out / "config.json").read_text())
     original = header["original"]["macs"]
     network = Network.open("LeNet-5")
-    full = engine.net_from_param(network.structure())
+    full = pycaffe.net_from_param(network.structure())
     assert counted_by_caffe(full)["macs"] == original == steps[0]["macs"]
     assert steps[-1]["macs"] <= 0.5 * original < steps[-2]["macs"]
     g = network.graph
@@ -137,8 +137,8 @@ def test_export_reports_costs_and_times_both_networks(caffe, tmp_path):
                            "--threads", "1"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.split("\n}\n")[0] + "\n}")
-    written = netdef.structure_form(engine.read_prototxt(out / "LeNet-5.prototxt"), networks.IMAGE_SHAPE)
-    small = engine.net_from_param(written, out / "LeNet-5.caffemodel")
+    written = netdef.structure_form(pycaffe.read_prototxt(out / "LeNet-5.prototxt"), networks.IMAGE_SHAPE)
+    small = pycaffe.net_from_param(written, out / "LeNet-5.caffemodel")
     counted = counted_by_caffe(small)
     assert (report["macs"], report["params"]) == (counted["macs"], counted["params"]) == (g.costs(pruned).macs,
                                                                                         g.costs(pruned).params)

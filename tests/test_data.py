@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import pytest
 
-from caffe_prune import engine
+from caffe_prune import pycaffe
 from caffe_prune.data import caffe_db, cifar10, commands
 from conftest import SUBSET
 
@@ -53,7 +53,7 @@ def test_input_equals_caffe_imagedata_on_png(caffe, tmp_path):
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     proto = tmp_path / "imagedata.prototxt"
     proto.write_text(IMAGE_DATA.format(source=tmp_path / "list.txt", n=n))
-    net = engine.load_net(proto)
+    net = pycaffe.load_net(proto)
     net.forward()
     expected = cifar10.caffe_input(images[:n], (123.675, 116.28, 103.53), 0.00390625)
     np.testing.assert_array_equal(net.blobs["data"].data, expected)
@@ -112,7 +112,7 @@ def test_data_layer_on_lmdb_equals_caffe_input(caffe, prepared, write_net):
     out, _ = prepared
     n = 16
     proto = write_net(DATA_LAYER.format(phase="TEST", mirror="false", n=n, source=out / "cifar10-test-lmdb"))
-    net = engine.load_net(proto, phase="test")
+    net = pycaffe.load_net(proto, phase="test")
     net.forward()
     images, labels = cifar10.read_split("test", SUBSET)
     np.testing.assert_array_equal(net.blobs["data"].data, cifar10.caffe_input(images[:n], MEANS, SCALE))
@@ -125,7 +125,7 @@ def test_data_layer_mirror_in_train_flips_some_images(caffe, prepared, write_net
     out, _ = prepared
     n = 64
     proto = write_net(DATA_LAYER.format(phase="TRAIN", mirror="true", n=n, source=out / "cifar10-train-lmdb"))
-    net = engine.load_net(proto, phase="train")
+    net = pycaffe.load_net(proto, phase="train")
     net.forward()
     images, labels = cifar10.read_split("train", SUBSET)
     expected = cifar10.caffe_input(images[:n], MEANS, SCALE)
@@ -151,7 +151,7 @@ def test_lmdb_metadata_check_rejects_rgb_and_missing_json(prepared, tmp_path, wr
         caffe_db.check_lmdb(rgb)
     proto = write_net(DATA_LAYER.format(phase="TEST", mirror="false", n=4, source=rgb))
     with pytest.raises(cifar10.DataError, match=r"net.prototxt: layer 'data': .*channel_order 'RGB'"):
-        caffe_db.check_data_layers(engine.read_prototxt(proto), proto)
+        caffe_db.check_data_layers(pycaffe.read_prototxt(proto), proto)
     (rgb / caffe_db.META).unlink()
     with pytest.raises(cifar10.DataError, match=r"rgb-lmdb has no caffe-prune.json"):
         caffe_db.check_lmdb(rgb)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from caffe_prune import engine
+from caffe_prune import pycaffe
 from caffe_prune.data import cifar10, records, synthetic
 from caffe_prune.data.dataset import open_dataset, records_sha256
 from caffe_prune.data.transform import Transform
@@ -67,8 +67,8 @@ def test_synthetic_lmdb_is_seeded_and_reads_as_datums(caffe, tmp_path):
     for path in (a, b):
         done = synthetic.write_random_lmdb(path, 1500, (2, 5, 7), classes=4, seed=9, progress=False)
     assert done["images"] == 1500 and (a / "data.mdb").read_bytes() == (b / "data.mdb").read_bytes()
-    layer = engine.caffe_pb2().LayerParameter(name="d", type="Data", top=["data", "label"])
-    layer.data_param.source, layer.data_param.backend = str(a), engine.caffe_pb2().DataParameter.LMDB
+    layer = pycaffe.caffe_pb2().LayerParameter(name="d", type="Data", top=["data", "label"])
+    layer.data_param.source, layer.data_param.backend = str(a), pycaffe.caffe_pb2().DataParameter.LMDB
     got = records.read(layer, progress=False)
     rng = np.random.default_rng(9)                  # the same draws, chunk by chunk
     pixels = rng.integers(0, 256, size=(1000, 70), dtype=np.uint8)
@@ -84,7 +84,7 @@ def test_streamed_splits_are_the_records_transformed(stream):
     read whole, transformed, bit for bit, and the split's sha256 is theirs."""
     net, _, lmdb = stream
     dataset = open_dataset(Network.open(net), progress=False)
-    layer = engine.read_prototxt(net).layer[1]
+    layer = pycaffe.read_prototxt(net).layer[1]
     whole = records.read(layer, progress=False)
     val = cifar10.validation_indices(300, 0)
     rest = np.setdiff1d(np.arange(300), val)
@@ -114,7 +114,7 @@ def test_validation_is_the_papers_10000_of_a_large_set():
 def test_probe_frontiers_fit_the_budget_and_give_the_same_losses(caffe):
     """A worker keeps the probes' frontiers that fit its budget (the latest first) and resumes the
     others from an earlier one or the input: the losses are the same bits as with every frontier."""
-    from caffe_prune import masking, passes
+    from caffe_prune import masking, engines
     from caffe_prune.session import Session
     from conftest import PUBLISHED, SUBSET
     session = Session.open("ResNet-20", PUBLISHED / "ResNet-20-CIFAR10" / "original.caffemodel", SUBSET,
@@ -122,13 +122,13 @@ def test_probe_frontiers_fit_the_budget_and_give_the_same_losses(caffe):
     masker = masking.Masker(session.graph, [session.net])
     batch = session.dataset.validation.batch(np.arange(16))
     candidates = [0, 17, 120, 300, 447]
-    plan = passes.Plan(session.net, session.graph)
+    plan = engines.Plan(session.net, session.graph)
     starts = sorted({plan.start(masker.group_regions(g)) for g in candidates})
     sizes = {s: 16 * sum(int(np.prod(session.net.blobs[b].data.shape[1:])) * 4 for b in plan.frontier(s))
              for s in starts}
     results = {}
     for budget in (10 ** 12, sizes[starts[-1]] + sizes[starts[-2]], 0):
-        worker = passes.Worker(session.net, session.graph, masker, 16, budget)
+        worker = engines.Worker(session.net, session.graph, masker, 16, budget)
         kept = worker.frontiers(starts, 16)
         assert sum(sizes[s] for s in kept) <= budget
         results[budget] = (kept, worker.probe(batch, candidates))

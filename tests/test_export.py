@@ -4,7 +4,7 @@ semantics differs exactly where the paper's trap says it does."""
 import numpy as np
 import pytest
 
-from caffe_prune import engine, export, masking, networks
+from caffe_prune import export, masking, networks, pycaffe
 from caffe_prune.data import cifar10
 from caffe_prune.session import Network
 from conftest import PUBLISHED, SUBSET
@@ -21,7 +21,7 @@ class Case:
         self.name, self.tmp = name, tmp_path
         self.network = Network.open(name)
         self.param, self.graph = self.network.param, self.network.graph
-        self.net = engine.net_from_param(self.network.structure(), WEIGHTS.get(name))
+        self.net = pycaffe.net_from_param(self.network.structure(), WEIGHTS.get(name))
         x, y = cifar10.read_split("test", SUBSET)
         transform = networks.transform(name)
         self.x = cifar10.caffe_input(x[:images], transform.mean_values, transform.scale)

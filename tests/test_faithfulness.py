@@ -38,10 +38,10 @@ def test_the_committed_results_are_what_this_code_computes(caffe, tmp_path):
     the sweep with an earlier version of the code) replay exactly: the same groups, the same test
     top-1 to the last bit, the same weights removed."""
     import pytest
-    from caffe_prune import archive, pruning, published
+    from caffe_prune import archive, pruning, published_weights
     run = next(r for r in archive.read(RESULTS / "resnet-oracle") if r["method"] == "oracle (table2 forms)"
                and r["seed"] == 0)
-    config = {**run["config"], "weights": str(published.caffemodel("ResNet-20")), "data": None, "max_steps": 2,
+    config = {**run["config"], "weights": str(published_weights.caffemodel("ResNet-20")), "data": None, "max_steps": 2,
               "workers": None}
     steps = pruning.Run(pruning.Config(**config), tmp_path / "run", progress=False).run()
     assert len(steps) == 3

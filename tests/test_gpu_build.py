@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe_prune import engine
+from caffe_prune import pycaffe
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools" / "caffe"
@@ -169,21 +169,21 @@ def test_offline_build_checks_the_bundle(tmp_path):
 LOGITS = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from caffe_prune import engine, published
+    from caffe_prune import pycaffe, published_weights
     from caffe_prune.data import cifar10
     from caffe_prune.graph import build_graph
     from caffe_prune.masking import Masker
     mode, name, count, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    got = engine.set_mode(mode)
+    got = pycaffe.set_mode(mode)
     deploy = f"prototxt/{name}/deploy.prototxt"
-    param = engine.read_prototxt(deploy)
+    param = pycaffe.read_prototxt(deploy)
     head = [l for l in param.layer if l.type == "Softmax"][-1].bottom[0]
-    transform = [l for l in engine.read_prototxt(f"prototxt/{name}/train_test.prototxt").layer
+    transform = [l for l in pycaffe.read_prototxt(f"prototxt/{name}/train_test.prototxt").layer
                  if l.HasField("transform_param")][0].transform_param
     images, labels = cifar10.read_split("test", cifar10.fetch(None, progress=False))
     images, labels = images[:count], labels[:count]
     x = cifar10.caffe_input(images, list(transform.mean_value), transform.scale)
-    net = engine.load_net(deploy, published.caffemodel(name, progress=False))
+    net = pycaffe.load_net(deploy, published_weights.caffemodel(name, progress=False))
     batch = 100
     net.blobs["data"].reshape(batch, *x.shape[1:])
     net.reshape()
@@ -207,7 +207,7 @@ LOGITS = textwrap.dedent("""
         masker.restore(g)
     again = logits()
     np.savez(out, plain=plain, masked=masked, again=again, labels=labels)
-    print(json.dumps({"mode": got, "versions": engine.versions()}))
+    print(json.dumps({"mode": got, "versions": pycaffe.versions()}))
 """)
 
 
@@ -227,23 +227,24 @@ def cached(*flags) -> Path:
 
 
 def test_cuda_build_refuses_gpu_mode_without_a_gpu_and_runs_cpu_mode():
-    """`make setup GPU=1` on a machine without a GPU: pycaffe imports, GPU mode is one EngineError
+    """`make setup GPU=1` on a machine without a GPU: pycaffe imports, GPU mode is one InputError
     line (not a glog abort), 'auto' falls back to the CPU, and CPU mode computes what the CPU build
     computes (cuDNN layers are only made in GPU mode: cuda13.patch, change 5)."""
     gpu_prefix = cached("--gpu")
-    if engine._cuda_devices()[0]:
+    if pycaffe._cuda_devices()[0]:
         pytest.skip("a CUDA device is present: the gpu-marked tests cover this build")
     script = textwrap.dedent("""
         import json
-        from caffe_prune import engine
-        caffe = engine.caffe()          # CAFFE_PRUNE_PYCAFFE: this one, not the venv's .pth
-        out = {"built": engine.gpu_built(), "pycaffe": caffe.__file__}
+        from caffe_prune import pycaffe
+        from caffe_prune.errors import InputError
+        caffe = pycaffe.caffe()          # CAFFE_PRUNE_PYCAFFE: this one, not the venv's .pth
+        out = {"built": pycaffe.gpu_built(), "pycaffe": caffe.__file__}
         try:
-            engine.set_mode("gpu")
-        except engine.EngineError as exc:
+            pycaffe.set_mode("gpu")
+        except InputError as exc:
             out["gpu"] = str(exc)
-        out["auto"] = engine.set_mode("auto")
-        out["versions"] = engine.versions()
+        out["auto"] = pycaffe.set_mode("auto")
+        out["versions"] = pycaffe.versions()
         print(json.dumps(out))
     """)
     run = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -259,7 +260,7 @@ def test_cuda_build_refuses_gpu_mode_without_a_gpu_and_runs_cpu_mode():
 
 def test_cuda_build_in_cpu_mode_matches_the_cpu_build(tmp_path):
     gpu_prefix, cpu_prefix = cached("--gpu"), cached()
-    if engine._cuda_devices()[0]:
+    if pycaffe._cuda_devices()[0]:
         pytest.skip("a CUDA device is present: the gpu-marked tests cover this build")
     run_logits(cpu_prefix, "cpu", "LeNet-5", 200, tmp_path / "cpu.npz")
     run_logits(gpu_prefix, "cpu", "LeNet-5", 200, tmp_path / "gpu-build.npz")
@@ -273,7 +274,7 @@ def test_cuda_build_in_cpu_mode_matches_the_cpu_build(tmp_path):
 
 def gpu_ready() -> tuple:
     """(CUDA build prefix, CPU build prefix), or skip."""
-    devices, why, _ = engine._cuda_devices()
+    devices, why, _ = pycaffe._cuda_devices()
     if not devices:
         pytest.skip(f"no GPU: {why}")
     return cached("--gpu"), cached()
@@ -304,13 +305,14 @@ def test_gpu_device_ids_are_checked():
     gpu_prefix, _ = gpu_ready()
     script = textwrap.dedent("""
         import json
-        from caffe_prune import engine
-        n = len(engine._cuda_devices()[0])
-        out = {"ok": engine.set_mode("gpu", 0)}
+        from caffe_prune import pycaffe
+        from caffe_prune.errors import InputError
+        n = len(pycaffe._cuda_devices()[0])
+        out = {"ok": pycaffe.set_mode("gpu", 0)}
         for bad in (n, -1):
             try:
-                engine.set_mode("gpu", bad)
-            except engine.EngineError as exc:
+                pycaffe.set_mode("gpu", bad)
+            except InputError as exc:
                 out[str(bad)] = str(exc)
         print(json.dumps(out))
     """)

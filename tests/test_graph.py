@@ -6,9 +6,10 @@ import functools
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import engine, graph, networks
+from caffe_prune import graph, networks, pycaffe
 from caffe_prune.graph import Channel, ConsumerSlice, Rider
 from caffe_prune.session import Network
+from caffe_prune.errors import InputError
 from conftest import conv_weight_count
 
 # SqueezeNet's fire modules: (input channels, squeeze, expand) for fire2..fire9
@@ -189,9 +190,9 @@ def layer(name, kind, bottoms, tops, extra=""):
 def caffe_graph(write_net, text):
     """The graph with shapes from the net Caffe builds."""
     path = write_net(text)
-    net = engine.load_net(path)
+    net = pycaffe.load_net(path)
     shapes = {name: blob.data.shape for name, blob in net.blobs.items()}
-    return graph.ChannelGraph.build(engine.read_prototxt(path), shapes), shapes
+    return graph.ChannelGraph.build(pycaffe.read_prototxt(path), shapes), shapes
 
 
 def units(layer_name, n):
@@ -275,16 +276,16 @@ def test_eltwise_of_different_widths_is_a_barrier(caffe):
     """Caffe refuses this net, so the shapes are written by hand."""
     net_param = text_format.Parse(DATA + conv("a", "data", 4) + conv("b", "data", 6)
                                   + layer("sum", "Eltwise", ["a", "b"], ["sum"]) + conv("c", "sum", 5) + head("c"),
-                                  engine.caffe_pb2().NetParameter())
+                                  pycaffe.caffe_pb2().NetParameter())
     shapes = {"data": (1, 3, 8, 8), "a": (1, 4, 8, 8), "b": (1, 6, 8, 8), "sum": (1, 4, 8, 8), "c": (1, 5, 8, 8),
               "ip_c": (1, 3)}
     g = graph.ChannelGraph.build(net_param, shapes)
     assert list(g.barriers) == ["sum"] and "[4, 6]" in g.barriers["sum"]
     assert set(g.unprunable) == units("a", 4) | units("b", 6)
     assert len(g.groups) == 5 and g.producers["c"].in_channels == 4
-    with pytest.raises(engine.EngineError, match="'a'.*5"):   # shapes that do not fit the net
+    with pytest.raises(InputError, match="'a'.*5"):   # shapes that do not fit the net
         graph.ChannelGraph.build(net_param, dict(shapes, a=(1, 5, 8, 8)))
-    with pytest.raises(engine.EngineError, match="no blob 'c'"):
+    with pytest.raises(InputError, match="no blob 'c'"):
         graph.ChannelGraph.build(net_param, {k: v for k, v in shapes.items() if k != "c"})
 
 
@@ -322,7 +323,7 @@ def test_graph_is_immutable(caffe):
         g.producers["conv1"] = None
     with pytest.raises(AttributeError):
         g.groups[0].id = 3
-    with pytest.raises(engine.EngineError):
+    with pytest.raises(InputError):
         g.conv_weights({70})
 
 
@@ -337,7 +338,7 @@ def test_explicit_split_through_build_graph(caffe):
         + layer("pool", "Pooling", ["a2"], ["pool"], "pooling_param { pool: AVE global_pooling: true }")
         + layer("ip", "InnerProduct", ["pool"], ["ip"], "inner_product_param { num_output: 10 }")
         + layer("loss", "SoftmaxWithLoss", ["ip", "label"], ["loss"]),
-        engine.caffe_pb2().NetParameter())
+        pycaffe.caffe_pb2().NetParameter())
     g = graph.build_graph(net_param)
     assert g.group_of("a", 3).consumers == (ConsumerSlice("b", "conv", 3), ConsumerSlice("ip", "fc", 3))
     assert g.fc["ip"] == graph.FcInfo(10, 4, 1)

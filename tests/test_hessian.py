@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import engine, netdef, networks
+from caffe_prune import netdef, networks, pycaffe
 from caffe_prune.data import cifar10
 from caffe_prune.metrics.hessian import hessian_diagonal
+from caffe_prune.errors import InputError
 from conftest import PUBLISHED, SUBSET, evaluation_form
 
 CONV1 = """
@@ -47,8 +48,8 @@ layer { name: "top1" type: "Accuracy" bottom: "%(logits)s" bottom: "label" top: 
 
 
 def build(write_net, text, phase="test"):
-    engine.caffe().set_random_seed(0)   # the fillers draw from Caffe's generator: the same weights every run
-    return engine.load_net(write_net(text), probe=False, phase=phase)
+    pycaffe.caffe().set_random_seed(0)   # the fillers draw from Caffe's generator: the same weights every run
+    return pycaffe.load_net(write_net(text), probe=False, phase=phase)
 
 
 def conv3x3(x, w, b):
@@ -351,19 +352,19 @@ def test_refuses_what_it_cannot_do(caffe, write_net):
         .replace("pooling_param { %(pool)s }", "lrn_param { local_size: 3 }")
     net = fed(build(write_net, lrn))
     net.forward()
-    with pytest.raises(engine.EngineError, match=r"layer 'norm1' \(LRN\): .*not diagonal"):
+    with pytest.raises(InputError, match=r"layer 'norm1' \(LRN\): .*not diagonal"):
         hessian_diagonal(net, ["conv1"])
     train = bn_net(write_net, "operation: SUM", phase="train")
     train.forward()
-    with pytest.raises(engine.EngineError, match=r"'bn1' \(BatchNorm\) .*TEST phase"):
+    with pytest.raises(InputError, match=r"'bn1' \(BatchNorm\) .*TEST phase"):
         hessian_diagonal(train, ["conv1"])
     net = fed(build(write_net, SOFTMAX % dict(logits="ip2", loss="")))   # no force_backward
     net.forward()
-    with pytest.raises(engine.EngineError, match=r"'data' is NaN: Caffe's backward does not reach it"):
+    with pytest.raises(InputError, match=r"'data' is NaN: Caffe's backward does not reach it"):
         hessian_diagonal(net, ["data"])
-    with pytest.raises(engine.EngineError, match=r"blob 'nope' is not in the net"):
+    with pytest.raises(InputError, match=r"blob 'nope' is not in the net"):
         hessian_diagonal(net, ["nope"])
-    with pytest.raises(engine.EngineError, match=r"blob 'top1' does not feed the loss layer 'loss'"):
+    with pytest.raises(InputError, match=r"blob 'top1' does not feed the loss layer 'loss'"):
         hessian_diagonal(net, ["top1"])
 
 
@@ -371,7 +372,7 @@ def test_refuses_what_it_cannot_do(caffe, write_net):
 def test_six_networks(caffe, write_net, name):
     """Every layer of the paper's networks has a rule (filler weights), except AlexNet's LRN."""
     form = evaluation_form(networks.train_test(name), batch_size=2)
-    net = fed(engine.load_net(write_net(text_format.MessageToString(form), f"{name}.prototxt"), probe=False))
+    net = fed(pycaffe.load_net(write_net(text_format.MessageToString(form), f"{name}.prototxt"), probe=False))
     for layer_name, layer in zip(net._layer_names, net.layers):
         if layer.type == "BatchNorm":   # no statistics yet: variance 1, scale factor 1
             net.params[layer_name][1].data[...] = 1
@@ -379,7 +380,7 @@ def test_six_networks(caffe, write_net, name):
     net.forward()
     convs = [net.top_names[n][0] for n, layer in zip(net._layer_names, net.layers) if layer.type == "Convolution"]
     if name == "AlexNet":
-        with pytest.raises(engine.EngineError, match=r"layer 'norm2' \(LRN\)"):
+        with pytest.raises(InputError, match=r"layer 'norm2' \(LRN\)"):
             hessian_diagonal(net, convs)
         return
     for blob, h in hessian_diagonal(net, convs).items():
@@ -392,7 +393,7 @@ def test_six_networks(caffe, write_net, name):
 def test_published_resnet20(caffe, write_net):
     form = evaluation_form(networks.train_test("ResNet-20"), batch_size=8)
     transform = networks.transform("ResNet-20")
-    net = engine.load_net(write_net(text_format.MessageToString(form), "resnet20.prototxt"),
+    net = pycaffe.load_net(write_net(text_format.MessageToString(form), "resnet20.prototxt"),
                           PUBLISHED / "ResNet-20-CIFAR10" / "original.caffemodel", probe=False)
     images, labels = cifar10.read_split("test", SUBSET)
     net.blobs["data"].data[...] = cifar10.caffe_input(images[:8], transform.mean_values, transform.scale)

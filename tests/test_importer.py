@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from caffe_prune import engine, importer
+from caffe_prune import importer, pycaffe
+from caffe_prune.errors import InputError
 from conftest import PUBLISHED, TABLE1, evaluation
 
 FORK_PROTOTXT = """
@@ -19,14 +20,14 @@ layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
 def test_parse_tolerant_drops_and_lists_unknown_fields(caffe, tmp_path):
     path = tmp_path / "fork.prototxt"
     path.write_text(FORK_PROTOTXT)
-    net = engine.caffe_pb2().NetParameter()
+    net = pycaffe.caffe_pb2().NetParameter()
     dropped = importer.parse_tolerant(path, net)
     assert dropped == ["convolution_mask_param", "saliency_param"]
     assert net.layer[0].convolution_param.num_output == 20 and len(net.layer[0].param) == 4
 
 
 def test_mask_blobs_are_applied_and_removed(caffe):
-    model = engine.read_caffemodel(PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel")
+    model = pycaffe.read_caffemodel(PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel")
     conv1 = next(l for l in model.layer if l.name == "conv1")
     w = np.asarray(conv1.blobs[0].data, dtype=np.float32).reshape(20, 3, 5, 5)
     rng = np.random.default_rng(0)
@@ -45,7 +46,7 @@ def test_mask_blobs_are_applied_and_removed(caffe):
 
 
 def test_not_a_published_directory(caffe, tmp_path):
-    with pytest.raises(engine.EngineError, match="must hold exactly one caffemodel"):
+    with pytest.raises(InputError, match="must hold exactly one caffemodel"):
         importer.import_published(tmp_path, tmp_path / "out")
 
 
@@ -66,7 +67,7 @@ def test_import_published_scores_like_the_original(caffe, tmp_path, name):
 def test_import_falls_back_to_the_models_own_definition(caffe, tmp_path):
     """A caffemodel whose layer names do not fit caffe_prune's LeNet-5 is imported with its own
     (embedded) definition, with a warning naming the first mismatch, and still scores the same."""
-    model = engine.read_caffemodel(PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel")
+    model = pycaffe.read_caffemodel(PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel")
     for layer in model.layer:
         if layer.name == "conv2":
             layer.name = "conv_b"
@@ -82,5 +83,5 @@ def test_import_falls_back_to_the_models_own_definition(caffe, tmp_path):
 
 
 def test_import_unknown_network_name(caffe, tmp_path):
-    with pytest.raises(engine.EngineError, match="unknown network 'LeNet-6'"):
+    with pytest.raises(InputError, match="unknown network 'LeNet-6'"):
         importer.import_published(PUBLISHED / "LeNet-5-CIFAR10", tmp_path, net="LeNet-6")

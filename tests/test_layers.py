@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import engine, export, layers, masking
+from caffe_prune import export, layers, masking, pycaffe
 from caffe_prune.graph import Channel, ChannelGraph, group_slices
 from caffe_prune.metrics import inputs
 
@@ -42,8 +42,8 @@ def reduction_net(mvn="", reduction="axis: 2 operation: MEAN"):
 
 def built(text):
     """(NetParameter, caffe.Net with seeded random weights, graph with Caffe's shapes)."""
-    param = text_format.Parse(text, engine.caffe_pb2().NetParameter())
-    net = engine.net_from_param(param)
+    param = text_format.Parse(text, pycaffe.caffe_pb2().NetParameter())
+    net = pycaffe.net_from_param(param)
     rng = np.random.default_rng(0)
     for blobs in net.params.values():
         for blob in blobs:
@@ -72,7 +72,7 @@ def assert_export_equals_masks(param, net, g, pruned):
     small.reshape()
     masked, compact = run(net, x), run(small, x)
     np.testing.assert_allclose(compact, masked, rtol=1e-5, atol=1e-5 * np.abs(masked).max())
-    assert not np.allclose(masked, run(engine.net_from_param(param), x))   # the masks did change it
+    assert not np.allclose(masked, run(pycaffe.net_from_param(param), x))   # the masks did change it
     return weights
 
 
@@ -177,11 +177,11 @@ def test_deconvolution_weight_gradients_sum_to_caffes(caffe):
 def test_rules_answer_for_their_types():
     """What modules ask by type is answered here (one entry per type): data sources and readers,
     learned weights, heads' roles."""
-    param = engine.caffe_pb2().LayerParameter(name="x", type="ImageData")
+    param = pycaffe.caffe_pb2().LayerParameter(name="x", type="ImageData")
     param.image_data_param.source, param.image_data_param.batch_size = "list.txt", 0
     assert layers.source(param) == "list.txt" and layers.reader(param) == "list"
     assert layers.rule("ImageData").check(param) == "batch_size 0 must be at least 1"
-    assert layers.type_reading("db") == "Data" and layers.is_fed(engine.caffe_pb2().LayerParameter(type="Input"))
+    assert layers.type_reading("db") == "Data" and layers.is_fed(pycaffe.caffe_pb2().LayerParameter(type="Input"))
     assert layers.LEARNED_TYPES == {"Convolution", "Deconvolution", "InnerProduct"}
     assert layers.role("Accuracy") == "accuracy" and layers.role("ReLU") is None
     assert layers.rule("Tile").kind == "barrier"

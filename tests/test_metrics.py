@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from caffe_prune import engine, masking, metrics, netdef, networks
+from caffe_prune import masking, metrics, netdef, networks, pycaffe
 from caffe_prune.data import cifar10
 from caffe_prune.graph import ChannelGraph, Channel, build_graph
 from caffe_prune.metrics import commands, inputs
@@ -111,10 +111,10 @@ class Case:
 
 
 def tiny_case(caffe, write_net, text=TINY, n=4, seed=0):
-    engine.caffe().set_random_seed(seed)
+    pycaffe.caffe().set_random_seed(seed)
     path = write_net(text % dict(n=n), "tiny.prototxt")
-    net = engine.load_net(path, probe=False)
-    graph = ChannelGraph.build(engine.read_prototxt(path), {b: v.data.shape for b, v in net.blobs.items()})
+    net = pycaffe.load_net(path, probe=False)
+    graph = ChannelGraph.build(pycaffe.read_prototxt(path), {b: v.data.shape for b, v in net.blobs.items()})
     rng = np.random.default_rng(seed)
     shape = net.blobs["data"].data.shape
     batches = [(rng.normal(size=shape).astype(np.float32), rng.integers(0, 5, size=n)) for _ in range(2)]
@@ -125,7 +125,7 @@ def published_case(name, tmp_path, per_batch=8, count=2):
     param = networks.train_test(name)
     form = evaluation_form(param, batch_size=per_batch)
     transform = networks.transform(name)
-    net = engine.load_net(netdef.write_prototxt(form, tmp_path / f"{name}.prototxt"), WEIGHTS[name], probe=False)
+    net = pycaffe.load_net(netdef.write_prototxt(form, tmp_path / f"{name}.prototxt"), WEIGHTS[name], probe=False)
     images, labels = cifar10.read_split("test", SUBSET)
     x = cifar10.caffe_input(images[:per_batch * count], transform.mean_values, transform.scale)
     batches = [(x[i:i + per_batch], labels[i:i + per_batch]) for i in range(0, per_batch * count, per_batch)]
@@ -134,13 +134,13 @@ def published_case(name, tmp_path, per_batch=8, count=2):
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
-    engine.set_mode("cpu")
+    pycaffe.set_mode("cpu")
     return published_case("ResNet-20", tmp_path_factory.mktemp("resnet"))
 
 
 @pytest.fixture(scope="module")
 def lenet(tmp_path_factory):
-    engine.set_mode("cpu")
+    pycaffe.set_mode("cpu")
     return published_case("LeNet-5", tmp_path_factory.mktemp("lenet"))
 
 
@@ -381,7 +381,7 @@ def correlation_loop(x, t, geometry):
 def one_image_gradients(case, path_text, write_net, layers):
     """Each sample's own weight gradient from Caffe itself: a batch-of-one net sharing the weights,
     forward and backward per image. Returns {layer: (images, *weight shape)} and the h of each top."""
-    single = engine.load_net(write_net(path_text, "single.prototxt"), probe=False) if isinstance(path_text, str) \
+    single = pycaffe.load_net(write_net(path_text, "single.prototxt"), probe=False) if isinstance(path_text, str) \
         else path_text
     single.share_with(case.net)
     grads, hs, bottoms = {l: [] for l in layers}, {l: [] for l in layers}, {l: [] for l in layers}
@@ -446,7 +446,7 @@ def test_weight_taxonomy_on_lenet5_and_resnet20(caffe, write_net, lenet, resnet,
 
     def single(name, case):
         form = evaluation_form(networks.train_test(name), batch_size=1)
-        return engine.load_net(netdef.write_prototxt(form, tmp_path / f"{name}-1.prototxt"), probe=False)
+        return pycaffe.load_net(netdef.write_prototxt(form, tmp_path / f"{name}-1.prototxt"), probe=False)
 
     check_weight_combos(lenet, names, set(), single("LeNet-5", lenet), write_net, ["conv1", "conv2"],
                         {"conv1": 3, "conv2": 20}, rtol=1e-4)
@@ -592,7 +592,7 @@ def test_domino_on_weight_gradients_on_the_tiny_net(caffe, write_net):
     case, _ = tiny_case(caffe, write_net)
     name = "weights/taylor/abs_sum/none"
     grads, _, _ = one_image_gradients(case, TINY % dict(n=1), write_net, ["conv1", "conv2"])
-    single = engine.load_net(write_net(TINY % dict(n=1), "single-ip.prototxt"), probe=False)
+    single = pycaffe.load_net(write_net(TINY % dict(n=1), "single-ip.prototxt"), probe=False)
     single.share_with(case.net)
     ip_grads = []
     for x, y in case.batches:
@@ -710,7 +710,7 @@ def test_saliency_command_writes_the_ranking(caffe, tmp_path, capsys):
     chosen = np.random.default_rng(3).choice(cifar10.validation_indices(len(images)), size=32, replace=False)
     form = evaluation_form(networks.train_test("LeNet-5"), batch_size=32)
     transform = networks.transform("LeNet-5")
-    net = engine.load_net(netdef.write_prototxt(form, tmp_path / "l.prototxt"), WEIGHTS["LeNet-5"], probe=False)
+    net = pycaffe.load_net(netdef.write_prototxt(form, tmp_path / "l.prototxt"), WEIGHTS["LeNet-5"], probe=False)
     net.blobs["data"].data[...] = cifar10.caffe_input(images[chosen], transform.mean_values, transform.scale)
     net.blobs["label"].data[...] = labels[chosen]
     net.forward()

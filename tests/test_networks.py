@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import engine, layers, netdef, networks
+from caffe_prune import layers, netdef, networks, pycaffe
 from caffe_prune.data import cifar10
 from caffe_prune.data.transform import Transform
+from caffe_prune.errors import InputError
 from conftest import PUBLISHED, REPO, SUBSET, TABLE1, evaluation_form, conv_weight_count
 
 # Counted by hand from the layer shapes: out x in/group x kh x kw, summed over Convolution layers.
@@ -53,7 +54,7 @@ def build_deploy(write_net, name, batch_size):
 @pytest.mark.parametrize("name", networks.NETWORKS)
 def test_deploy_builds_and_counts_table1_conv_weights(caffe, write_net, name):
     net_param, path = build_deploy(write_net, name, batch_size=2)
-    net = engine.load_net(path)
+    net = pycaffe.load_net(path)
     net.blobs["data"].data[...] = np.random.default_rng(0).normal(size=(2, 3, 32, 32))
     prob = net.forward()["prob"]
     assert prob.shape == (2, 10)   # (ResNet-20's BatchNorm has no statistics yet: its values are NaN)
@@ -76,7 +77,7 @@ def stock_body(net_param):
     for layer in net_param.layer:
         if layer.type in layers.DATA_TYPES or layer.type in layers.HEAD_TYPES:
             continue
-        copy = engine.caffe_pb2().LayerParameter()
+        copy = pycaffe.caffe_pb2().LayerParameter()
         copy.CopyFrom(layer)
         if copy.type == "Convolution":
             del copy.param[2:]
@@ -87,7 +88,7 @@ def stock_body(net_param):
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_layers_copy_the_published_prototxt(caffe, name):
     text = (PUBLISHED / REFERENCES[name]).read_text()
-    reference = engine.caffe_pb2().NetParameter()
+    reference = pycaffe.caffe_pb2().NetParameter()
     text_format.Parse(re.sub(r"convolution_mask_param\s*\{[^}]*\}", "", text), reference)
     ours, theirs = stock_body(networks.train_test(name)), stock_body(reference)
     assert [layer.name for layer in ours] == [layer.name for layer in theirs]
@@ -115,7 +116,7 @@ def test_data_layers_and_heads(name):
 def test_train_test_form_builds_when_fed_from_python(caffe, write_net, name):
     """The training net's layers and heads, with its Data layers swapped for Input (netdef)."""
     form = evaluation_form(networks.train_test(name), batch_size=2)
-    net = engine.load_net(write_net(text_format.MessageToString(form), f"{name}-eval.prototxt"), probe=False)
+    net = pycaffe.load_net(write_net(text_format.MessageToString(form), f"{name}-eval.prototxt"), probe=False)
     assert net.blobs["data"].data.shape == (2, 3, 32, 32) and net.inputs == ["data", "label"]
     assert set(net.outputs) == set(netdef.EVAL_TOPS.values())
     assert net.blobs[logits_blob(networks.deploy(name))].data.shape == (2, 10)
@@ -124,11 +125,11 @@ def test_train_test_form_builds_when_fed_from_python(caffe, write_net, name):
 @pytest.mark.parametrize("name", ["LeNet-5", "ResNet-20"])
 def test_published_weights_load_by_name_and_give_the_same_logits(caffe, write_net, name):
     weights_path = PUBLISHED / f"{name}-CIFAR10" / "original.caffemodel"
-    weights = engine.read_caffemodel(weights_path)
+    weights = pycaffe.read_caffemodel(weights_path)
     batch = 4
     deploy_param, deploy_path = build_deploy(write_net, name, batch)
-    ours = engine.load_net(deploy_path, weights_path, probe=False)
-    engine.check_weights(ours, weights, weights_path)
+    ours = pycaffe.load_net(deploy_path, weights_path, probe=False)
+    pycaffe.check_weights(ours, weights, weights_path)
     assert set(ours.params) == {layer.name for layer in weights.layer if layer.blobs}   # nothing left at its filler
 
     # The embedded definition was saved from the TRAIN net: every layer carries `phase: TRAIN`,
@@ -137,7 +138,7 @@ def test_published_weights_load_by_name_and_give_the_same_logits(caffe, write_ne
     evaluation = evaluation_form(weights, batch_size=batch)
     assert not any(layer.HasField("phase") for layer in evaluation.layer)
     transform = networks.transform(name)
-    theirs = engine.load_net(write_net(text_format.MessageToString(evaluation), "embedded.prototxt"),
+    theirs = pycaffe.load_net(write_net(text_format.MessageToString(evaluation), "embedded.prototxt"),
                              weights_path, probe=False)
     images, labels = cifar10.read_split("test", SUBSET)
     x = cifar10.caffe_input(images[:batch], transform.mean_values, transform.scale)
@@ -160,8 +161,8 @@ def test_committed_prototxt_is_what_networks_generates(name):
 
 
 def test_solver_is_the_published_schedule():
-    published = engine.read_prototxt(PUBLISHED / "ResNet-20-CIFAR10" / "solver-gpu.prototxt",
-                                     engine.caffe_pb2().SolverParameter())
+    published = pycaffe.read_prototxt(PUBLISHED / "ResNet-20-CIFAR10" / "solver-gpu.prototxt",
+                                     pycaffe.caffe_pb2().SolverParameter())
     ours = networks.solver("ResNet-20")
     for field in ("base_lr", "momentum", "weight_decay", "lr_policy", "max_iter", "test_interval", "test_iter"):
         assert getattr(ours, field) == getattr(published, field), field
@@ -171,7 +172,7 @@ def test_solver_is_the_published_schedule():
 
 @pytest.mark.parametrize("form", [networks.train_test, networks.deploy, networks.transform, networks.solver])
 def test_unknown_network_is_a_one_line_error(form):
-    with pytest.raises(engine.EngineError) as error:
+    with pytest.raises(InputError) as error:
         form("VGG-16")
     message = str(error.value)
     assert "\n" not in message and "'VGG-16'" in message

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from caffe_prune import engine, masking, oracle
+from caffe_prune import masking, oracle, pycaffe
 from caffe_prune.graph import build_graph
 
 TINY = """
@@ -68,9 +68,9 @@ def test_choice_equals_brute_force(caffe, write_net):
     Θ_C (written out by hand) zeroed in a fresh copy of the weights, the loss measured by Caffe;
     the pick is the argmin."""
     path = write_net(TINY)
-    param = engine.read_prototxt(path)
+    param = pycaffe.read_prototxt(path)
     graph = build_graph(param)
-    net = engine.load_net(path)
+    net = pycaffe.load_net(path)
     rng = np.random.default_rng(0)
     net.blobs["data"].data[...] = rng.normal(size=(16, 3, 8, 8))
     net.blobs["label"].data[...] = rng.integers(0, 4, 16)

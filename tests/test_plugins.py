@@ -7,8 +7,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from caffe_prune import cli, engine, metrics, pruning
-from caffe_prune.errors import PluginError
+from caffe_prune import cli, metrics, pruning
+from caffe_prune.errors import InputError, PluginError
 from caffe_prune.metrics import plugins
 from caffe_prune.session import Session
 from conftest import PUBLISHED, REPO, SUBSET
@@ -106,7 +106,7 @@ def test_a_changed_plugin_is_refused_on_resume(caffe, tmp_path):
     steps = pruning.Run(pruning.Config(**config, max_steps=2), tmp_path / "run", progress=False).run()
     assert len(steps) == 3                                    # the same plugin: resumed
     path.write_text(path.read_text() + "# a comment changes the source\n")
-    with pytest.raises(engine.EngineError, match=r"different configuration \(plugins contents\)"):
+    with pytest.raises(InputError, match=r"different configuration \(plugins contents\)"):
         pruning.Run(pruning.Config(**config, max_steps=3, plugins={"changing": str(path)}), tmp_path / "run",
                     progress=False)
 

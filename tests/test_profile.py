@@ -10,7 +10,7 @@ import numpy as np
 import threadpoolctl
 from google.protobuf import text_format
 
-from caffe_prune import engine, export, netdef, networks, profile, published
+from caffe_prune import export, netdef, networks, profile, published_weights, pycaffe
 from caffe_prune.session import Network
 from conftest import REPO
 
@@ -27,13 +27,13 @@ def toy(width: int):
     text = ('name: "toy-%d"\nlayer { name: "data" type: "Input" top: "data" '
             'input_param { shape { dim: 1 dim: 64 dim: 32 dim: 32 } } }\n' % width)
     text += conv.format(name="conv1", bottom="data", width=width) + conv.format(name="conv2", bottom="conv1", width=width)
-    return text_format.Parse(text, engine.caffe_pb2().NetParameter())
+    return text_format.Parse(text, pycaffe.caffe_pb2().NetParameter())
 
 
 def test_per_layer_table_adds_up_to_the_whole_forward(caffe):
     """LeNet-5 at batch 16 on one thread: every layer's median is positive, and the layer medians
     sum to within 0.5x-2x of the whole forward's median (the same layers, called one by one)."""
-    result = profile.profile(networks.train_test("LeNet-5"), published.caffemodel("LeNet-5"), networks.IMAGE_SHAPE,
+    result = profile.profile(networks.train_test("LeNet-5"), published_weights.caffemodel("LeNet-5"), networks.IMAGE_SHAPE,
                              batch_sizes=(16,), threads=(1,), repeats=15, warmup=2)
     (run,) = result["runs"]
     assert RUN_FIELDS <= set(run) and run["batch"] == 16 and run["threads"] == 1
@@ -51,7 +51,7 @@ def test_latency_changes_no_parameter(caffe):
     """ResNet-20 (BatchNorm, whose TRAIN forward would move its statistics): after latency every
     parameter blob is bit-identical."""
     network = Network.open("ResNet-20")
-    net = engine.net_from_param(netdef.without_fillers(network.structure()), published.caffemodel("ResNet-20"))
+    net = pycaffe.net_from_param(netdef.without_fillers(network.structure()), published_weights.caffemodel("ResNet-20"))
     net.blobs["data"].reshape(2, *networks.IMAGE_SHAPE)
     net.reshape()
     net.blobs["data"].data[...] = np.random.default_rng(0).normal(size=(2, *networks.IMAGE_SHAPE))
@@ -66,11 +66,11 @@ def test_latency_changes_no_parameter(caffe):
 def test_parameter_count_is_the_caffemodels(caffe):
     """``parameters`` equals the blob sizes summed from the caffemodel's NetParameter (parsed here
     with caffe_pb2, not through the project); a compact export's {layer: [arrays]} gives its own
-    sum; costs are copied as given; the BLAS thread count is back at engine.BLAS_THREADS."""
+    sum; costs are copied as given; the BLAS thread count is back at pycaffe.BLAS_THREADS."""
     counted = {}
     for name in ("LeNet-5", "ResNet-20"):
-        weights = published.caffemodel(name)
-        model = engine.caffe_pb2().NetParameter()
+        weights = published_weights.caffemodel(name)
+        model = pycaffe.caffe_pb2().NetParameter()
         model.ParseFromString(weights.read_bytes())
         want = sum(int(np.prod(b.shape.dim)) if b.HasField("shape") else b.num * b.channels * b.height * b.width
                    for layer in model.layer for b in layer.blobs)
@@ -80,11 +80,11 @@ def test_parameter_count_is_the_caffemodels(caffe):
         assert result["parameters"] == want, name
         counted[name] = want
         assert result["costs"] == costs and result["costs"] is not costs
-        assert [r["threads"] for r in result["runs"]] == list(dict.fromkeys([1, engine.cores()]))
-        assert all(i["num_threads"] == engine.BLAS_THREADS for i in threadpoolctl.threadpool_info()
+        assert [r["threads"] for r in result["runs"]] == list(dict.fromkeys([1, pycaffe.cores()]))
+        assert all(i["num_threads"] == pycaffe.BLAS_THREADS for i in threadpoolctl.threadpool_info()
                    if i["user_api"] == "blas")
     network = Network.open("LeNet-5")
-    net = engine.net_from_param(network.structure(), published.caffemodel("LeNet-5"))
+    net = pycaffe.net_from_param(network.structure(), published_weights.caffemodel("LeNet-5"))
     param, arrays = export.compact(network.param, network.graph, {0, 1, 20}, net)
     small = profile.profile(param, arrays, networks.IMAGE_SHAPE, (1,), (1,), repeats=1, warmup=0, per_layer=False)
     assert small["parameters"] == sum(a.size for blobs in arrays.values() for a in blobs) < counted["LeNet-5"]
@@ -113,7 +113,7 @@ def caffe_prune(*args):
 
 
 def test_command_prints_the_documented_json():
-    weights = published.caffemodel("LeNet-5")
+    weights = published_weights.caffemodel("LeNet-5")
     code, out, err = caffe_prune("profile", "LeNet-5", weights, "--json", "--repeats", "3", "--batch", "4")
     assert code == 0, err
     result = json.loads(out)
@@ -121,7 +121,7 @@ def test_command_prints_the_documented_json():
     # MACs by hand: conv1 20x(3x5x5) weights at 28x28, conv2 50x(20x5x5) at 10x10, ip1 500x1250, ip2 10x500
     macs = 20 * 75 * 784 + 50 * 500 * 100 + 500 * 1250 + 10 * 500
     assert result["costs"] == {"macs": macs, "params": result["parameters"]} and result["parameters"] > 0
-    threads = list(dict.fromkeys([1, engine.cores()]))
+    threads = list(dict.fromkeys([1, pycaffe.cores()]))
     assert [(r["batch"], r["threads"]) for r in result["runs"]] == [(b, t) for b in (1, 4) for t in threads]
     for run in result["runs"]:
         assert RUN_FIELDS | {"layers", "layers_sum_ms"} <= set(run) and run["repeats"] == 3

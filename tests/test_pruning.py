@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from caffe_prune import engine, pruning
+from caffe_prune import analysis, pruning, pycaffe
+from caffe_prune.errors import InputError
 from conftest import PUBLISHED, REPO, SUBSET
 
 LENET = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
@@ -44,7 +45,7 @@ def test_stop_rule_and_counts(caffe, tmp_path):
     pruned = {s["group"] for s in steps[1:]}
     assert len(pruned) == len(steps) - 1
     assert steps[-1]["conv_weights"] == run.graph.conv_weights(pruned)
-    assert pruning.removed_at_drop(steps, 1.0) == steps[-2]["percent_conv_removed"]
+    assert analysis.removed_at_drop(steps, 1.0) == steps[-2]["percent_conv_removed"]
 
 
 def test_removed_at_drop_by_hand():
@@ -54,7 +55,7 @@ def test_removed_at_drop_by_hand():
              {"test": {"top1": 0.66}, "percent_conv_removed": 10},
              {"test": {"top1": 0.64}, "percent_conv_removed": 12},
              {"test": {"top1": 0.68}, "percent_conv_removed": 14}]  # after the drop: does not count
-    assert pruning.removed_at_drop(steps, 5.0) == 10
+    assert analysis.removed_at_drop(steps, 5.0) == 10
 
 
 def test_killed_run_resumes_to_the_same_end(caffe, tmp_path):
@@ -99,18 +100,18 @@ def test_same_seed_same_decisions_other_seed_other_batches(caffe, tmp_path):
     (dict(metric=None, oracle=[]), "give exactly one of --metric M or --oracle"),
 ])
 def test_impossible_arguments(caffe, tmp_path, kw, message):
-    with pytest.raises(engine.EngineError, match=message):
+    with pytest.raises(InputError, match=message):
         pruning.Run(config(**kw), tmp_path, data=SUBSET, progress=False)
 
 
 def test_weights_of_another_network(caffe, tmp_path):
-    with pytest.raises(engine.EngineError, match=r"holds no weights for layer\(s\) conv1, conv2, ip1, ip2 of the prototxt"):
+    with pytest.raises(InputError, match=r"holds no weights for layer\(s\) conv1, conv2, ip1, ip2 of the prototxt"):
         pruning.Run(config(weights=str(RESNET)), tmp_path, data=SUBSET, progress=False)
 
 
 def test_out_dir_with_another_run_is_refused_unless_forced(caffe, tmp_path):
     pruning.Run(config(max_steps=2), tmp_path, data=SUBSET, progress=False).run()
-    with pytest.raises(engine.EngineError, match=r"holds a run with a different configuration \(seed\)"):
+    with pytest.raises(InputError, match=r"holds a run with a different configuration \(seed\)"):
         pruning.Run(config(max_steps=3, seed=9), tmp_path, data=SUBSET, progress=False)
     steps = pruning.Run(config(max_steps=3, seed=9), tmp_path, data=SUBSET, force=True, progress=False).run()
     assert len(steps) == 4 and json.loads((tmp_path / "config.json").read_text())["config"]["seed"] == 9
@@ -270,11 +271,11 @@ def test_torn_config_is_rebuilt_and_bad_steps_are_named(caffe, tmp_path):
     assert (tmp_path / "steps.jsonl").read_text().endswith("}\n")
     with open(tmp_path / "steps.jsonl", "a") as stream:
         stream.write("{}\n")
-    with pytest.raises(engine.EngineError, match=r"steps.jsonl:6 is not step 5 of this run; the run directory is damaged"):
+    with pytest.raises(InputError, match=r"steps.jsonl:6 is not step 5 of this run; the run directory is damaged"):
         pruning.Run(config(max_steps=5), tmp_path, data=SUBSET, progress=False)
     other = tmp_path / "dir"
     (other / "steps.jsonl").mkdir(parents=True)
-    with pytest.raises(engine.EngineError, match="steps.jsonl is a directory"):
+    with pytest.raises(InputError, match="steps.jsonl is a directory"):
         pruning.Run(config(max_steps=5), other, data=SUBSET, progress=False)
 
 
@@ -287,8 +288,8 @@ def test_resume_compares_contents_not_paths(caffe, tmp_path):
     weights.rename(moved)                           # the same contents at another path: resumed
     steps = pruning.Run(config(weights=str(moved), max_steps=3), run_dir, data=SUBSET, progress=False).run()
     assert len(steps) == 4
-    model = engine.read_caffemodel(moved)
+    model = pycaffe.read_caffemodel(moved)
     model.layer[1].blobs[0].data[0] += 1.0          # other contents at the same path: refused
     moved.write_bytes(model.SerializeToString())
-    with pytest.raises(engine.EngineError, match=r"different configuration \(weights_sha256 contents\)"):
+    with pytest.raises(InputError, match=r"different configuration \(weights_sha256 contents\)"):
         pruning.Run(config(weights=str(moved), max_steps=3), run_dir, data=SUBSET, progress=False)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import engine
+from caffe_prune import pycaffe
 from caffe_prune.data import records
 from caffe_prune.data import reader as base
 from caffe_prune.data.cifar10 import DataError
@@ -42,7 +42,7 @@ def data_layer(source, backend="LMDB", tp=""):
 
 
 def encoded(picture, label):
-    return engine.caffe_pb2().Datum(encoded=True, label=label, data=write_png(f"p{label}.png", picture).read_bytes())
+    return pycaffe.caffe_pb2().Datum(encoded=True, label=label, data=write_png(f"p{label}.png", picture).read_bytes())
 
 
 # ---- the same records as sources.read, for every kind ---------------------------------------------
@@ -336,9 +336,9 @@ def test_a_leveldb_changed_after_open():
     reader = records.open_records(data_layer("ldb", backend="LEVELDB"))
     reader.read([0, 2])
     plyvel.DB("ldb").close()                   # another reader: not a change
-    caffe_net = engine.caffe_pb2().NetParameter(name="other")
+    caffe_net = pycaffe.caffe_pb2().NetParameter(name="other")
     caffe_net.layer.add().CopyFrom(data_layer("ldb", backend="LEVELDB"))
-    engine.net_from_param(caffe_net, phase="test", probe=False).forward()   # Caffe reading it: not one either
+    pycaffe.net_from_param(caffe_net, phase="test", probe=False).forward()   # Caffe reading it: not one either
     reader.check_unchanged()
     assert reader.read([1]).labels.tolist() == [1]
     db = plyvel.DB("ldb")
@@ -397,7 +397,7 @@ import json, sys
 import lmdb
 import numpy as np
 from google.protobuf import text_format
-from caffe_prune import engine
+from caffe_prune import pycaffe
 from caffe_prune.data import records
 
 def status(key):
@@ -406,7 +406,7 @@ def status(key):
 
 mode = sys.argv[1]
 param = text_format.Parse('name: "data" type: "Data" top: "data" top: "label" data_param { source: "big" '
-                          'backend: LMDB batch_size: 1 }', engine.caffe_pb2().LayerParameter())
+                          'backend: LMDB batch_size: 1 }', pycaffe.caffe_pb2().LayerParameter())
 def reset():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                          # VmHWM := VmRSS now
@@ -479,7 +479,7 @@ def test_streaming_an_lmdb_keeps_peak_memory_bounded(capsys):
         for start in range(0, n, 256):
             with env.begin(write=True) as txn:
                 for i in range(start, start + 256):
-                    d = engine.caffe_pb2().Datum(channels=3, height=256, width=256, label=i % 10,
+                    d = pycaffe.caffe_pb2().Datum(channels=3, height=256, width=256, label=i % 10,
                                                  data=rng.integers(0, 256, record, dtype=np.uint8).tobytes())
                     txn.put(b"%08d" % i, d.SerializeToString())
     data, chunk = n * record, 64 * record

@@ -2,7 +2,7 @@
 import json
 import pytest
 
-from caffe_prune import pruning, report
+from caffe_prune import analysis, pruning, report
 from caffe_prune.metrics import methods
 from caffe_prune.report import figures, published
 from caffe_prune.report import stats as report_stats
@@ -32,7 +32,7 @@ def test_report_from_two_runs(caffe, tmp_path):
         steps = pruning.Run(cfg, out, data=SUBSET, progress=False).run()
         dirs.append(out)
         if method:
-            expected = pruning.removed_at_drop(steps)
+            expected = analysis.removed_at_drop(steps)
     path = report.write_report(dirs, tmp_path / "report")
     text = path.read_text()
     assert f"| Mean squares of weights | {expected:.1f} ± 0.0 (n=1) | 7 |" in text

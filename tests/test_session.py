@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_prune import engine, pruning
+from caffe_prune import pruning, pycaffe
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.graph import Channel
 from caffe_prune.session import Network, Session
+from caffe_prune.errors import InputError
 from conftest import evaluation
 from test_caffe_models import export_random_fraction
 
 
 def spec():
-    cf = engine.caffe()
+    cf = pycaffe.caffe()
     return cf.NetSpec(), cf.layers, cf.params
 
 
@@ -129,7 +130,7 @@ def test_mobilenet_depthwise_prunes_channel_by_channel(caffe, tmp_path):
     assert g.weights_removed(g.group_of("pw1", 5).id, set()) == 8 + 18 + 24
     done, deviation = export_random_fraction(network, tmp_path / "export", fraction=0.5)
     assert deviation <= 1e-5
-    compact = {layer.name: layer for layer in engine.read_prototxt(done["prototxt"]).layer}
+    compact = {layer.name: layer for layer in pycaffe.read_prototxt(done["prototxt"]).layer}
     assert compact["dw1"].convolution_param.group == compact["dw1"].convolution_param.num_output
     assert compact["dw2"].convolution_param.num_output == 2 * compact["dw2"].convolution_param.group
     # the last channel of a depthwise layer stays: whole groups may go, not all of them
@@ -230,7 +231,7 @@ def lmdb_net(caffe, tmp_path):
         LMDB_LAYER % dict(phase="TEST", source=test, batch=20)
     path = write(tmp_path, NET % dict(data=data), "lmdb_net")
     weights = tmp_path / "lmdb_net.caffemodel"
-    engine.load_net(path).save(str(weights))
+    pycaffe.load_net(path).save(str(weights))
     return path, weights, 3
 
 
@@ -249,13 +250,13 @@ def images_net(caffe, tmp_path):
     data = IMAGES_LAYER % dict(source=tmp_path / "list.txt", root=tmp_path / "pngs", batch=10)
     path = write(tmp_path, NET % dict(data=data), "images_net")
     weights = tmp_path / "images_net.caffemodel"
-    engine.load_net(path).save(str(weights))
+    pycaffe.load_net(path).save(str(weights))
     return path, weights, 4
 
 
 def caffe_reference(path, weights, batches):
     """What Caffe's own TEST-phase net computes on its own data layer: images, labels, logits."""
-    net = engine.load_net(path, weights)
+    net = pycaffe.load_net(path, weights)
     x, y, logits = [], [], []
     for _ in range(batches):
         net.forward()
@@ -332,6 +333,6 @@ layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc" inner_product_p
     network = Network.open(path)
     per_image = network.shapes(what="bytes_per_image")
     assert per_image == 4 * ((3 + 16 + 2 * 16 // 4) * 1024 * 1024 + 10)
-    with pytest.raises(engine.EngineError, match=r"net.prototxt: its blobs take 108.0 MiB per image, 432.0 GiB at "
+    with pytest.raises(InputError, match=r"net.prototxt: its blobs take 108.0 MiB per image, 432.0 GiB at "
                                                  r"batch 4096, more than the .* GiB available; use --batch-size \d+"):
         Session(network, batch_size=4096)

@@ -12,7 +12,7 @@ import pytest
 import skimage.io
 from google.protobuf import text_format
 
-from caffe_prune import engine
+from caffe_prune import pycaffe
 from caffe_prune.data import records as data_records, sources
 from caffe_prune.data.cifar10 import DataError
 from caffe_prune.data.transform import Transform
@@ -26,16 +26,16 @@ def in_tmp(caffe, tmp_path, monkeypatch):
 
 
 def layer(text):
-    param = engine.caffe_pb2().LayerParameter()
+    param = pycaffe.caffe_pb2().LayerParameter()
     text_format.Parse(text, param)
     return param
 
 
 def caffe_top(param):
     """data and label tops of Caffe's own layer `param`, one TEST-phase forward."""
-    net_param = engine.caffe_pb2().NetParameter(name="reference")
+    net_param = pycaffe.caffe_pb2().NetParameter(name="reference")
     net_param.layer.add().CopyFrom(param)
-    net = engine.net_from_param(net_param, phase="test", probe=False)
+    net = pycaffe.net_from_param(net_param, phase="test", probe=False)
     net.forward()
     return net.blobs[param.top[0]].data.copy(), net.blobs[param.top[1]].data.copy()
 
@@ -147,7 +147,7 @@ def test_leveldb_float_data_is_the_default_backend():
 def test_lmdb_of_encoded_png_of_differing_sizes():
     """Caffe decodes (OpenCV: BGR); shapes differ, so crop_size makes one batch of them."""
     pictures = [RNG.integers(0, 256, (36 + i, 40 + 2 * i, 3), dtype=np.uint8) for i in range(4)]
-    datums = [engine.caffe_pb2().Datum(encoded=True, label=i, data=write_png(f"{i}.png", p).read_bytes())
+    datums = [pycaffe.caffe_pb2().Datum(encoded=True, label=i, data=write_png(f"{i}.png", p).read_bytes())
               for i, p in enumerate(pictures)]
     write_lmdb("png-lmdb", datums)
     param = layer("""name: "png" type: "Data" top: "data" top: "label"
@@ -169,7 +169,7 @@ def test_lmdb_of_encoded_png_of_differing_sizes():
 def test_leveldb_of_encoded_jpeg():
     """Lossy decoding too is Caffe's own (OpenCV's libjpeg as Caffe calls it)."""
     smooth = np.linspace(0, 255, 24 * 24 * 3).reshape(24, 24, 3).astype(np.uint8)
-    write_leveldb("jpeg-leveldb", [engine.caffe_pb2().Datum(
+    write_leveldb("jpeg-leveldb", [pycaffe.caffe_pb2().Datum(
         encoded=True, label=i, data=write_png(f"{i}.jpg", np.roll(smooth, 5 * i, axis=1)).read_bytes())
         for i in range(3)])
     param = layer("""name: "jpg" type: "Data" top: "data" top: "label"
@@ -184,15 +184,15 @@ def test_mixed_encoded_and_raw_datums_and_limits_that_stop_before_a_bad_one():
     corrupt record after it does not stop a limited read (Caffe's reader runs ahead)."""
     pictures = [RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(4)]
     png = [write_png(f"{i}.png", p).read_bytes() for i, p in enumerate(pictures)]
-    datums = [datum(bgr(pictures[0]).copy(), 0), engine.caffe_pb2().Datum(encoded=True, data=png[1], label=1),
-              datum(bgr(pictures[2]).copy(), 2), engine.caffe_pb2().Datum(encoded=True, data=png[3], label=3)]
+    datums = [datum(bgr(pictures[0]).copy(), 0), pycaffe.caffe_pb2().Datum(encoded=True, data=png[1], label=1),
+              datum(bgr(pictures[2]).copy(), 2), pycaffe.caffe_pb2().Datum(encoded=True, data=png[3], label=3)]
     write_lmdb("mixed-lmdb", datums)
     param = layer("""name: "mixed" type: "Data" top: "data" top: "label"
         transform_param { mean_value: 7 scale: 3 } data_param { source: "mixed-lmdb" backend: LMDB batch_size: 4 }""")
     records, _ = assert_as_caffe(param)
     np.testing.assert_array_equal(records.images, np.stack([bgr(p) for p in pictures]))
-    write_lmdb("bad-lmdb", [engine.caffe_pb2().Datum(encoded=True, data=png[0]),
-                            engine.caffe_pb2().Datum(encoded=True, data=png[1][:30])])
+    write_lmdb("bad-lmdb", [pycaffe.caffe_pb2().Datum(encoded=True, data=png[0]),
+                            pycaffe.caffe_pb2().Datum(encoded=True, data=png[1][:30])])
     param.data_param.source = "bad-lmdb"
     assert data_records.record_shape(param) == (3, 8, 8)
     np.testing.assert_array_equal(data_records.read(param, limit=1, progress=False).images[0], bgr(pictures[0]))
@@ -370,8 +370,8 @@ def test_hdf5data_with_transform_param_is_refused():
 
 def corrupt_png_lmdb():
     good = write_png("ok.png", np.zeros((8, 8, 3), np.uint8)).read_bytes()
-    write_lmdb("lmdb", [engine.caffe_pb2().Datum(encoded=True, data=good),
-                        engine.caffe_pb2().Datum(encoded=True, data=good[:40])])
+    write_lmdb("lmdb", [pycaffe.caffe_pb2().Datum(encoded=True, data=good),
+                        pycaffe.caffe_pb2().Datum(encoded=True, data=good[:40])])
 
 
 def truncated_datum_lmdb():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from caffe_prune import pruning, cli, store, sweep
+from caffe_prune import cli, pruning, store, sweep
 from caffe_prune.metrics import taxonomy
 from conftest import PUBLISHED, REPO, SUBSET
 

@@ -13,11 +13,12 @@ import time
 import numpy as np
 import pytest
 
-from caffe_prune import cli, engine, finetune, masking, pruning, train
+from caffe_prune import cli, finetune, masking, pruning, pycaffe, train
 from caffe_prune.metrics import methods
 from caffe_prune.data import cifar10
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.session import Network, Session
+from caffe_prune.errors import InputError
 from conftest import PUBLISHED, REPO, SUBSET, evaluation
 
 pytestmark = pytest.mark.xdist_group("test_train")       # one process: its module fixtures are costly
@@ -44,7 +45,7 @@ def run(data_out, out, *solver_set, **kw):
 
 def caffemodel_arrays(path) -> dict:
     """{layer: [arrays]} of a caffemodel, read with protobuf (not through the net that trained it)."""
-    model = engine.read_caffemodel(path)
+    model = pycaffe.read_caffemodel(path)
     return {layer.name: [np.asarray(b.data, dtype=np.float32).reshape(tuple(b.shape.dim)) for b in layer.blobs]
             for layer in model.layer if layer.blobs}
 
@@ -88,20 +89,20 @@ def test_resume_continues_from_the_snapshot_to_the_same_bits(caffe, data_out, tm
     assert train.latest_solverstate(tmp_path / "parts").name == "LeNet-5_iter_20.solverstate"
     assert not list((tmp_path / "parts" / "snapshots" / ".writing").iterdir())
     # a fresh start into a directory with snapshots is refused; --resume of a finished run trains nothing
-    with pytest.raises(engine.EngineError, match="holds snapshots of an earlier training"):
+    with pytest.raises(InputError, match="holds snapshots of an earlier training"):
         run(data_out, tmp_path / "parts", max_iter=20)
 
 
 def test_impossible_arguments(caffe, data_out, tmp_path):
-    with pytest.raises(engine.EngineError, match="--iters must be at least 1"):
+    with pytest.raises(InputError, match="--iters must be at least 1"):
         run(data_out, tmp_path, max_iter=0)
-    with pytest.raises(engine.EngineError, match="no .solverstate under"):
+    with pytest.raises(InputError, match="no .solverstate under"):
         run(data_out, tmp_path / "fresh", max_iter=5, resume="latest")
-    with pytest.raises(engine.EngineError, match="is neither a prototxt nor one of the built-in networks"):
+    with pytest.raises(InputError, match="is neither a prototxt nor one of the built-in networks"):
         train.recipe("LeNet-7", progress=False)
-    with pytest.raises(engine.EngineError, match="is not KEY=VALUE with a SolverParameter field"):
+    with pytest.raises(InputError, match="is not KEY=VALUE with a SolverParameter field"):
         lenet(data_out, "learning_rate=0.1")
-    with pytest.raises(engine.EngineError, match="the run directory decides it"):
+    with pytest.raises(InputError, match="the run directory decides it"):
         lenet(data_out, "snapshot_prefix=x")
     solver = lenet(data_out, "base_lr=0.01", "lr_policy=step", "stepsize=7", "test_iter=3", "type=Nesterov").solver
     assert (solver.base_lr, solver.lr_policy, solver.stepsize, list(solver.test_iter), solver.type) == \
@@ -112,7 +113,7 @@ def test_impossible_arguments(caffe, data_out, tmp_path):
 
 def history_of(state_path, net) -> list:
     """The solverstate's history blobs, as arrays shaped like the net's learnable params (in order)."""
-    proto = engine.caffe_pb2().SolverState()
+    proto = pycaffe.caffe_pb2().SolverState()
     proto.ParseFromString(state_path.read_bytes())
     shapes = [blob.data.shape for blobs in net.params.values() for blob in blobs]
     return [np.asarray(h.data, np.float32).reshape(shapes[i % len(shapes)]) for i, h in enumerate(proto.history)]
@@ -234,7 +235,7 @@ def test_bvlc_cifar10_quick_trains_unchanged(caffe, data_out, tmp_path, monkeypa
     example = root / "examples" / "cifar10"
     for split in ("train", "test"):
         (example / f"cifar10_{split}_lmdb").symlink_to(data_out / f"cifar10-{split}-lmdb")
-    tool = engine.caffe_tool("compute_image_mean")
+    tool = pycaffe.caffe_tool("compute_image_mean")
     assert tool is not None, "the Caffe build has no compute_image_mean"
     subprocess.run([str(tool), "-backend=lmdb", str(example / "cifar10_train_lmdb"), str(example / "mean.binaryproto")],
                    check=True, capture_output=True)
@@ -247,7 +248,7 @@ def test_bvlc_cifar10_quick_trains_unchanged(caffe, data_out, tmp_path, monkeypa
     asked = json.loads((tmp_path / "run" / "train.json").read_text())
     assert done["iterations"] == 60 and asked["source"]["kind"] == "solver"
     assert asked["source"]["net"] == CIFAR10_QUICK[1]
-    used = engine.read_prototxt(tmp_path / "run" / "solver.prototxt", engine.caffe_pb2().SolverParameter())
+    used = pycaffe.read_prototxt(tmp_path / "run" / "solver.prototxt", pycaffe.caffe_pb2().SolverParameter())
     assert (used.weight_decay, used.base_lr, list(used.test_iter)) == (pytest.approx(0.004), pytest.approx(0.001), [100])
     assert "solver_mode: GPU; training on the CPU" in printed.err
     scores = json.loads(printed.out[printed.out.index("{"):])["test"]

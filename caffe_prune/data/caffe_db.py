@@ -17,7 +17,7 @@ import lmdb
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, fsio, layers
+from caffe_prune import fsio, layers, pycaffe
 from caffe_prune.errors import DataError
 
 META = "caffe-prune.json"
@@ -48,7 +48,7 @@ def write_lmdb(path, images_rgb: np.ndarray, labels: np.ndarray, split: str, sou
     if images_rgb.dtype != np.uint8 or list(images_rgb.shape[1:]) != SHAPE or len(labels) != len(images_rgb):
         raise DataError(f"{path}: cannot write {images_rgb.dtype}{images_rgb.shape} images with "
                         f"{len(labels)} labels; expected uint8 (N, 3, 32, 32) and N labels")
-    datum = engine.caffe_pb2().Datum(channels=SHAPE[0], height=SHAPE[1], width=SHAPE[2])
+    datum = pycaffe.caffe_pb2().Datum(channels=SHAPE[0], height=SHAPE[1], width=SHAPE[2])
     bgr = images_rgb[:, ::-1]
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -112,7 +112,7 @@ def check_data_layers(net_param, prototxt) -> None:
     """check_lmdb on the source of every LMDB ``Data`` layer of a net, so that a prototxt is never
     trained or scored on records whose channel order or transform differ from what it assumes.
     Sources are relative to the working directory, as for Caffe."""
-    lmdb_backend = engine.caffe_pb2().DataParameter.LMDB
+    lmdb_backend = pycaffe.caffe_pb2().DataParameter.LMDB
     for layer in net_param.layer:
         if layers.reader(layer) == "db" and layer.data_param.backend == lmdb_backend:
             try:

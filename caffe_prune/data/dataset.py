@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, layers
+from caffe_prune import layers, pycaffe
 from caffe_prune.data import cifar10, records
 from caffe_prune.errors import DataError
 from caffe_prune.data.transform import Transform
@@ -302,7 +302,7 @@ def _readable(layer) -> bool:
 def layer_for(path, root: str = "", transform_param=None):
     """A data LayerParameter reading ``path``: an LMDB or LevelDB directory, an HDF5 list file (its
     lines name .h5 files) or an ImageData list file (with ``root`` as its root_folder)."""
-    pb2 = engine.caffe_pb2()
+    pb2 = pycaffe.caffe_pb2()
     path = Path(path)
     layer = pb2.LayerParameter(name="data", top=["data", "label"])
     if transform_param is not None:
@@ -335,7 +335,7 @@ def layer_for(path, root: str = "", transform_param=None):
 def _phase_layer(net_param, phase):
     """The first data layer of a phase; for "test", of the layers Caffe instantiates for evaluation
     (a definition saved from a TRAIN net has its data layers in TRAIN only)."""
-    found = engine.instantiated_layers(net_param) if phase == "test" else engine.layers_in_phase(net_param, phase)
+    found = pycaffe.instantiated_layers(net_param) if phase == "test" else pycaffe.layers_in_phase(net_param, phase)
     return next((l for l in found if l.type in layers.DATA_TYPES), None)
 
 
@@ -354,7 +354,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
     own_transform = Transform.of(test_layer, f"{network.where}: layer {test_layer.name!r}") \
         if transform is None and test_layer is not None and not layers.is_fed(test_layer) else None
     if own_transform is not None and own_transform.mirror and \
-            any(l is test_layer for l in engine.layers_in_phase(network.param, "test")):
+            any(l is test_layer for l in pycaffe.layers_in_phase(network.param, "test")):
         warnings.warn(f"{own_transform.where}: mirror: true in the TEST phase; Caffe flips images at random even "
                       f"there (data_transformer.cpp has no phase test); they are fed unflipped here, as Caffe "
                       f"does for the images its coin leaves alone", stacklevel=2)
@@ -383,7 +383,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
     if val_split == "authors":
         _not_cifar(data)
     if data.endswith(".prototxt"):
-        param = engine.read_prototxt(data)
+        param = pycaffe.read_prototxt(data)
         test_layer, train_layer = _phase_layer(param, "test"), _phase_layer(param, "train")
         if test_layer is None or not _readable(test_layer):
             raise DataError(f"--data {data}: no TEST-phase data layer with an existing source")
@@ -393,7 +393,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
                        train, seed, holdout)
     tp = None
     if transform is not None and (transform.force_color or transform.force_gray):
-        tp = engine.caffe_pb2().TransformationParameter(force_color=transform.force_color,
+        tp = pycaffe.caffe_pb2().TransformationParameter(force_color=transform.force_color,
                                                         force_gray=transform.force_gray)
     layer = layer_for(data, root, tp)
     source = _layer_source(layer, "--data", progress)

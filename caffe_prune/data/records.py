@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, layers
+from caffe_prune import layers, pycaffe
 from caffe_prune.data import records_db, sources
 from caffe_prune.data.reader import Reader, _stamp
 from caffe_prune.data.sources import WHERE_PATHS, Records
@@ -30,7 +30,7 @@ def open_records(layer_param) -> "Reader":
     ImageData or HDF5Data layer. Close it (or use it in a ``with``) to let go of its handles."""
     kind = layers.reader(layer_param)
     if kind == "db":
-        lmdb = layer_param.data_param.backend == engine.caffe_pb2().DataParameter.LMDB
+        lmdb = layer_param.data_param.backend == pycaffe.caffe_pb2().DataParameter.LMDB
         return (records_db.Lmdb if lmdb else records_db.LevelDb)(layer_param)
     if kind is None:
         readable = ", ".join(layers.type_reading(k) for k in ("db", "list", "hdf5"))
@@ -112,7 +112,7 @@ class _ImageList(Reader):
 
     def _fetch(self, positions, progress) -> tuple:
         entries = self._entries(positions)
-        layer = engine.caffe_pb2().LayerParameter(name=self.layer.name or "data", type=layers.type_reading("list"),
+        layer = pycaffe.caffe_pb2().LayerParameter(name=self.layer.name or "data", type=layers.type_reading("list"),
                                                   top=["data", "label"])
         layer.image_data_param.CopyFrom(self.layer.image_data_param)
         for deprecated in ("scale", "mean_file", "crop_size", "mirror"):

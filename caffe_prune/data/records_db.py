@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, layers
+from caffe_prune import layers, pycaffe
 from caffe_prune.data import reader as base, sources
 from caffe_prune.errors import DataError
 from caffe_prune.data.reader import FAULT_SLACK, Reader
@@ -226,7 +226,7 @@ class _Db(Reader):
 
     def _datum(self, position, key: bytes, value: bytes):
         from google.protobuf.message import DecodeError
-        datum = engine.caffe_pb2().Datum()
+        datum = pycaffe.caffe_pb2().Datum()
         at = f"(position {position} in key order)"
         try:
             datum.ParseFromString(value)
@@ -263,7 +263,7 @@ class _Db(Reader):
         if tp.force_color and tp.force_gray:
             raise DataError(f"{self.where}: transform_param sets both force_color and force_gray, which "
                             f"Caffe refuses for encoded Datums; keep one")
-        pb2 = engine.caffe_pb2()
+        pb2 = pycaffe.caffe_pb2()
         layer = pb2.LayerParameter(name=self.layer.name or "data", type=layers.type_reading("db"), top=["data", "label"])
         layer.data_param.CopyFrom(self.layer.data_param)
         for deprecated in ("scale", "mean_file", "crop_size", "mirror", "force_encoded_color"):

@@ -22,7 +22,7 @@ Paths (source, root_folder, the listed files) are relative to the working direct
 
 Caffe reads bad input with CHECKs that abort the interpreter. Here everything that can be checked
 in Python is checked before Caffe sees it, and the Caffe reading itself runs in a forked child
-(as engine.probe_construct does), so that an image OpenCV cannot decode becomes a one-line
+(as pycaffe.probe_construct does), so that an image OpenCV cannot decode becomes a one-line
 :class:`~caffe_prune.data.cifar10.DataError` carrying glog's message, never an abort.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine
+from caffe_prune import pycaffe
 from caffe_prune.errors import DataError
 
 WHERE_PATHS = "paths are relative to the working directory"
@@ -99,7 +99,7 @@ def _through_caffe(layer, n: int, where: str, what: str, progress: bool):
     labels. It runs in a forked child in CPU mode (data layers read on the CPU in any mode), so
     that a CHECK failure while decoding becomes a DataError carrying glog's message; pixels come
     back through a temporary file and progress through a pipe."""
-    net_param = engine.caffe_pb2().NetParameter(name="caffe-prune-read")
+    net_param = pycaffe.caffe_pb2().NetParameter(name="caffe-prune-read")
     net_param.layer.add().CopyFrom(layer)
     with tempfile.TemporaryDirectory(prefix="caffe-prune-read-") as tmp:
         raw, meta, log = Path(tmp) / "pixels.u8", Path(tmp) / "meta.npz", Path(tmp) / "stderr.txt"
@@ -111,8 +111,8 @@ def _through_caffe(layer, n: int, where: str, what: str, progress: bool):
                 os.close(ticks_r)
                 os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
                 faulthandler.disable()   # the abort it would report is the expected outcome
-                engine.caffe().set_mode_cpu()
-                net = engine.net_from_param(net_param, probe=False)
+                pycaffe.caffe().set_mode_cpu()
+                net = pycaffe.net_from_param(net_param, probe=False)
                 shapes, labels = [], []
                 with open(raw, "wb") as pixels_out:
                     for i in range(n):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, fsio
+from caffe_prune import fsio, pycaffe
 from caffe_prune.errors import DataError
 
 CHUNK = 1000
@@ -37,7 +37,7 @@ def write_random_lmdb(path, images: int, shape=(3, 256, 256), classes: int = 100
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    datum = engine.caffe_pb2().Datum(channels=shape[0], height=shape[1], width=shape[2])
+    datum = pycaffe.caffe_pb2().Datum(channels=shape[0], height=shape[1], width=shape[2])
     # map_size bounds the file, it allocates nothing: a value larger than a page takes whole overflow
     # pages, so each record is rounded up to pages and given one more for its key and header
     page = 4096

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, layers
+from caffe_prune import layers, pycaffe
 from caffe_prune.errors import DataError
 
 
@@ -46,7 +46,7 @@ def read_mean_file(path, where: str) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{what} does not exist (paths are relative to the working directory); "
                         f"write it with Caffe's compute_image_mean or use mean_value")
-    blob = engine.caffe_pb2().BlobProto()
+    blob = pycaffe.caffe_pb2().BlobProto()
     try:
         blob.ParseFromString(path.read_bytes())
     except (DecodeError, OSError) as exc:
@@ -102,7 +102,7 @@ class Transform:
         run's configuration records); None when none was given."""
         if not fields:
             return None
-        tp = engine.caffe_pb2().TransformationParameter()
+        tp = pycaffe.caffe_pb2().TransformationParameter()
         for key, value in fields.items():
             if key == "mean_value":
                 tp.mean_value.extend(value)

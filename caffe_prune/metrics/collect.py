@@ -1,6 +1,6 @@
 """One Caffe forward and one backward per validation batch, turned into per-sample channel values.
 
-``collect(net, graph, batches, needs, reading)`` runs, for each batch (inputs already transformed,
+``collect(net, graph, batches, names, reading)`` runs, for each batch (inputs already transformed,
 labels), Caffe's forward over every layer once, Caffe's backward once (only if a requested metric
 reads a gradient), and ``hessian.hessian_diagonal`` once (only if one reads OBD's h). From the blobs
 it reads, for every producer convolution, the tensors the requested metrics need, and applies their
@@ -52,10 +52,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from caffe_prune import engine, evaluate
+from caffe_prune import evaluate
 from caffe_prune.metrics import inputs, plugins
 from caffe_prune.metrics.hessian import built_layers, hessian_diagonal
 from caffe_prune.metrics.taxonomy import POINTWISE, REDUCTIONS, MetricError, parse
+from caffe_prune.errors import InputError
 
 READINGS = ("authors", "conv-output")
 
@@ -127,8 +128,8 @@ class _Plan:
         self.g = any("g" in reads for reads in self.reads.values())   # a backward is needed
 
 
-def collect(net, graph, batches, needs, reading: str = "authors") -> Tensors:
-    """Gather what the metrics named in ``needs`` read, from one forward and (if needed) one
+def collect(net, graph, batches, names, reading: str = "authors") -> Tensors:
+    """Gather what the metrics named in ``names`` read, from one forward and (if needed) one
     backward and one Hessian pass per batch. ``net``: an evaluation-form caffe.Net (Input blobs
     ``data`` and ``label``, SoftmaxWithLoss, TEST phase) with the pruning masks applied; ``graph``
     its ChannelGraph; ``batches``: (inputs, labels) arrays, inputs already transformed.
@@ -138,7 +139,7 @@ def collect(net, graph, batches, needs, reading: str = "authors") -> Tensors:
     stock Caffe's Accuracy layers refuse (they have no backward), so it is not set for you."""
     if reading not in READINGS:
         raise MetricError(f"invalid reading {reading!r}; valid: {', '.join(READINGS)}")
-    metrics = [parse(name) for name in ([needs] if isinstance(needs, str) else needs)]
+    metrics = [parse(name) for name in ([names] if isinstance(names, str) else names)]
     plan = _Plan(metrics)
     tensors = Tensors(reading, tuple(str(m) for m in metrics))
     convs = list(graph.producers)
@@ -219,7 +220,7 @@ def collect(net, graph, batches, needs, reading: str = "authors") -> Tensors:
         tensors.images += n
         tensors.batches += 1
     if tensors.batches == 0:
-        raise engine.EngineError("collect was given no batches")
+        raise InputError("collect was given no batches")
     return _stack(tensors)
 
 

@@ -22,7 +22,7 @@ Pooling                   MAX: h_y to the argmax Caffe recorded; AVE: Σ over th
                           of h_y / K², K = Caffe's pool_size for that window (see below)
 Split, Concat, Slice,     routing: Split sums its consumers' h, the others copy slices or views
 Flatten, Reshape
-LRN, Softmax, TanH, ...   refused with EngineError: not diagonal (LRN couples channels) or a
+LRN, Softmax, TanH, ...   refused with InputError: not diagonal (LRN couples channels) or a
                           nonlinearity whose f''(a)·g term would need the gradient as well
 ========================  =====================================================================
 
@@ -75,7 +75,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import engine, layers as rules
+from caffe_prune import layers as rules, pycaffe
+from caffe_prune.errors import InputError
 
 # each layer type's rule (weighted: W∘W in Caffe's backward; diagonal: d²·h after Caffe's
 # backward; routing: Caffe's backward as it is; pool; loss) is its ``hessian`` in caffe_prune.layers
@@ -111,7 +112,7 @@ def hessian_diagonal(net, blobs, loss_layer=None, per_sample: bool = False) -> d
     for i in upstream:
         problem = rules.rule(layers[i].type).hessian_check(layers[i], len(net.bottom_names[names[i]]))
         if problem:
-            raise engine.EngineError(f"layer {layers[i].name!r} ({layers[i].type}) {problem}")
+            raise InputError(f"layer {layers[i].name!r} ({layers[i].type}) {problem}")
     seeds = _loss_hessian(net, layers[loss_index], seeded)
 
     result = {}
@@ -131,7 +132,7 @@ def hessian_diagonal(net, blobs, loss_layer=None, per_sample: bool = False) -> d
     scale = net.blobs[seeded[0]].data.shape[0] if per_sample else 1
     for name in blobs:
         if np.isnan(result[name]).any():
-            raise engine.EngineError(
+            raise InputError(
                 f"h for blob {name!r} is NaN: Caffe's backward does not reach it (nothing learnable "
                 f"below it; set force_backward: true in the prototxt) or the net's values are not finite")
         if scale != 1:
@@ -148,12 +149,12 @@ def built_layers(net) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "net.caffemodel"
         net.save(str(path))
-        param = engine.read_caffemodel(path)
+        param = pycaffe.read_caffemodel(path)
     layers = list(param.layer)
     for layer in layers:
         del layer.blobs[:]
     if [layer.name for layer in layers] != list(net._layer_names):
-        raise engine.EngineError("net.save did not return the net's layers in order")
+        raise InputError("net.save did not return the net's layers in order")
     setattr(net, DEFINITION_ATTR, layers)
     return layers
 
@@ -165,15 +166,15 @@ def _loss_index(net, names, types, loss_layer) -> int:
         weights = net.blob_loss_weights
         found = [i for i, name in enumerate(names) if any(weights[t] for t in net.top_names[name])]
         if len(found) != 1:
-            raise engine.EngineError(f"the net has {len(found)} loss layers "
+            raise InputError(f"the net has {len(found)} loss layers "
                                      f"({', '.join(names[i] for i in found) or 'none'}); name one with loss_layer")
         index = found[0]
     elif loss_layer in names:
         index = names.index(loss_layer)
     else:
-        raise engine.EngineError(f"loss_layer {loss_layer!r} is not a layer of the net")
+        raise InputError(f"loss_layer {loss_layer!r} is not a layer of the net")
     if types[index] not in LOSSES:
-        raise engine.EngineError(f"layer {names[index]!r} ({types[index]}): h at the output is known for "
+        raise InputError(f"layer {names[index]!r} ({types[index]}): h at the output is known for "
                                  f"{' and '.join(LOSSES)} only")
     return index
 
@@ -194,10 +195,10 @@ def _producers(net, names, blobs, upstream, needed, loss_name) -> dict:
     producers = {}
     for name in blobs:
         if name not in net.blobs:
-            raise engine.EngineError(f"blob {name!r} is not in the net")
+            raise InputError(f"blob {name!r} is not in the net")
         index = next((i for i, layer in enumerate(names) if name in net.top_names[layer]), -1)
         if (index not in upstream if index >= 0 else name not in needed):
-            raise engine.EngineError(f"blob {name!r} does not feed the loss layer {loss_name!r}")
+            raise InputError(f"blob {name!r} does not feed the loss layer {loss_name!r}")
         producers[name] = index
     return producers
 
@@ -209,7 +210,7 @@ def _check_type(name, kind, n_bottoms) -> None:
     reason = rule.why or "no OBD diagonal rule is implemented for this layer type"
     if rule.kind == "barrier":
         reason = "no OBD diagonal rule is implemented for this layer type"
-    raise engine.EngineError(f"layer {name!r} ({kind}): {reason}; supported: {', '.join(SUPPORTED)}")
+    raise InputError(f"layer {name!r} ({kind}): {reason}; supported: {', '.join(SUPPORTED)}")
 
 
 # ---- the loss ------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def _loss_hessian(net, layer, seeded) -> dict:
     valid = np.ones(len(labels), dtype=bool)
     if loss_param.HasField("ignore_label"):
         valid = labels != loss_param.ignore_label
-    modes = engine.caffe_pb2().LossParameter
+    modes = pycaffe.caffe_pb2().LossParameter
     mode = loss_param.normalization
     if not loss_param.HasField("normalization") and loss_param.HasField("normalize"):
         mode = modes.VALID if loss_param.normalize else modes.BATCH_SIZE

@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from caffe_prune import engine, layers
+from caffe_prune import layers
+from caffe_prune.errors import InputError
 
 CHUNK_ELEMENTS = 1 << 23   # per-sample tensors are built a few samples at a time, ~8M elements each
 
@@ -46,7 +47,7 @@ def conv_geometry(layer) -> Geometry:
             return int(values[0]), int(values[0])
         if len(values) == 2:
             return int(values[0]), int(values[1])
-        raise engine.EngineError(f"layer {layer.name!r}: only 2-D convolutions are supported")
+        raise InputError(f"layer {layer.name!r}: only 2-D convolutions are supported")
 
     kernel = pair(cp.kernel_size, cp.kernel_h, cp.kernel_w, cp.HasField("kernel_h"), None)
     stride = pair(cp.stride, cp.stride_h, cp.stride_w, cp.HasField("stride_h"), 1)
@@ -83,7 +84,7 @@ def conv_weight_gradients(bottom: np.ndarray, top: np.ndarray, geometry: Geometr
     o, (oh, ow) = top.shape[1], top.shape[2:]
     grp, (kh, kw) = geometry.group, geometry.kernel
     if c % grp or o % grp:
-        raise engine.EngineError(f"{c} inputs and {o} outputs do not split into {grp} groups")
+        raise InputError(f"{c} inputs and {o} outputs do not split into {grp} groups")
     cols = conv_columns(bottom, geometry, (oh, ow)).reshape(n, grp, c // grp * kh * kw, oh * ow)
     tops = top.reshape(n, grp, o // grp, oh * ow)
     out = np.matmul(tops.astype(np.float64), cols.astype(np.float64).transpose(0, 1, 3, 2))

@@ -29,7 +29,7 @@ from pathlib import Path
 from caffe_prune import archive
 from caffe_prune.report.domino import domino_report
 from caffe_prune.report.oracle import oracle_report, write_report
-from caffe_prune.report.published import PAPER_ROWS
+from caffe_prune.report.published_figures import PAPER_ROWS
 from caffe_prune.report.stats import COMPONENTS, mean_ci, paper_five
 from caffe_prune.report.taxonomy import taxonomy_report
 

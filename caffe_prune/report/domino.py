@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from caffe_prune import fsio
+from caffe_prune.analysis import DEFAULT_DROP
 from caffe_prune.report.figures import save_figure, taxonomy_index
-from caffe_prune.report.published import BRANCHES, DOMINO_NETS, PUBLISHED_DOMINO
+from caffe_prune.report.published_figures import BRANCHES, DOMINO_NETS, PUBLISHED_DOMINO
 from caffe_prune.report.stats import difference_ci, mean_ci, scores_of
 from caffe_prune.report.text import pm, protocol_lines
 
@@ -30,7 +31,7 @@ def domino_report(runs, out_dir) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [r for r in runs if r["metric"]]
-    drop = runs[0]["report_drop"] if runs else 5.0
+    drop = runs[0]["report_drop"] if runs else DEFAULT_DROP
     present = list(dict.fromkeys(r["net"] for r in runs))
     nets = [n for n in DOMINO_NETS if n in present] + [n for n in present if n not in DOMINO_NETS]
     lines = ["# Domino saliency metrics against their base metrics", "",

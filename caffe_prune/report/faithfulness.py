@@ -27,13 +27,13 @@ from caffe_prune.report.oracle import table
 from caffe_prune.metrics.taxonomy import PAPER_SCALINGS
 from caffe_prune.report.stats import component_effects, components, difference_ci, mean_ci, scores_of
 from caffe_prune.report.taxonomy import best_table
-from caffe_prune.pruning import removed_at_drop
+from caffe_prune.analysis import DEFAULT_DROP, removed_at_drop
 
 
 def _resnet_oracle(runs) -> str:
     by_forms = {}
     for run in runs:
-        by_forms.setdefault(run["method"], {})[run["seed"]] = removed_at_drop(run["steps"], 5.0)
+        by_forms.setdefault(run["method"], {})[run["seed"]] = removed_at_drop(run["steps"], DEFAULT_DROP)
     lines = [table(runs)]
     if {"oracle", "oracle (table2 forms)"} <= set(by_forms):
         diff, half = difference_ci(by_forms["oracle (table2 forms)"], by_forms["oracle"])
@@ -77,7 +77,7 @@ def _macs_paired(runs) -> str:
             if run["net"] == net and parts.get("scaling"):
                 key = (parts["input"], parts["pointwise"], parts["reduction"], parts["domino"], run["seed"])
                 values.setdefault(parts["scaling"], {})[key] = removed_at_drop(
-                    run["steps"], 5.0, "percent_macs_removed")
+                    run["steps"], DEFAULT_DROP, "percent_macs_removed")
         mine = values.pop("macs_removed", {})
         for other, theirs in sorted(values.items()):
             diffs = [mine[k] - theirs[k] for k in sorted(set(mine) & set(theirs))]
@@ -162,7 +162,7 @@ def _bench(path: Path) -> str:
     many = next((n for n in modes if n.startswith("fast-") and n != "fast-1"), None)
     if "fast-1" in modes and many:
         ratio = modes["fast-1"]["phases"]["saliency"] / modes[many]["phases"]["saliency"]
-        lines += ["", f"The saliency phase on {result['workers']} workers: {ratio:.2f}x the one-worker fast engine."]
+        lines += ["", f"The saliency phase on {result['workers']} workers: {ratio:.2f}x the one-worker fast pycaffe."]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_prune import fsio
-from caffe_prune.report.published import PAPER_ROWS
+from caffe_prune.report.published_figures import PAPER_ROWS
 from caffe_prune.report.stats import AXIS_LABELS, MEASURES, band, curve, paper_five
 
 def save_figure(fig, path) -> Path:

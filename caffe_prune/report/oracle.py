@@ -6,14 +6,14 @@ from pathlib import Path
 
 from caffe_prune import fsio
 from caffe_prune.metrics.methods import ORACLE
-from caffe_prune.pruning import removed_at_drop
+from caffe_prune.analysis import DEFAULT_DROP, removed_at_drop
 from caffe_prune.report.figures import figure6, phases
-from caffe_prune.report.published import PAPER_ROWS, PUBLISHED_ROW, published_table2
+from caffe_prune.report.published_figures import PAPER_ROWS, PUBLISHED_ROW, published_table2
 from caffe_prune.report.stats import mean_ci, measure_of
 from caffe_prune.report.text import data_line, stop_rule
 from caffe_prune.rundir import RunDir
 
-def table(runs, max_drop: float = 5.0, x: str = "weights") -> str:
+def table(runs, max_drop: float = DEFAULT_DROP, x: str = "weights") -> str:
     """Markdown: % conv weights (``x`` "macs": % MACs) removed at <= max_drop points, ours (mean ±
     95% CI, n) | paper (the papers published weights only)."""
     nets = list(dict.fromkeys(r["net"] for r in runs))

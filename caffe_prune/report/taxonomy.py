@@ -12,7 +12,7 @@ import numpy as np
 from caffe_prune import fsio
 from caffe_prune.metrics.taxonomy import ALIASES
 from caffe_prune.report.figures import plot_components, plot_ranking
-from caffe_prune.report.published import PUBLISHED_TAXONOMY
+from caffe_prune.report.published_figures import PUBLISHED_TAXONOMY
 from caffe_prune.report.stats import (COMPONENTS, component_effects, components, difference_ci, mean_ci,
                                       paper_five, ranking, scores_of, weights_removed_view)
 from caffe_prune.report.text import pm, protocol_lines

@@ -47,14 +47,14 @@ the new runs into it. The sweep directory holds::
 ``submit(task) -> {host, pid}``, ``events(timeout) -> [(kind, task, payload)]`` with kind ``done``
 (payload: ``execute``'s result), ``failed`` (the run raised: one line), ``died`` (the worker process
 ended without a result) or ``busy`` (another process holds the run directory), and
-``close(cancel)``. ``execute`` is the one function that calls the pruning engine. The driver
+``close(cancel)``. ``execute`` is the one function that calls the pruning pycaffe. The driver
 (``launch``) hands runs out, writes every outcome to the store, gives a run whose worker died to a
 new worker (it resumes from its directory), and on Ctrl-C stops the workers, keeps the finished runs
 and marks the running ones ``interrupted``: the same command resumes them.
 
 Modules, one job each: ``spec`` (the SPEC, its runs and their ids), ``executors`` (``execute`` and the
-local and Ray executors), ``driver`` (``launch``), ``reproduce`` (a paper's experiment as a sweep),
-``commands`` (`sweep`, `results`, `report`, `reproduce` on the command line).
+local and Ray executors), ``driver`` (``launch``), ``papers`` (each paper's experiment as a sweep's
+contents). The commands are in caffe_prune.commands (sweep, results, reproduce).
 """
 from caffe_prune.sweep.driver import Outcome, launch, resolve_data
 from caffe_prune.sweep.executors import LocalExecutor, RayExecutor, execute, make_executor

@@ -133,7 +133,7 @@ def _with_worker(message: str, task: dict) -> str:
 
 
 @contextmanager
-def _sigterm_interrupts():
+def sigterm_interrupts():
     """SIGTERM (a scheduler's preemption, `kill`) is handled as Ctrl-C is."""
     def handler(signum, frame):
         raise KeyboardInterrupt

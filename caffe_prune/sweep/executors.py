@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from caffe_prune import engine, fsio
+from caffe_prune import analysis, fsio, pycaffe
 from caffe_prune.sweep.spec import SweepError
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -33,9 +33,9 @@ def execute(task: dict) -> dict:
                             workers=1)
     steps = pruning.Run(config, run_dir, data=task["data"], progress=False).run()
     header = json.loads((run_dir / "config.json").read_text())
-    macs = pruning.removed_at_drop(steps, task["report_drop"], "percent_macs_removed") \
+    macs = analysis.removed_at_drop(steps, task["report_drop"], "percent_macs_removed") \
         if all("percent_macs_removed" in s for s in steps) else None      # runs from before MACs were counted
-    return {"id": task["id"], "steps": steps, "removed_at_drop": pruning.removed_at_drop(steps, task["report_drop"]),
+    return {"id": task["id"], "steps": steps, "removed_at_drop": analysis.removed_at_drop(steps, task["report_drop"]),
             "macs_removed_at_drop": macs,
             "protocol": header.get("protocol"), "versions": header.get("versions"),
             "host": socket.gethostname(), "pid": os.getpid(), "wall_s": round(time.time() - started, 3)}
@@ -93,14 +93,14 @@ class _Worker:
 class LocalExecutor:
     """A pool of worker processes on this machine (one per core by default), started with ``spawn``
     (never forked from a process that has imported Caffe or OpenBLAS). A run computes with one BLAS
-    thread (caffe_prune.engine.BLAS_THREADS: its bits do not depend on the machine), so the runs
+    thread (caffe_prune.pycaffe.BLAS_THREADS: its bits do not depend on the machine), so the runs
     side by side are the parallelism. A worker that dies is replaced; its run is reported ``died``."""
     name = "local"
 
     def __init__(self, workers: int | None = None):
-        cores = engine.cores()
-        self.workers = workers or max(1, cores // engine.BLAS_THREADS)
-        self.threads = engine.BLAS_THREADS
+        cores = pycaffe.cores()
+        self.workers = workers or max(1, cores // pycaffe.BLAS_THREADS)
+        self.threads = pycaffe.BLAS_THREADS
         if self.workers < 1:
             raise SweepError(f"--workers must be at least 1, got {self.workers}")
         self.cores = cores
@@ -196,7 +196,7 @@ class RayExecutor:
         except ImportError:
             raise SweepError("the Ray executor needs the ray package: pip install 'caffe-prune[ray]' "
                              "(here: .venv/bin/pip install ray)") from None
-        self.ray, self.address, self.threads = ray, address, engine.BLAS_THREADS
+        self.ray, self.address, self.threads = ray, address, pycaffe.BLAS_THREADS
         if address != "auto":
             check_answers(address)
         try:

@@ -10,11 +10,13 @@ import shutil
 from hashlib import sha256
 from pathlib import Path
 
-from caffe_prune import engine, fsio, oracle, published, pruning
+from caffe_prune import fsio, oracle, pruning, published_weights
 from caffe_prune import networks as known_networks
 from caffe_prune.download import digest
 from caffe_prune.metrics import methods, plugins, taxonomy
+from caffe_prune.analysis import DEFAULT_DROP
 from caffe_prune.pruning import Config
+from caffe_prune.errors import InputError
 
 RUN_FIELDS = ("net", "weights", "metric", "oracle", "seed", "data", "plugins")   # what a SPEC varies; the rest is protocol
 
@@ -62,7 +64,7 @@ def config_defaults() -> dict:
 def protocol_keys() -> dict:
     """{key: default} of a SPEC's [protocol] table: Config's fields, the stop rule and the drop at
     which the Table-2 figure is read (report_drop, 5 points unless given)."""
-    return {**config_defaults(), "stop": "drop", "report_drop": 5.0}
+    return {**config_defaults(), "stop": "drop", "report_drop": DEFAULT_DROP}
 
 
 def load_spec(path) -> dict:
@@ -229,8 +231,8 @@ def method_names(spec: "Spec") -> list:
 def resolve_weights(net: str, weights: str) -> Path:
     if weights == "published":
         try:
-            return Path(published.caffemodel(net))
-        except engine.EngineError as exc:
+            return Path(published_weights.caffemodel(net))
+        except InputError as exc:
             raise SweepError(f"{exc}; give {net}'s weights in the SPEC ([networks] {net} = \"PATH\") "
                              f"or as --weights {net}=PATH") from None
     path = Path(weights).expanduser()
@@ -303,7 +305,7 @@ def expand(spec: Spec, data: str, sweep_dir: Path | None = None) -> list:
                                                    **protocol))
                 try:
                     Config(**config).check()
-                except (engine.EngineError, TypeError) as exc:
+                except (InputError, TypeError) as exc:
                     raise SweepError(f"protocol: {exc}") from None
                 rid = run_id(config, sha, data, plugin_shas)
                 if rid in seen:

@@ -30,7 +30,7 @@ A training run directory (``train``), every file written through caffe_prune.fsi
 - ``NAME.caffemodel`` (the final weights) and ``result.json`` (what came of it);
 - ``.lock``: one process per directory (fsio.RunLock).
 
-BLAS: one thread, as in a pruning run (caffe_prune.passes: OpenBLAS's bits depend on its thread
+BLAS: one thread, as in a pruning run (caffe_prune.engines: OpenBLAS's bits depend on its thread
 count), so that a run, its resume and a retraining inside a pruning run give the same bits on any
 machine; measured here, one thread is also 4x faster than two on a busy 2-core machine (spinning
 threads). The GPU is the fast path.

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import engine, fsio, layers, netdef
+from caffe_prune import fsio, layers, netdef, pycaffe
 from caffe_prune.download import digest
 from caffe_prune.layers import DATA_TYPES, LOSS_TYPES
 from caffe_prune.train.heldzero import HeldZero
@@ -40,7 +40,7 @@ def latest_solverstate(out_dir) -> Path | None:
 def _loss_blobs(net_param) -> list:
     """(top, loss weight) of the TRAIN net's losses, as Caffe sums them into the displayed loss."""
     out = []
-    for layer in engine.layers_in_phase(net_param, "train"):
+    for layer in pycaffe.layers_in_phase(net_param, "train"):
         if layer.type in LOSS_TYPES or (layer.loss_weight and layer.loss_weight[0]):
             weight = layer.loss_weight[0] if layer.loss_weight else 1.0
             if weight and layer.top:
@@ -50,7 +50,7 @@ def _loss_blobs(net_param) -> list:
 
 def _top1_blob(net_param) -> str | None:
     """The TEST net's top-1 Accuracy output (the first Accuracy layer with top_k 1)."""
-    for layer in engine.layers_in_phase(net_param, "test"):
+    for layer in pycaffe.layers_in_phase(net_param, "test"):
         if layers.role(layer.type) == "accuracy" and layer.accuracy_param.top_k == 1 and layer.top:
             return layer.top[0]
     return None
@@ -81,7 +81,7 @@ def _advance(net, net_param, phase: str, batches: int) -> None:
     if batches <= 0:
         return
     names = list(net._layer_names)
-    data = {l.name for l in engine.layers_in_phase(net_param, phase) if l.type in DATA_TYPES and not layers.is_fed(l)}
+    data = {l.name for l in pycaffe.layers_in_phase(net_param, phase) if l.type in DATA_TYPES and not layers.is_fed(l)}
     for index in [i for i, n in enumerate(names) if n in data]:
         for _ in range(batches):
             net._forward(index, index)
@@ -100,15 +100,15 @@ def _load_weights(net, weights, where: str) -> list:
                                      f"and {theirs.data.shape} in the net it starts from")
                 mine.data[...] = theirs.data
     else:
-        param = engine.read_caffemodel(weights)
+        param = pycaffe.read_caffemodel(weights)
         have = {l.name for l in list(param.layer) + list(param.layers) if l.blobs}
         common = [n for n in net.params if n in have]
         if not common:
             raise TrainError(f"{os.fsdecode(weights)} holds no weights for any layer of {where} "
                              f"({', '.join(list(net.params)[:4])} ...): a caffemodel of another network?")
-        engine.check_weights(types.SimpleNamespace(params={n: net.params[n] for n in common}), param, weights)
+        pycaffe.check_weights(types.SimpleNamespace(params={n: net.params[n] for n in common}), param, weights)
         net.copy_from(os.fsdecode(weights))
-        engine.check_values(net, weights)
+        pycaffe.check_values(net, weights)
     missing = [n for n in net.params if n not in common]
     if missing:
         warnings.warn(f"{where}: layer(s) {', '.join(missing)} are not in the starting weights and keep their "
@@ -119,7 +119,7 @@ def _load_weights(net, weights, where: str) -> list:
 def _restore(solver, state: Path, where: str) -> None:
     """solver.restore from a snapshot of this module: the solverstate's learned_net is pointed at the
     caffemodel beside it (wherever the directory is now), whose blob shapes are checked first."""
-    pb2 = engine.caffe_pb2()
+    pb2 = pycaffe.caffe_pb2()
     model = state.with_suffix(".caffemodel")
     if not state.is_file() or not model.is_file():
         raise TrainError(f"--resume {state}: no such snapshot (a .solverstate with its .caffemodel beside it)")
@@ -128,7 +128,7 @@ def _restore(solver, state: Path, where: str) -> None:
         proto.ParseFromString(state.read_bytes())
     except Exception:
         raise TrainError(f"{state} is not a solverstate") from None
-    engine.check_weights(solver.net, engine.read_caffemodel(model), model)
+    pycaffe.check_weights(solver.net, pycaffe.read_caffemodel(model), model)
     proto.learned_net = str(model.resolve())
     with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
         path = Path(tmp) / "resume.solverstate"
@@ -157,7 +157,7 @@ class _Snapshots:
         model, state = self.dir / f"{stem}.caffemodel", self.dir / f"{stem}.solverstate"
         with fsio.replacing(model) as tmp:
             os.replace(written_model, tmp)
-        proto = engine.caffe_pb2().SolverState()
+        proto = pycaffe.caffe_pb2().SolverState()
         proto.ParseFromString(written_state.read_bytes())
         proto.learned_net = str(model.resolve())
         fsio.write_bytes(state, proto.SerializeToString())
@@ -195,9 +195,9 @@ def train(recipe: Recipe, out_dir, weights=None, max_iter: int | None = None, re
     snapshots to keep (default all; older ones are removed once a newer one is in place); ``data_offset``:
     training batches to skip first (a prune-retrain schedule continues the data where the last
     retraining stopped)."""
-    cf = engine.caffe()
-    mode = engine.set_mode(mode, device)
-    engine.set_blas_threads(engine.BLAS_THREADS)     # as a pruning run: the same bits on any machine (caffe_prune.passes)
+    cf = pycaffe.caffe()
+    mode = pycaffe.set_mode(mode, device)
+    pycaffe.set_blas_threads(pycaffe.BLAS_THREADS)     # as a pruning run: the same bits on any machine (caffe_prune.engines)
     out = Path(out_dir)
     with fsio.RunLock(out, "training run"):
         for stale in out.glob(".*.tmp"):
@@ -248,7 +248,7 @@ def _train(cf, mode, recipe, out, weights, max_iter, resume, held, progress, fin
         solver_param.random_seed = 0                         # the same command trains the same bits
     solver_path = netdef.write_prototxt(solver_param, out / "solver.prototxt")
     for phase in ("train", "test"):
-        engine.probe_construct(net_path, phase, recipe.where)   # a Caffe CHECK becomes one line, not an abort
+        pycaffe.probe_construct(net_path, phase, recipe.where)   # a Caffe CHECK becomes one line, not an abort
 
     solver = cf.get_solver(str(solver_path))
     if held is not None:
@@ -262,7 +262,7 @@ def _train(cf, mode, recipe, out, weights, max_iter, resume, held, progress, fin
     asked_gpu = recipe.solver.HasField("solver_mode") and recipe.solver.solver_mode == recipe.solver.GPU
     if asked_gpu and not mode.startswith("GPU"):
         warnings.warn(f"{recipe.source.get('path', recipe.where)} asks for solver_mode: GPU; training on the CPU "
-                      f"({'this pycaffe is CPU_ONLY' if not engine.gpu_built() else 'as asked'})", stacklevel=3)
+                      f"({'this pycaffe is CPU_ONLY' if not pycaffe.gpu_built() else 'as asked'})", stacklevel=3)
 
     previous = _previous_asked(out)
     record = {"source": recipe.source, "weights": _weights_record(weights), "solver_set": recipe.overrides,

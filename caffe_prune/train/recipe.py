@@ -17,9 +17,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caffe_prune import engine, layers, networks
+from caffe_prune import layers, networks, pycaffe
 from caffe_prune.data import records
 from caffe_prune.layers import DATA_TYPES
+from caffe_prune.errors import InputError
 
 # a definition given without a solver trains on the authors' published schedule (networks.SOLVERS:
 # SGD, base_lr 0.001, momentum 0.9, weight decay 5e-4, fixed rate), the built-in networks' own
@@ -29,7 +30,7 @@ MANAGED = ("net", "net_param", "train_net", "test_net", "train_net_param", "test
            "snapshot_format")
 
 
-class TrainError(engine.EngineError):
+class TrainError(InputError):
     """A training request that cannot be carried out; the message is one line."""
 
 
@@ -75,7 +76,7 @@ def recipe(spec, data=None, data_out=None, solver_set=(), progress: bool = True)
                          f"pass it as --weights")
     solver = _as_solver(path)
     if solver is None:
-        net = engine.read_prototxt(path)
+        net = pycaffe.read_prototxt(path)
         return _finish(net, networks.solver(DEFAULT_SCHEDULE), spec, net.name or path.stem,
                        {"kind": "prototxt", "path": spec}, data, data_out, solver_set, progress, solver_given=False)
     net, net_where = _solver_net(solver, spec)
@@ -98,7 +99,7 @@ def recipe_of(network, data=None, data_out=None, solver_set=(), progress: bool =
 def _as_solver(path: Path):
     """The SolverParameter a prototxt holds, or None when it is a net definition."""
     from google.protobuf import text_format
-    pb2 = engine.caffe_pb2()
+    pb2 = pycaffe.caffe_pb2()
     solver = pb2.SolverParameter()
     try:
         text_format.Parse(path.read_text(errors="replace"), solver)
@@ -123,15 +124,15 @@ def _solver_net(solver, where: str) -> tuple:
     if not net_path.is_file():
         raise TrainError(f"{where}: its net {solver.net} does not exist (Caffe reads it relative to the working "
                          f"directory {os.getcwd()})")
-    return engine.read_prototxt(net_path), solver.net
+    return pycaffe.read_prototxt(net_path), solver.net
 
 
 def _finish(net_param, solver, where, name, source, data, data_out, solver_set, progress, builtin=None,
             solver_given=False) -> Recipe:
     from caffe_prune.data import caffe_db, cifar10
     source["definition_sha256"] = _sha256(net_param)
-    train_layers = [l for l in engine.layers_in_phase(net_param, "train") if l.type in DATA_TYPES]
-    test_layers = [l for l in engine.layers_in_phase(net_param, "test") if l.type in DATA_TYPES]
+    train_layers = [l for l in pycaffe.layers_in_phase(net_param, "train") if l.type in DATA_TYPES]
+    test_layers = [l for l in pycaffe.layers_in_phase(net_param, "test") if l.type in DATA_TYPES]
     if not train_layers or all(layers.is_fed(l) for l in train_layers):
         raise TrainError(f"{where} has no data layer in the TRAIN phase to read training images from: train a "
                          f"train/test definition (Data, ImageData or HDF5Data layers), not a deploy one")
@@ -157,7 +158,7 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
         test_images = prepared["counts"]["test"]
     else:
         for phase in ("train", "test"):
-            engine.check_net(net_param, phase, where, sources=True)
+            pycaffe.check_net(net_param, phase, where, sources=True)
         data_record = {"kind": "the net's data layers",
                        "layers": [[l.name, l.type, layers.source(l)] for l in train_layers + test_layers]}
         test_images = None
@@ -167,7 +168,7 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
             except ValueError:
                 test_images = None
     for phase in ("train", "test"):
-        engine.check_net(net_param, phase, where)
+        pycaffe.check_net(net_param, phase, where)
     solver = copied(solver)
     if not solver_given:      # our schedule: test on every test image once (the authors' read 12,800, wrapping)
         batch = layers.batch_size(test_layers[0]) if test_layers else 0
@@ -184,7 +185,7 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
 
 def _with_sources(net_param, train_lmdb, test_lmdb):
     """The train/test net with its Data layers reading the given LMDBs."""
-    pb2 = engine.caffe_pb2()
+    pb2 = pycaffe.caffe_pb2()
     out = pb2.NetParameter()
     out.CopyFrom(net_param)
     for layer in out.layer:

@@ -1,12 +1,12 @@
 """`caffe-prune data cifar10`: fetch CIFAR-10 and convert it for Caffe's Data layer; `caffe-prune data
 synthetic`: an LMDB of random Datums of any size (caffe_prune.data.synthetic), for measurements.
 
-``register`` adds the sub-command to the top-level parser of caffe_prune.cli; errors are
-cifar10.DataError, which the CLI prints on one line.
+Errors are caffe_prune.errors.DataError, which the command line prints on one line.
 """
 from __future__ import annotations
 
 from caffe_prune.data import cifar10, synthetic
+from caffe_prune.errors import DataError
 
 
 def register(subparsers) -> None:
@@ -49,7 +49,7 @@ def cmd_synthetic(args) -> int:
     try:
         shape = tuple(int(d) for d in args.shape.replace("x", ",").split(","))
     except ValueError:
-        raise cifar10.DataError(f"--shape {args.shape!r} is not C,H,W") from None
+        raise DataError(f"--shape {args.shape!r} is not C,H,W") from None
     done = synthetic.write_random_lmdb(args.out, args.images, shape, args.classes, args.seed)
     print(f"{done['path']}: {done['images']} random {'x'.join(map(str, done['shape']))} Datums, labels "
           f"0..{done['classes'] - 1}, seed {done['seed']}, {done['bytes'] / 2**30:.2f} GiB")

@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from caffe_prune import engine
 from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
+from caffe_prune.errors import InputError
 
 MANIFEST = Path(__file__).resolve().parents[1] / "models" / "published.json"
 MODELS_ENV = "CAFFE_PRUNE_MODELS"
@@ -40,14 +40,14 @@ def caffemodel(name: str, cache_dir=None, progress: bool = True) -> Path:
     """Path to the verified published caffemodel of network `name` (LeNet-5, CIFAR10, NIN, ResNet-20)."""
     spec = manifest()
     if name not in spec["models"]:
-        raise engine.EngineError(f"no published weights for {name!r}; the authors released "
+        raise InputError(f"no published weights for {name!r}; the authors released "
                                  f"{', '.join(spec['models'])}")
     entry = spec["models"][name]
     mirrored = mirror_dir() / entry["dir"] / "original.caffemodel" if mirror_dir() else None
     if mirrored is not None and mirrored.is_file():
         why = _mismatch(mirrored, entry)
         if why:
-            raise engine.EngineError(f"{mirrored} has {why}: not the published {name}; "
+            raise InputError(f"{mirrored} has {why}: not the published {name}; "
                                      f"replace it or unset {MODELS_ENV}")
         return mirrored
     cached = Path(cache_dir or CACHE_DIR) / entry["dir"] / "original.caffemodel"
@@ -57,10 +57,10 @@ def caffemodel(name: str, cache_dir=None, progress: bool = True) -> Path:
             download(url, cached, progress,
                      instead=f"fetch it by hand into {cached} or a mirror named by ${MODELS_ENV}")
         except DownloadError as exc:
-            raise engine.EngineError(str(exc)) from None
+            raise InputError(str(exc)) from None
     why = _mismatch(cached, entry)
     if why:
         corrupt = cached.with_name(cached.name + ".corrupt")
         cached.replace(corrupt)
-        raise engine.EngineError(f"{cached} has {why}; moved aside to {corrupt.name}; run again to re-download")
+        raise InputError(f"{cached} has {why}; moved aside to {corrupt.name}; run again to re-download")
     return cached

@@ -3,8 +3,8 @@
 Validation batches are drawn (seeded, without replacement) from the dataset's validation split
 (caffe_prune.data.dataset: CIFAR-10's training images for the built-in networks), transformed as
 NET's data layer did, and fed to NET's evaluation form with WEIGHTS (caffe_prune.session); the
-metric is computed by ``collect`` + ``saliency`` in the unpruned state.
-``register`` adds the sub-command to caffe_prune.cli's parser.
+metric is computed by ``collect`` + ``saliency`` in the unpruned state (caffe_prune.api.saliencies).
+`caffe-prune metrics list`: every valid metric name, and the plugins loaded.
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import io
 import os
 import time
 
-from caffe_prune import fsio
+from caffe_prune import api, fsio, metrics
+from caffe_prune.commands import options
+from caffe_prune.metrics import READINGS, plugins
 
 
 def register(subparsers) -> None:
-    """Add `saliency NET WEIGHTS --metric M [--batches 2] [--seed S] [--csv F] [--json F]`."""
-    from caffe_prune import options
-    from caffe_prune.metrics import READINGS
+    """Add `saliency NET WEIGHTS --metric M [--batches 2] [--seed S] [--csv F] [--json F]` and `metrics list`."""
     p = subparsers.add_parser("saliency", help="per-channel saliency of one metric on validation batches",
                               description=__doc__.split("\n\n")[0])
     options.add_network(p)
@@ -46,11 +46,9 @@ def register(subparsers) -> None:
 
 def cmd_metrics(args) -> int:
     """Print every valid composition (and, with --domino, its Domino variants), then the aliases."""
-    from caffe_prune.metrics import ALIASES, list_metrics
-    names = list_metrics(domino=args.domino)
+    names = metrics.list_metrics(domino=args.domino)
     print("\n".join(names))
-    print(f"# {len(names)} metrics; aliases: " + ", ".join(f"{a} = {m}" for a, m in ALIASES.items()))
-    from caffe_prune.metrics import plugins
+    print(f"# {len(names)} metrics; aliases: " + ", ".join(f"{a} = {m}" for a, m in metrics.ALIASES.items()))
     for plugin in plugins.loaded().values():
         scaling = plugin.scaling or "its own scale()"
         print(f"plugin:{plugin.name}  # {plugin.input} input, reads {''.join(sorted(plugin.needs))}, "
@@ -60,7 +58,6 @@ def cmd_metrics(args) -> int:
 
 def compute(session, metric, batches=2, seed=0, reading="authors") -> dict:
     """The metric's saliency of every prunable channel and the group ranking, as plain data."""
-    from caffe_prune import api, metrics
     parsed = metrics.parse(metric)
     graph = session.graph
     start = time.perf_counter()
@@ -78,7 +75,6 @@ def compute(session, metric, batches=2, seed=0, reading="authors") -> dict:
 
 
 def cmd_saliency(args) -> int:
-    from caffe_prune import metrics, options
     metrics.parse(args.metric)                    # a bad name is refused before anything is loaded
     session = options.session(args, batch_size=args.batch_size)
     result = compute(session, args.metric, args.batches, args.seed, args.reading)

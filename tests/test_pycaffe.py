@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from caffe_prune import engine
+from caffe_prune import pycaffe
+from caffe_prune.errors import InputError
 from conftest import REPO
 
 TINY = """
@@ -45,7 +46,7 @@ def numpy_loss(x, labels, w_conv, b_conv, w_ip, b_ip):
 
 @pytest.fixture
 def tiny(caffe, write_net):
-    net = engine.load_net(write_net(TINY))
+    net = pycaffe.load_net(write_net(TINY))
     rng = np.random.default_rng(0)
     net.blobs["data"].data[...] = rng.normal(size=(2, 3, 6, 6))
     net.blobs["label"].data[...] = [1, 3]
@@ -89,15 +90,15 @@ def test_backward_matches_numeric_gradient(tiny):
 
 def test_prototxt_parse_error_names_file_and_line(caffe, write_net):
     path = write_net(TINY.replace('kernel_size: 3', 'kernel_size: 3\n    kernal: 2'))
-    with pytest.raises(engine.EngineError, match=rf"{path.name}:8: .*no field named \"kernal\""):
-        engine.load_net(path)
+    with pytest.raises(InputError, match=rf"{path.name}:8: .*no field named \"kernal\""):
+        pycaffe.load_net(path)
 
 
 def test_unknown_layer_type_and_missing_bottom(caffe, write_net):
-    with pytest.raises(engine.EngineError, match=r"layer 'act' has type 'Tanh', unknown to stock Caffe"):
-        engine.load_net(write_net(TINY.replace('"TanH"', '"Tanh"')))
-    with pytest.raises(engine.EngineError, match=r"layer 'ip' reads blob 'actt' that no earlier layer"):
-        engine.load_net(write_net(TINY.replace('bottom: "act" top: "ip"', 'bottom: "actt" top: "ip"')))
+    with pytest.raises(InputError, match=r"layer 'act' has type 'Tanh', unknown to stock Caffe"):
+        pycaffe.load_net(write_net(TINY.replace('"TanH"', '"Tanh"')))
+    with pytest.raises(InputError, match=r"layer 'ip' reads blob 'actt' that no earlier layer"):
+        pycaffe.load_net(write_net(TINY.replace('bottom: "act" top: "ip"', 'bottom: "actt" top: "ip"')))
 
 
 def test_shape_error_inside_caffe_becomes_exception(caffe, write_net):
@@ -105,23 +106,23 @@ def test_shape_error_inside_caffe_becomes_exception(caffe, write_net):
     an exception carrying Caffe's message while this interpreter lives on."""
     bad = TINY.replace('layer { name: "loss"', 'layer { name: "sum" type: "Eltwise" bottom: "conv" '
                        'bottom: "ip" top: "sum" }\nlayer { name: "loss"')
-    with pytest.raises(engine.EngineError, match=r"Caffe cannot build this net: .*(shape|Check failed)"):
-        engine.load_net(write_net(bad))
-    assert engine.load_net(write_net(TINY)).blobs["conv"].data.shape == (2, 4, 6, 6)
+    with pytest.raises(InputError, match=r"Caffe cannot build this net: .*(shape|Check failed)"):
+        pycaffe.load_net(write_net(bad))
+    assert pycaffe.load_net(write_net(TINY)).blobs["conv"].data.shape == (2, 4, 6, 6)
 
 
 def test_caffemodel_shape_mismatch_names_layer_and_shapes(caffe, write_net, tmp_path):
-    net = engine.load_net(write_net(TINY))
+    net = pycaffe.load_net(write_net(TINY))
     weights = tmp_path / "w.caffemodel"
     net.save(str(weights))
     wider = write_net(TINY.replace("num_output: 4", "num_output: 6"), "wider.prototxt")
-    with pytest.raises(engine.EngineError, match=r"layer 'conv' blob 0 has shape \(4, 3, 3, 3\), "
+    with pytest.raises(InputError, match=r"layer 'conv' blob 0 has shape \(4, 3, 3, 3\), "
                                                  r"the prototxt gives \(6, 3, 3, 3\)"):
-        engine.load_net(wider, weights)
+        pycaffe.load_net(wider, weights)
     (tmp_path / "junk.caffemodel").write_bytes(b"\xff\xfe not a protobuf")
-    with pytest.raises(engine.EngineError, match="junk.caffemodel is not a caffemodel"):
-        engine.load_net(write_net(TINY), tmp_path / "junk.caffemodel")
-    loaded = engine.load_net(write_net(TINY), weights)   # the right one loads bit-exactly
+    with pytest.raises(InputError, match="junk.caffemodel is not a caffemodel"):
+        pycaffe.load_net(write_net(TINY), tmp_path / "junk.caffemodel")
+    loaded = pycaffe.load_net(write_net(TINY), weights)   # the right one loads bit-exactly
     np.testing.assert_array_equal(loaded.params["conv"][0].data, net.params["conv"][0].data)
 
 
@@ -132,8 +133,8 @@ def run_python(code, env=None):
 
 def test_caffe_missing_is_a_clear_error():
     code = ("import sys; sys.path = [p for p in sys.path if 'caffe-' not in p and 'dist-packages' not in p]\n"
-            "from caffe_prune import engine\n"
-            "try:\n    engine.caffe()\nexcept engine.EngineError as e:\n    print('ERR', e)")
+            "from caffe_prune import pycaffe\nfrom caffe_prune.errors import InputError\n"
+            "try:\n    pycaffe.caffe()\nexcept InputError as e:\n    print('ERR', e)")
     out = run_python(code).stdout
     assert out.startswith("ERR pycaffe is not importable") and "make setup" in out
 
@@ -142,9 +143,9 @@ def test_pycaffe_built_for_another_python_is_refused(tmp_path):
     (tmp_path / "lib" / "caffe").mkdir(parents=True)
     (tmp_path / "lib" / "caffe" / "__init__.py").write_text("raise SystemExit('must not be imported')\n")
     (tmp_path / "build-info.json").write_text(json.dumps({"python": "2.7"}))
-    code = ("from caffe_prune import engine\n"
-            "try:\n    engine.caffe()\nexcept engine.EngineError as e:\n    print('ERR', e)")
-    out = run_python(code, {engine.PYCAFFE_ENV: str(tmp_path / "lib")}).stdout
+    code = ("from caffe_prune import pycaffe\nfrom caffe_prune.errors import InputError\n"
+            "try:\n    pycaffe.caffe()\nexcept InputError as e:\n    print('ERR', e)")
+    out = run_python(code, {pycaffe.PYCAFFE_ENV: str(tmp_path / "lib")}).stdout
     assert "was built for Python 2.7 but this is Python 3." in out
 
 

@@ -1,14 +1,14 @@
-"""The fast engine against the naive one (caffe_prune.passes): the same decisions, sensitivities and
+"""The fast engine against the naive one (caffe_prune.engines): the same decisions, sensitivities and
 test measurements bit for bit, over many steps, both masking semantics, any number of workers;
 a test cache that notices parameters changed behind its back; a worker killed mid-probe replaced
-without changing the step; a run resumed in the other engine."""
+without changing the step; a run resumed in the other pycaffe."""
 import json
 import os
 import signal
 
 import pytest
 
-from caffe_prune import evaluate, masking, passes, pruning
+from caffe_prune import engines, evaluate, masking, pruning
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.session import Network, Session
 from conftest import PUBLISHED, SUBSET
@@ -67,7 +67,7 @@ def test_test_cache_notices_changes_behind_its_back(resnet):
     masker = masking.Masker(session.graph, [session.net])
     test = session.dataset.test.head(96)
     x, y = test.x, test.y
-    fast = passes.Fast(session, masker, test, workers=1, cache_mb=256)
+    fast = engines.Fast(session, masker, test, workers=1, cache_mb=256)
     assert len(fast.local.checkpoints) >= 2
     reference = session.evaluate(x, y)
     assert fast.test() == reference
@@ -93,7 +93,7 @@ def test_no_cache_budget_degrades_to_full_forwards(resnet):
     session = resnet
     test = session.dataset.test.head(64)
     x, y = test.x, test.y
-    fast = passes.Fast(session, masking.Masker(session.graph, [session.net]), test, workers=1, cache_mb=0)
+    fast = engines.Fast(session, masking.Masker(session.graph, [session.net]), test, workers=1, cache_mb=0)
     assert fast.local.checkpoints == [] and fast.test() == session.evaluate(x, y)
 
 
@@ -103,9 +103,9 @@ def test_killed_worker_is_replaced_and_the_probes_unchanged(resnet):
     val = session.dataset.validation
     batches = [(val.x[i:i + 32], val.y[i:i + 32]) for i in (0, 32)]
     candidates = [0, 17, 120, 300, 447]
-    naive = passes.Naive(session, masker, val.head(32))
+    naive = engines.Naive(session, masker, val.head(32))
     want = naive.sensitivities(candidates, batches)
-    fast = passes.Fast(session, masker, val.head(32), workers=2, cache_mb=0)
+    fast = engines.Fast(session, masker, val.head(32), workers=2, cache_mb=0)
     before = fast.worker_pids()
     killed = []
 
@@ -137,7 +137,7 @@ def test_plan_frontier_start_and_flops(resnet):
     """Before a block's conv1 the rest of the net needs the block's conv0 output and the block's
     input (the Eltwise reads it again, through Caffe's Split); a group's start is its earliest
     touched layer; FLOPs as counted by hand."""
-    plan, net = passes.Plan(resnet.net, resnet.graph), resnet.net
+    plan, net = engines.Plan(resnet.net, resnet.graph), resnet.net
     i = plan.index["group0_block1_conv1"]
     labels = {b for b in plan.frontier(i) if b.startswith("label_")}    # Caffe's Splits of the label input
     assert set(plan.frontier(i)) - labels == {"group0_block1_conv0", net.bottom_names["group0_block1_sum"][1]}

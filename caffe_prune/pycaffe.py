@@ -5,7 +5,7 @@ comes from Caffe's own layers through pycaffe. This module is the only one that 
 it finds the build made by ``tools/caffe/build.sh`` (or a conda-forge ``caffe``), quiets glog,
 selects CPU or GPU mode, reports versions for ``caffe-prune doctor``, and validates every file it
 hands to Caffe. Caffe reports bad input with glog ``CHECK`` failures that abort the whole
-interpreter, so the checks here run first and raise :class:`EngineError` with one line that names
+interpreter, so the checks here run first and raise :class:`InputError` with one line that names
 the file (and line, layer or shape) and what to do.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from caffe_prune import layers as rules
-from caffe_prune.errors import EngineError  # noqa: F401  (every module's engine.EngineError)
+from caffe_prune.errors import InputError
 
 BUILD_HINT = "run `make setup` (builds stock Caffe into ~/.cache/caffe-prune) " \
              "or, with conda, `conda env create -f environment.yml`"
@@ -54,7 +54,7 @@ def _find_spec():
     override = os.environ.get(PYCAFFE_ENV)
     if override:
         if not (Path(override) / "caffe" / "__init__.py").is_file():
-            raise EngineError(f"{PYCAFFE_ENV}={override} holds no caffe/__init__.py; "
+            raise InputError(f"{PYCAFFE_ENV}={override} holds no caffe/__init__.py; "
                               f"unset it or point it at a pycaffe directory")
         if override not in sys.path:
             sys.path.insert(0, override)
@@ -68,12 +68,12 @@ def caffe():
         return _caffe
     spec = _find_spec()
     if spec is None or spec.origin is None:
-        raise EngineError(f"pycaffe is not importable from {sys.executable}; {BUILD_HINT}")
+        raise InputError(f"pycaffe is not importable from {sys.executable}; {BUILD_HINT}")
     pycaffe_dir = Path(spec.origin).parent.parent
     info = build_info(pycaffe_dir)
     running = "%d.%d" % sys.version_info[:2]
     if info and info.get("python") != running:
-        raise EngineError(f"pycaffe at {pycaffe_dir} was built for Python {info.get('python')} but this "
+        raise InputError(f"pycaffe at {pycaffe_dir} was built for Python {info.get('python')} but this "
                           f"is Python {running} ({sys.executable}); use the project's .venv or rebuild "
                           f"with tools/caffe/build.sh {sys.executable}")
     # glog reads GLOG_minloglevel when libcaffe loads: 2 keeps ERROR and FATAL only.
@@ -81,7 +81,7 @@ def caffe():
     try:
         _caffe = importlib.import_module("caffe")
     except ImportError as exc:
-        raise EngineError(f"pycaffe at {pycaffe_dir} failed to import ({exc}); {BUILD_HINT}") from exc
+        raise InputError(f"pycaffe at {pycaffe_dir} failed to import ({exc}); {BUILD_HINT}") from exc
     return _caffe
 
 
@@ -147,10 +147,10 @@ def set_mode(mode: str = "auto", device: int = 0) -> str:
     """Select Caffe's mode: 'cpu', 'gpu' (CUDA device `device`), or 'auto' (GPU `device` when this
     build has CUDA and that device is usable, else CPU). Everything Caffe would abort on (a CPU_ONLY
     build, no driver or device, a device id out of range, a GPU older than the compiled
-    architectures, a driver older than the toolkit) is checked first and raised as EngineError."""
+    architectures, a driver older than the toolkit) is checked first and raised as InputError."""
     global _mode
     if mode not in ("auto", "cpu", "gpu"):
-        raise EngineError(f"mode {mode!r} is not one of auto, cpu, gpu")
+        raise InputError(f"mode {mode!r} is not one of auto, cpu, gpu")
     cf = caffe()
     problem = None
     if not gpu_built():
@@ -183,7 +183,7 @@ def set_mode(mode: str = "auto", device: int = 0) -> str:
                            f"which this build's code ({' '.join(archs)}) cannot run on; rebuild with "
                            f"tools/caffe/build.sh PYTHON --gpu --cuda-arch \"{major}{minor}\"")
     if mode == "gpu" and problem:
-        raise EngineError(f"GPU mode asked for, but {problem}")
+        raise InputError(f"GPU mode asked for, but {problem}")
     if mode != "cpu" and not problem:
         cf.set_device(device)
         cf.set_mode_gpu()
@@ -196,7 +196,7 @@ def set_mode(mode: str = "auto", device: int = 0) -> str:
 
 # OpenBLAS's results depend on its thread count (measured: LeNet-5's logits move by 1e-5 between 1 and
 # 2 threads, enough to change a probe's loss in its last bits), so the toolkit computes with one BLAS
-# thread per process (caffe_prune.passes, .train, .sweep): the same seed gives the same bits on any machine
+# thread per process (caffe_prune.engines, .train, .sweep): the same seed gives the same bits on any machine
 BLAS_THREADS = 1
 
 
@@ -293,9 +293,9 @@ SANE_WEIGHT = 1e4
 def _existing(path, what: str) -> Path:
     path = Path(path)
     if path.is_dir():
-        raise EngineError(f"{what} {os.fsdecode(path)} is a directory, not a file")
+        raise InputError(f"{what} {os.fsdecode(path)} is a directory, not a file")
     if not path.is_file():
-        raise EngineError(f"{what} {os.fsdecode(path)} does not exist")
+        raise InputError(f"{what} {os.fsdecode(path)} does not exist")
     return path
 
 
@@ -303,7 +303,7 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise EngineError(f"cannot read {what} {os.fsdecode(path)}: {exc.strerror}") from None
+        raise InputError(f"cannot read {what} {os.fsdecode(path)}: {exc.strerror}") from None
 
 
 def read_prototxt(path, message=None):
@@ -325,7 +325,7 @@ def read_prototxt(path, message=None):
             detail += (f" (it comes from {origin}); remove it or rewrite the layer with stock Caffe 1.0's fields"
                        if origin else "; stock Caffe 1.0 has no such field (a typo, or a Caffe fork's): fix or "
                                       "remove it")
-        raise EngineError(f"{os.fsdecode(path)}:{line}: {detail}" if line else f"{os.fsdecode(path)}: {detail}") from None
+        raise InputError(f"{os.fsdecode(path)}:{line}: {detail}" if line else f"{os.fsdecode(path)}: {detail}") from None
     if isinstance(message, caffe_pb2().NetParameter) and message.layers:
         return upgrade_v1(path, "text")
     return message
@@ -339,9 +339,9 @@ def read_caffemodel(path):
     try:
         net.ParseFromString(_read(path, "caffemodel"))
     except DecodeError as exc:
-        raise EngineError(f"{os.fsdecode(path)} is not a caffemodel (protobuf: {exc})") from None
+        raise InputError(f"{os.fsdecode(path)} is not a caffemodel (protobuf: {exc})") from None
     if not net.layer and not net.layers:
-        raise EngineError(f"{os.fsdecode(path)} holds no layers: not a caffemodel")
+        raise InputError(f"{os.fsdecode(path)} holds no layers: not a caffemodel")
     return upgrade_v1(path, "binary") if net.layers else net
 
 
@@ -363,7 +363,7 @@ def upgrade_v1(path, kind: str):
     import warnings
     tool = caffe_tool(f"upgrade_net_proto_{kind}")
     if tool is None:
-        raise EngineError(f"{os.fsdecode(path)} uses Caffe's V1 'layers' format and upgrade_net_proto_{kind} is "
+        raise InputError(f"{os.fsdecode(path)} uses Caffe's V1 'layers' format and upgrade_net_proto_{kind} is "
                           f"not found; convert it with that Caffe tool and pass the result")
     with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
         src, out = Path(tmp) / "in", Path(tmp) / "out"
@@ -371,7 +371,7 @@ def upgrade_v1(path, kind: str):
         done = subprocess.run([str(tool), str(src), str(out)], capture_output=True, text=True)
         if done.returncode != 0 or not out.is_file():
             reason = (done.stderr.strip().splitlines() or ["no message"])[-1].split("] ", 1)[-1]
-            raise EngineError(f"{os.fsdecode(path)}: Caffe's upgrade_net_proto_{kind} failed: {reason}")
+            raise InputError(f"{os.fsdecode(path)}: Caffe's upgrade_net_proto_{kind} failed: {reason}")
         net = caffe_pb2().NetParameter()
         if kind == "text":
             from google.protobuf import text_format
@@ -428,23 +428,23 @@ def check_net(net_param, phase, path, sources: bool = False) -> None:
     for layer in instantiated_layers(net_param) if phase is None else layers_in_phase(net_param, phase):
         if layer.type not in known:
             origin = FORK_TYPES.get(layer.type)
-            raise EngineError(f"{where}: layer {layer.name!r} has type {layer.type!r}, unknown to stock Caffe 1.0"
+            raise InputError(f"{where}: layer {layer.name!r} has type {layer.type!r}, unknown to stock Caffe 1.0"
                               + (f" (it comes from {origin})" if origin else ""))
         for bottom in layer.bottom:
             if bottom not in blobs:
-                raise EngineError(f"{where}: layer {layer.name!r} reads blob {bottom!r} that no earlier layer produces")
+                raise InputError(f"{where}: layer {layer.name!r} reads blob {bottom!r} that no earlier layer produces")
         in_place = set(layer.top) & set(layer.bottom)
         if in_place and not rules.rule(layer.type).in_place:
-            raise EngineError(f"{where}: layer {layer.name!r} ({layer.type}) reads and writes blob "
+            raise InputError(f"{where}: layer {layer.name!r} ({layer.type}) reads and writes blob "
                               f"{sorted(in_place)[0]!r} in place, which Caffe's {layer.type} layer cannot do "
                               f"(it would compute garbage silently); give its top another name")
         problem = rules.rule(layer.type).check(layer)       # what Caffe's setup CHECK-aborts on
         if problem:
-            raise EngineError(f"{where}: layer {layer.name!r} ({layer.type}): {problem}")
+            raise InputError(f"{where}: layer {layer.name!r} ({layer.type}): {problem}")
         blobs.update(layer.top)
         source = rules.source(layer)
         if sources and rules.is_reader(layer) and not Path(source).exists():
-            raise EngineError(f"{where}: data layer {layer.name!r} reads {source}, which does not exist "
+            raise InputError(f"{where}: data layer {layer.name!r} reads {source}, which does not exist "
                               f"(paths are relative to the working directory {os.getcwd()})")
 
 
@@ -455,14 +455,14 @@ def check_weights(net, weights_param, weights_path) -> None:
     have = {layer.name for layer in list(weights_param.layer) + list(weights_param.layers) if layer.blobs}
     missing = [name for name in net.params if name not in have]
     if missing:
-        raise EngineError(f"{where} holds no weights for layer(s) {', '.join(missing[:4])}"
+        raise InputError(f"{where} holds no weights for layer(s) {', '.join(missing[:4])}"
                           f"{' ...' if len(missing) > 4 else ''} of the prototxt: a caffemodel of another network?")
     for layer in list(weights_param.layer) + list(weights_param.layers):
         if layer.name not in net.params:
             continue
         target = net.params[layer.name]
         if len(layer.blobs) != len(target):
-            raise EngineError(f"{where}: layer {layer.name!r} has {len(layer.blobs)} blobs, "
+            raise InputError(f"{where}: layer {layer.name!r} has {len(layer.blobs)} blobs, "
                               f"the net expects {len(target)}")
         for i, (blob, have) in enumerate(zip(layer.blobs, target)):
             shape = tuple(blob.shape.dim) if blob.HasField("shape") else \
@@ -470,7 +470,7 @@ def check_weights(net, weights_param, weights_path) -> None:
             want = tuple(have.data.shape)
             legacy_match = not blob.HasField("shape") and int_prod(shape) == int_prod(want)
             if shape != want and not legacy_match:
-                raise EngineError(f"{where}: layer {layer.name!r} blob {i} has shape {shape}, "
+                raise InputError(f"{where}: layer {layer.name!r} blob {i} has shape {shape}, "
                                   f"the prototxt gives {want}; use the caffemodel trained with this prototxt")
 
 
@@ -519,7 +519,7 @@ def _caffe_safe(path: Path, tmp: Path) -> str:
 
 def probe_construct(prototxt, phase="test", where=None) -> None:
     """Construct the net once in a forked child, so that a CHECK failure in Caffe's shape logic
-    (Concat/Eltwise shapes, parameter counts, ...) becomes an EngineError carrying glog's message
+    (Concat/Eltwise shapes, parameter counts, ...) becomes an InputError carrying glog's message
     instead of aborting this interpreter. The child runs in CPU mode and discards the net."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -541,7 +541,7 @@ def probe_construct(prototxt, phase="test", where=None) -> None:
     if status != 0:
         fatal = [ln.split("] ", 1)[-1] for ln in err.splitlines() if ln[:1] == "F" and "] " in ln]
         reason = fatal[-1] if fatal else (err.strip().splitlines() or ["no message"])[-1]
-        raise EngineError(f"{where or prototxt}: Caffe cannot build this net: {reason}")
+        raise InputError(f"{where or prototxt}: Caffe cannot build this net: {reason}")
 
 
 def net_from_param(net_param, weights=None, phase="test", probe=True, where=None):

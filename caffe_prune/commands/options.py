@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 
-from caffe_prune import masking, metrics, oracle, passes
+from caffe_prune import engines, masking, metrics, oracle
 from caffe_prune.data.dataset import VAL_SPLITS
 from caffe_prune.metrics.methods import DEFAULT_FORMS, PAPER_FORMS
 from caffe_prune.pruning import Config
@@ -45,8 +45,8 @@ def add_network(p, weights: bool = True, weights_required: bool = True) -> None:
 def resolve_published(args) -> None:
     """WEIGHTS ``published``: the path of the authors' caffemodel of the built-in NET."""
     if getattr(args, "weights", None) == "published":
-        from caffe_prune import published
-        args.weights = str(published.caffemodel(args.net))
+        from caffe_prune import published_weights
+        args.weights = str(published_weights.caffemodel(args.net))
 
 
 def add_head(p) -> None:
@@ -88,8 +88,8 @@ def add_training(p) -> None:
 
 
 def add_engine(p) -> None:
-    """How one run's Caffe work is done (caffe_prune.passes); the decisions are the same either way."""
-    p.add_argument("--engine", choices=passes.ENGINES, default=Config.default("engine"),
+    """How one run's Caffe work is done (caffe_prune.engines); the decisions are the same either way."""
+    p.add_argument("--engine", choices=engines.ENGINES, default=Config.default("engine"),
                    help="fast (default): suffix-only probes, incremental test, workers; naive: full forwards "
                         "(the reference)")
     p.add_argument("--workers", type=int, default=None, help="fast engine's processes (default: one per core)")
@@ -165,7 +165,7 @@ def target(text) -> dict:
 
 
 def mode(args) -> tuple:
-    """(mode, device) for engine.set_mode."""
+    """(mode, device) for pycaffe.set_mode."""
     if getattr(args, "gpu", None) is not None:
         return "gpu", args.gpu
     return ("cpu" if getattr(args, "cpu", False) else "auto"), 0

@@ -1,4 +1,5 @@
-"""`caffe-prune sweep`, `results`, `report` and `reproduce`: parse, call caffe_prune.sweep, print."""
+"""`caffe-prune sweep` (a SPEC's runs into a results store, resumable, skipping what its archive
+holds) and `results` (query a store, write CSV, merge the finished runs into an archive)."""
 from __future__ import annotations
 
 import fnmatch
@@ -7,11 +8,11 @@ from collections import defaultdict
 import csv
 import io
 
-from caffe_prune import archive, fsio, options, report
+from caffe_prune import archive, fsio, report
 from caffe_prune import store as results_store
-from caffe_prune.sweep.driver import _sigterm_interrupts, launch, resolve_data
+from caffe_prune.commands import options
+from caffe_prune.sweep.driver import launch, resolve_data, sigterm_interrupts
 from caffe_prune.sweep.executors import factory
-from caffe_prune.sweep.reproduce import PAPERS, reproduce
 from caffe_prune.sweep.spec import Spec, SweepError, expand, load_spec, parse_spec, protocol_keys, weight_pairs
 
 PROTOCOL_FLAGS = {   # flag -> (protocol key, type, help); defaults come from pruning.Config
@@ -47,7 +48,7 @@ def executor_factory(args):
 
 
 def register(subparsers) -> None:
-    """Add `sweep`, `results`, `report` and `reproduce` to caffe_prune.cli's parser."""
+    """Add `sweep` and `results`."""
     p = subparsers.add_parser("sweep", help="run a SPEC's pruning runs (resumable) into a results store",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("spec", nargs="?", default=None, help="a TOML SPEC (flags below override or replace it)")
@@ -86,34 +87,6 @@ def register(subparsers) -> None:
                         "commit; report reads it) into DIR, e.g. experiments/results/NAME")
     p.set_defaults(func=cmd_results)
 
-    p = subparsers.add_parser("report", help="Markdown + PNG reports (oracle, taxonomy, domino) from a sweep's store")
-    p.add_argument("sweep_dir", help="a sweep directory")
-    p.add_argument("--kind", default=None, help="comma-separated: oracle, taxonomy, domino (default: what the runs allow)")
-    p.add_argument("--out", default=None, help="where the report goes (default SWEEP_DIR/report)")
-    p.add_argument("--x", choices=("weights", "macs"), default="weights",
-                   help="read Table 2 and Figure 6 by %% of conv weights removed (default, the papers') or of MACs")
-    p.add_argument("--readme", default=None, metavar="FILE",
-                   help="SWEEP_DIR is a folder of results archives (experiments/results): rebuild FILE's "
-                        "<!-- results:NAME --> blocks from them (caffe_prune.report.faithfulness)")
-    p.add_argument("--check", action="store_true", help="with --readme: write nothing, exit 1 if a block differs")
-    p.set_defaults(func=cmd_report)
-
-    p = subparsers.add_parser("reproduce", help="a paper's experiment as a sweep, then its report: "
-                                                "oracle (papers/004 Table 2 + Figure 6), taxonomy, domino")
-    p.add_argument("paper", nargs="?", default="oracle", choices=tuple(PAPERS),
-                   help="oracle (default), taxonomy or domino")
-    p.add_argument("--nets", default=None, help="comma-separated networks (default: the paper's, see README)")
-    p.add_argument("--weights", action="append", default=[], metavar="NET=PATH",
-                   help="weights of a network without published ones (AlexNet, SqueezeNet)")
-    p.add_argument("--methods", default=None, help="oracle: metrics and/or 'oracle' (default: the five + oracle)")
-    p.add_argument("--metrics", default=None, help="taxonomy/domino: metric names or globs (default: the paper's)")
-    p.add_argument("--domino", default=None, help="domino: aggregations (default sum,mean,max)")
-    p.add_argument("--oracle", default="paper", help="the oracle's constituents (default: the paper's five)")
-    p.add_argument("--runs", type=int, default=8, help="seeds per method (default 8)")
-    options.add_prune(p)
-    add_executor_options(p)
-    p.add_argument("--out", default=None, help="the sweep directory (default runs/reproduce-PAPER)")
-    p.set_defaults(func=cmd_reproduce)
 
 
 def spec_from_args(args) -> Spec:
@@ -161,7 +134,7 @@ def cmd_sweep(args) -> int:
         return dry_run(spec)
     make = executor_factory(args)
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             outcome = launch(spec, make, retries=args.retries, progress=not args.quiet)
     except KeyboardInterrupt:
         return 130
@@ -266,28 +239,3 @@ def format_table(rows) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
-
-
-def cmd_report(args) -> int:
-    if args.readme:
-        from caffe_prune.report import faithfulness
-        outcome = faithfulness.update(args.readme, args.sweep_dir, check=args.check)
-        for key in ("changed", "same", "missing"):
-            print(f"{key}: {', '.join(outcome[key]) or '-'}")
-        if args.check and outcome["changed"]:
-            print(f"{args.readme} differs from {args.sweep_dir} in {', '.join(outcome['changed'])}; "
-                  f"rebuild it without --check")
-            return 1
-        return 0
-    kinds = [k for k in args.kind.split(",") if k] if args.kind else None
-    for path in report.write_reports(args.sweep_dir, args.out, kinds, args.x):
-        print(f"report: {path}")
-    return 0
-
-
-def cmd_reproduce(args) -> int:
-    try:
-        reproduce(args, args.paper)
-    except KeyboardInterrupt:
-        return 130
-    return 0

@@ -34,10 +34,10 @@ scripts did. Kept on purpose, as the reference.
   transformed when it is measured: workers hold batches, not the data set) with their checkpoints. The saliency batches, the
   probes (by batch, or by candidate when there are fewer batches than workers) and the test batches
   are spread over them; results are combined in batch order with the same arithmetic as the naive
-  engine. A worker that dies is replaced by a new fork of the parent (which holds the same
+  pycaffe. A worker that dies is replaced by a new fork of the parent (which holds the same
   committed state) and its request sent again.
 
-BLAS threads: a pruning run computes with one BLAS thread in every process (engine.BLAS_THREADS:
+BLAS threads: a pruning run computes with one BLAS thread in every process (pycaffe.BLAS_THREADS:
 OpenBLAS's results depend on its thread count), whichever engine and however many cores: the same
 seed gives the same bits on any machine. The workers are the parallelism.
 """
@@ -50,8 +50,8 @@ from multiprocessing.connection import Pipe
 
 import numpy as np
 
-from caffe_prune import engine, evaluate, fsio, metrics, netdef, oracle
-from caffe_prune.errors import PluginError
+from caffe_prune import evaluate, fsio, metrics, netdef, oracle, pycaffe
+from caffe_prune.errors import InputError, PluginError
 from caffe_prune.metrics.collect import Tensors
 from caffe_prune.netdef import EVAL_TOPS
 
@@ -63,7 +63,7 @@ def default_cache_mb() -> int:
     test checkpoints, and, apart, a probe batch's saved frontiers (measured: BVLC AlexNet at batch
     128, 2 workers, 80 test batches: a 2-step metric run peaks at 2.4 GiB per process; raise
     ``--cache-mb`` on a big machine for long test sets)."""
-    return int(min(engine.available_bytes() // 2 ** 20 // 8, 1024))
+    return int(min(pycaffe.available_bytes() // 2 ** 20 // 8, 1024))
 
 
 class Plan:
@@ -318,7 +318,7 @@ def _serve(worker: Worker, conn) -> None:
             except PluginError as exc:  # a plugin metric's own one line (it names the plugin)
                 conn.send(exc)
             except Exception as exc:   # sent back and raised in the parent
-                conn.send(engine.EngineError(f"worker {os.getpid()}: {type(exc).__name__}: {exc}"))
+                conn.send(InputError(f"worker {os.getpid()}: {type(exc).__name__}: {exc}"))
     except (EOFError, OSError, KeyboardInterrupt):
         code = 1
     finally:
@@ -331,7 +331,7 @@ class Naive:
     name = "naive"
 
     def __init__(self, session, masker, test, **_):
-        engine.set_blas_threads(engine.BLAS_THREADS)
+        pycaffe.set_blas_threads(pycaffe.BLAS_THREADS)
         self.session, self.masker = session, masker
         self.images = test
         self.workers = 0
@@ -362,7 +362,7 @@ class Fast(Naive):
     def __init__(self, session, masker, test, workers: int | None = None, cache_mb: int | None = None):
         super().__init__(session, masker, test)
         # a CUDA context does not survive fork: on a GPU the one process does the work
-        self.workers = 1 if engine.on_gpu() else max(1, workers or engine.cores())
+        self.workers = 1 if pycaffe.on_gpu() else max(1, workers or pycaffe.cores())
         budget = (default_cache_mb() if cache_mb is None else cache_mb) * 2 ** 20 // self.workers
         batch = session.batch_size
         self.test_batches = math.ceil(len(test) / batch)
@@ -370,7 +370,7 @@ class Fast(Naive):
         # saliency passes in a copy of the net sharing its parameters (and so its masks) that skips
         # the weight gradients no metric reads (netdef.gradient_form)
         def gradient_net():
-            net = engine.net_from_param(netdef.without_fillers(netdef.gradient_form(session.form)),
+            net = pycaffe.net_from_param(netdef.without_fillers(netdef.gradient_form(session.param)),
                                         where=session.network.where)
             net.share_with(session.net)
             return net
@@ -492,6 +492,6 @@ class Fast(Naive):
 def make(name: str, session, masker, test, workers=None, cache_mb=None):
     """The engine ``name`` for a session, its masker and its test images (a dataset split)."""
     if name not in ENGINES:
-        raise engine.EngineError(f"--engine {name!r} is not one of {', '.join(ENGINES)}")
+        raise InputError(f"--engine {name!r} is not one of {', '.join(ENGINES)}")
     kind = Fast if name == "fast" else Naive
     return kind(session, masker, test, workers=workers, cache_mb=cache_mb)

@@ -1,24 +1,46 @@
-"""A paper's experiment as a sweep (resumable), then its report: `caffe-prune reproduce PAPER`."""
+"""`caffe-prune reproduce oracle|taxonomy|domino`: a paper's experiment (caffe_prune.sweep.papers)
+as a sweep with the protocol `prune` would build from the same options (resumable), then its report."""
 from __future__ import annotations
 
 import dataclasses
 import sys
 
-from caffe_prune import options, pruning, report
+from caffe_prune import pruning, report
+from caffe_prune.commands import options
+from caffe_prune.commands.sweep import add_executor_options
 from caffe_prune.metrics import taxonomy
 from caffe_prune.metrics.methods import ORACLE, PAPER_FIVE
-from caffe_prune.sweep.driver import _sigterm_interrupts, launch
+from caffe_prune.sweep.driver import launch, sigterm_interrupts
 from caffe_prune.sweep.executors import factory
+from caffe_prune.sweep.papers import PAPERS
 from caffe_prune.sweep.spec import RUN_FIELDS, parse_spec, weight_pairs
 
-PAPERS = {   # the paper's networks and methods; the reports print the published figures next to ours
-    "oracle": {"nets": ["LeNet-5", "ResNet-20"], "metrics": list(PAPER_FIVE), "domino": [], "oracle": True},
-    "taxonomy": {"nets": ["LeNet-5", "CIFAR10", "ResNet-20", "NIN"],        # its grid: the six scalings
-                 "metrics": [f"*/*/*/{scaling}" for scaling in taxonomy.PAPER_SCALINGS], "domino": [],
-                 "oracle": False},
-    "domino": {"nets": ["ResNet-20", "AlexNet", "SqueezeNet", "NIN"], "metrics": list(PAPER_FIVE),
-               "domino": list(taxonomy.DOMINO), "oracle": False},
-}
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("reproduce", help="a paper's experiment as a sweep, then its report: "
+                                                "oracle (papers/004 Table 2 + Figure 6), taxonomy, domino")
+    p.add_argument("paper", nargs="?", default="oracle", choices=tuple(PAPERS),
+                   help="oracle (default), taxonomy or domino")
+    p.add_argument("--nets", default=None, help="comma-separated networks (default: the paper's, see README)")
+    p.add_argument("--weights", action="append", default=[], metavar="NET=PATH",
+                   help="weights of a network without published ones (AlexNet, SqueezeNet)")
+    p.add_argument("--methods", default=None, help="oracle: metrics and/or 'oracle' (default: the five + oracle)")
+    p.add_argument("--metrics", default=None, help="taxonomy/domino: metric names or globs (default: the paper's)")
+    p.add_argument("--domino", default=None, help="domino: aggregations (default sum,mean,max)")
+    p.add_argument("--oracle", default="paper", help="the oracle's constituents (default: the paper's five)")
+    p.add_argument("--runs", type=int, default=8, help="seeds per method (default 8)")
+    options.add_prune(p)
+    add_executor_options(p)
+    p.add_argument("--out", default=None, help="the sweep directory (default runs/reproduce-PAPER)")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args) -> int:
+    try:
+        reproduce(args, args.paper)
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def reproduce(args, paper: str, nets=None, methods=None, seeds=None, out=None) -> list:
@@ -52,7 +74,7 @@ def reproduce(args, paper: str, nets=None, methods=None, seeds=None, out=None) -
            "domino": domino, "seeds": seeds, "protocol": protocol,
            "oracles": [five if constituents == "paper" else constituents.split(",")] if with_oracle else []}
     spec = parse_spec(raw)
-    with _sigterm_interrupts():
+    with sigterm_interrupts():
         outcome = launch(spec, factory(getattr(args, "executor", "local"), getattr(args, "workers", None),
                                        getattr(args, "address", None)), retries=getattr(args, "retries", 2),
                          progress=not args.quiet)
