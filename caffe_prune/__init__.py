@@ -19,8 +19,9 @@ LAYERS = (
     # Caffe itself
     ("pycaffe", "metrics.inputs"),
     # data and weights as Caffe reads them
-    ("data", "data.sources", "data.reader", "data.records_db", "data.records", "data.transform", "data.caffe_db",
-     "data.cifar10", "data.synthetic", "published_weights"),
+    ("data", "data.caffe_reading", "data.base_reader", "data.db_reader", "data.list_reader", "data.hdf5_reader",
+     "data.layer_records", "data.transform", "data.cifar10", "data.validation", "data.cifar10_convert",
+     "data.synthetic", "published_weights"),
     # network definitions and datasets
     ("netdef", "networks", "data.dataset", "metrics.hessian"),
     # the channel graph, and what reads a net's blobs

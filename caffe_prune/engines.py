@@ -4,7 +4,7 @@ A step needs three things from Caffe: the saliency tensors of the validation bat
 and backward each, caffe_prune.metrics.collect), the oracle's probes (the loss on its validation
 batches with each short-listed group masked), and the test measurement. Both engines use only
 Caffe's own passes (``net._forward(start, end)``, ``net._backward``); they differ in how much they
-recompute, and they give the same bits (tests/test_passes.py).
+recompute, and they give the same bits (tests/test_engines.py).
 
 ``Naive`` (``--engine naive``): every probe and every measurement is a full forward, as the authors'
 scripts did. Kept on purpose, as the reference.

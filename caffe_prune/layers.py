@@ -29,7 +29,7 @@ type, owning both sides of a layer). A rule answers:
   InnerProduct run in place computes garbage without any error, so the engine refuses it;
 - ``check(layer)``: what Caffe's layer setup CHECK-aborts on (one line, or None);
 - data layers: the parameter message, ``source``, ``batch_size``, which reader reads the records
-  (caffe_prune.data.sources: ``db``, ``list``, ``hdf5``) and whether ``transform_param`` applies;
+  (caffe_prune.data.caffe_reading: ``db``, ``list``, ``hdf5``) and whether ``transform_param`` applies;
 - heads: ``role`` (``loss``, ``accuracy``, ``softmax``);
 - ``hessian``: OBD's rule for the Hessian diagonal pass (caffe_prune.metrics.hessian):
   ``weighted`` (W∘W in Caffe's backward), ``diagonal`` (d²·h), ``routing`` (Caffe's backward as
@@ -533,7 +533,7 @@ def is_fed(layer) -> bool:
 
 
 def reader(layer) -> str | None:
-    """Which caffe_prune.data.sources reader reads the layer's records (db, list, hdf5), or None."""
+    """Which caffe_prune.data.caffe_reading reader reads the layer's records (db, list, hdf5), or None."""
     return getattr(rule(layer.type), "reader", None)
 
 
@@ -543,7 +543,7 @@ def transforms(layer) -> bool:
 
 
 def is_reader(layer) -> bool:
-    """A data layer whose records caffe_prune.data.sources reads (Data, ImageData, HDF5Data)."""
+    """A data layer whose records caffe_prune.data.caffe_reading reads (Data, ImageData, HDF5Data)."""
     return getattr(rule(layer.type), "reader", None) is not None
 
 

@@ -1,4 +1,4 @@
-"""Network definitions: what a net reads, where it ends, and the two forms Caffe runs for us.
+"""Network definitions: what a net reads, where it ends, and the three forms Caffe runs for us.
 
 Any Caffe classifier arrives as a NetParameter (a prototxt, or the definition embedded in a
 caffemodel): a deploy net (an ``Input`` layer or the old top-level ``input:`` fields, maybe a
@@ -21,7 +21,9 @@ the user's blob and layer names:
   the blob the user names (``--logits``);
 - ``evaluation_form``: the layers that feed the logits, fed by one ``Input`` layer (images and
   labels, in the net's own blob names), scored by Caffe's own ``SoftmaxWithLoss`` and ``Accuracy``
-  (top-1, top-k) layers named ``EVAL_TOPS``.
+  (top-1, top-k) layers named ``EVAL_TOPS``;
+- ``gradient_form``: the evaluation form for saliency passes, with lr_mult 0 wherever a weight
+  gradient is not needed to reach the layers below (the same blob diffs, half the GEMMs).
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def _old_style_shape(net_param):
 def declared_input_shape(net_param, where: str) -> tuple:
     """(C, H, W) of the images as the definition states it (see the module docstring); raises
     InputError saying what is known and what to pass when nothing states it."""
-    from caffe_prune.data import records
+    from caffe_prune.data import layer_records
     _, _, layer = input_blobs(net_param)
     if layer is None:
         shape = _old_style_shape(net_param)
@@ -90,7 +92,7 @@ def declared_input_shape(net_param, where: str) -> tuple:
         raise InputError(f"{where}: DummyData layer {layer.name!r} has no shape; {INPUT_SHAPE_HINT}")
     crop = layer.transform_param.crop_size
     try:
-        channels, height, width = records.record_shape(layer)
+        channels, height, width = layer_records.record_shape(layer)
     except ValueError as exc:      # the source is absent or unreadable: say what the prototxt gives
         known = _partial_shape(layer)
         raise InputError(f"{where}: the image shape is unknown: {exc}"

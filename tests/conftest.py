@@ -23,7 +23,7 @@ os.environ.setdefault("CAFFE_PRUNE_MODELS", str(PUBLISHED))
 # sweeps run once, converted data, a pruned net, the Caffe source tree): those mark themselves
 # `xdist_group` and stay on one process. The longest files come first (--durations, 2 cores), so
 # that the short tests at the end even out the two processes. Only the order changes.
-LONGEST_FIRST = ("test_passes.py", "test_export.py", "test_pruning.py")
+LONGEST_FIRST = ("test_engines.py", "test_export.py", "test_pruning.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -9,9 +9,9 @@ import pytest
 
 from caffe_prune import cli, pruning
 from caffe_prune.commands import options
-from caffe_prune.data import cifar10
+from caffe_prune.data import validation
 from caffe_prune.data.dataset import open_dataset, records_sha256
-from caffe_prune.errors import InputError
+from caffe_prune.errors import DataError, InputError
 from conftest import PUBLISHED, REPO, SUBSET
 
 LENET = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
@@ -32,7 +32,7 @@ def authors_on_subset():
     random_state 42), official image i is record i % 10000 of data_batch_{i // 10000 + 1}."""
     perm = np.random.RandomState(42).permutation(50_000)
     out = []
-    for line in cifar10.AUTHORS_VAL_FILE.read_text().splitlines():
+    for line in validation.AUTHORS_VAL_FILE.read_text().splitlines():
         if line.startswith("#") or not line.strip():
             continue
         n, label = map(int, line.split())
@@ -54,10 +54,10 @@ def test_the_list_is_the_authors_file():
     """5,000 distinct images of the 50,000 with labels 0..9 (the released eval-index.txt has 5,000
     lines, though the paper's text says 10,000), its source named in the header, and the file it
     was transcribed from rebuilt to its stored length, 288,879 characters."""
-    n, labels = cifar10.authors_validation()
+    n, labels = validation.authors_validation()
     assert len(n) == 5_000 and len(np.unique(n)) == 5_000
     assert 0 <= n.min() and n.max() < 50_000 and set(np.unique(labels)) == set(range(10))
-    header = cifar10.AUTHORS_VAL_FILE.read_text()
+    header = validation.AUTHORS_VAL_FILE.read_text()
     for source in ("kaveena/myopic-oracle", "myopic-oracle/caffe-training-data/eval-index.txt",
                    "40e3abc995056338fd3f0513a8e8bb374c161c4d"):
         assert source in header
@@ -65,8 +65,8 @@ def test_the_list_is_the_authors_file():
     assert len(rebuilt) == 288_879
     assert (n[0], labels[0], n[-1], labels[-1]) == (18184, 6, 19357, 5)     # its first and last lines
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert cifar10.AUTHORS_VAL_FILE.name in package_data["caffe_prune.data"]
-    assert cifar10.AUTHORS_VAL_FILE.parent == REPO / "caffe_prune" / "data"
+    assert validation.AUTHORS_VAL_FILE.name in package_data["caffe_prune.data"]
+    assert validation.AUTHORS_VAL_FILE.parent == REPO / "caffe_prune" / "data"
 
 
 def test_mapping_verified_on_the_subset():
@@ -76,7 +76,7 @@ def test_mapping_verified_on_the_subset():
     found = authors_on_subset()
     assert len(found) == PRESENT_ON_SUBSET
     assert all(labels[position] == label for position, label in found)
-    n, authors_labels = cifar10.authors_validation()
+    n, authors_labels = validation.authors_validation()
     batch, record = np.divmod(n, 10_000)
     here = record < SUBSET_BATCH
     unshuffled = np.mean(labels[batch[here] * SUBSET_BATCH + record[here]] == authors_labels[here])
@@ -87,13 +87,13 @@ def test_mapping_verified_on_the_subset():
 
 def test_indices_on_the_full_set_and_on_partial_copies():
     perm = np.random.RandomState(42).permutation(50_000)
-    n, _ = cifar10.authors_validation()
-    np.testing.assert_array_equal(cifar10.authors_validation_indices(50_000), np.sort(perm[n]))
+    n, _ = validation.authors_validation()
+    np.testing.assert_array_equal(validation.authors_validation_indices(50_000), np.sort(perm[n]))
     counts = [SUBSET_BATCH] * 5
-    np.testing.assert_array_equal(cifar10.authors_validation_indices(5085, counts),
+    np.testing.assert_array_equal(validation.authors_validation_indices(5085, counts),
                                   sorted(p for p, _ in authors_on_subset()))
     # an uneven copy: the first 10,000 of batch 1 and nothing of the others
-    only_first = cifar10.authors_validation_indices(10_000, [10_000, 0, 0, 0, 0])
+    only_first = validation.authors_validation_indices(10_000, [10_000, 0, 0, 0, 0])
     np.testing.assert_array_equal(only_first, np.sort(perm[n][perm[n] < 10_000]))
 
 
@@ -112,7 +112,7 @@ def test_open_dataset_authors_split_on_the_subset(caffe):
     assert dataset.identity["validation_images"] == PRESENT_ON_SUBSET
     seeded = open_dataset(network, str(SUBSET), progress=False)
     assert len(seeded.validation.y) == 1017 and "validation_split" not in seeded.identity
-    np.testing.assert_array_equal(seeded.validation.y, labels[cifar10.validation_indices(5085, 0)])
+    np.testing.assert_array_equal(seeded.validation.y, labels[validation.validation_indices(5085, 0)])
 
 
 # ---- one-line refusals ---------------------------------------------------------------------------
@@ -121,35 +121,35 @@ def test_authors_split_refused_for_other_datasets(caffe, tmp_path, write_net):
     from caffe_prune.session import Network
     images = tmp_path / "list.txt"
     images.write_text("a.png 0\n")
-    with pytest.raises(cifar10.DataError) as exc:
+    with pytest.raises(DataError) as exc:
         open_dataset(Network.open("LeNet-5"), str(images), progress=False, val_split="authors")
     assert "is not CIFAR-10" in one_line(exc) and str(images) in str(exc.value)
     net = write_net('name: "t"\nlayer { name: "data" type: "Input" top: "data" '
                     'input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n')
-    with pytest.raises(cifar10.DataError) as exc:
+    with pytest.raises(DataError) as exc:
         open_dataset(Network.open(str(net)), progress=False, val_split="authors")
     assert "own data layers is not CIFAR-10" in one_line(exc)
-    with pytest.raises(cifar10.DataError) as exc:
+    with pytest.raises(DataError) as exc:
         open_dataset(Network.open("LeNet-5"), str(SUBSET), progress=False, val_split="random")
     assert "--val-split must be one of seeded, authors" in one_line(exc)
 
 
 def test_indices_refused_when_they_cannot_be_placed():
     perm = np.random.RandomState(42).permutation(50_000)
-    n, _ = cifar10.authors_validation()
+    n, _ = validation.authors_validation()
     first = int(np.sort(perm[n])[0])           # the first official index among the authors' images
-    with pytest.raises(cifar10.DataError) as exc:
-        cifar10.authors_validation_indices(first, [first, 0, 0, 0, 0])
+    with pytest.raises(DataError) as exc:
+        validation.authors_validation_indices(first, [first, 0, 0, 0, 0])
     assert "none of the authors' 5000 validation images" in one_line(exc)
-    with pytest.raises(cifar10.DataError) as exc:
-        cifar10.authors_validation_indices(5085)
+    with pytest.raises(DataError) as exc:
+        validation.authors_validation_indices(5085)
     assert "pass the records per batch" in one_line(exc)
-    with pytest.raises(cifar10.DataError) as exc:
-        cifar10.authors_validation_indices(5085, [SUBSET_BATCH] * 4)
+    with pytest.raises(DataError) as exc:
+        validation.authors_validation_indices(5085, [SUBSET_BATCH] * 4)
     assert "expected 5 counts" in one_line(exc)
     _, labels = raw_train()
-    with pytest.raises(cifar10.DataError) as exc:      # records in another order than the official one
-        cifar10.authors_validation_indices(5085, [SUBSET_BATCH] * 5, labels[::-1])
+    with pytest.raises(DataError) as exc:      # records in another order than the official one
+        validation.authors_validation_indices(5085, [SUBSET_BATCH] * 5, labels[::-1])
     assert "another label than in their list" in one_line(exc)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from caffe_prune import pycaffe
-from caffe_prune.data import cifar10, records, synthetic
+from caffe_prune.data import layer_records, synthetic, validation
 from caffe_prune.data.dataset import open_dataset, records_sha256
 from caffe_prune.data.transform import Transform
 from caffe_prune.session import Network
@@ -69,7 +69,7 @@ def test_synthetic_lmdb_is_seeded_and_reads_as_datums(caffe, tmp_path):
     assert done["images"] == 1500 and (a / "data.mdb").read_bytes() == (b / "data.mdb").read_bytes()
     layer = pycaffe.caffe_pb2().LayerParameter(name="d", type="Data", top=["data", "label"])
     layer.data_param.source, layer.data_param.backend = str(a), pycaffe.caffe_pb2().DataParameter.LMDB
-    got = records.read(layer, progress=False)
+    got = layer_records.read(layer, progress=False)
     rng = np.random.default_rng(9)                  # the same draws, chunk by chunk
     pixels = rng.integers(0, 256, size=(1000, 70), dtype=np.uint8)
     labels = rng.integers(0, 4, size=1000)
@@ -85,8 +85,8 @@ def test_streamed_splits_are_the_records_transformed(stream):
     net, _, lmdb = stream
     dataset = open_dataset(Network.open(net), progress=False)
     layer = pycaffe.read_prototxt(net).layer[1]
-    whole = records.read(layer, progress=False)
-    val = cifar10.validation_indices(300, 0)
+    whole = layer_records.read(layer, progress=False)
+    val = validation.validation_indices(300, 0)
     rest = np.setdiff1d(np.arange(300), val)
     assert len(dataset.validation) == 60 and len(dataset.test) == 240
     transform = Transform.of(layer)
@@ -105,9 +105,9 @@ def test_streamed_splits_are_the_records_transformed(stream):
 
 
 def test_validation_is_the_papers_10000_of_a_large_set():
-    assert len(cifar10.validation_indices(5085)) == 1017           # a fifth of a partial CIFAR-10
-    assert len(cifar10.validation_indices(50_000)) == 10_000
-    big = cifar10.validation_indices(1_281_167, seed=2)             # ImageNet's training set
+    assert len(validation.validation_indices(5085)) == 1017           # a fifth of a partial CIFAR-10
+    assert len(validation.validation_indices(50_000)) == 10_000
+    big = validation.validation_indices(1_281_167, seed=2)             # ImageNet's training set
     assert len(big) == 10_000 and (np.diff(big) > 0).all() and big[-1] < 1_281_167
 
 

@@ -1,6 +1,7 @@
 """The published models, fed as the original experiments fed them, reproduce papers/004 Table 1."""
 import pytest
 
+from caffe_prune.data import cifar10_convert
 from conftest import PUBLISHED, SUBSET, TABLE1, evaluation
 
 
@@ -39,7 +40,7 @@ def test_channel_order_is_load_bearing(caffe, tmp_path, name, at_least):
     session = Session(network, weights, open_dataset(network, SUBSET, progress=False))
     images, labels = cifar10.read_split("test", SUBSET)
     transform = session.dataset.transform
-    scores = {order: evaluate.evaluate(session.net, cifar10.caffe_input(imgs, transform.mean_values, transform.scale),
+    scores = {order: evaluate.evaluate(session.net, cifar10_convert.caffe_input(imgs, transform.mean_values, transform.scale),
                                        labels, progress=False)["top1"]
               for order, imgs in (("BGR", images), ("RGB", images[:, ::-1]))}
     assert scores["BGR"] == session.evaluate(session.dataset.test.x, session.dataset.test.y)["top1"]

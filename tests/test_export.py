@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from caffe_prune import export, masking, networks, pycaffe
-from caffe_prune.data import cifar10
+from caffe_prune.data import cifar10, cifar10_convert
 from caffe_prune.session import Network
 from conftest import PUBLISHED, SUBSET
 
@@ -24,7 +24,7 @@ class Case:
         self.net = pycaffe.net_from_param(self.network.structure(), WEIGHTS.get(name))
         x, y = cifar10.read_split("test", SUBSET)
         transform = networks.transform(name)
-        self.x = cifar10.caffe_input(x[:images], transform.mean_values, transform.scale)
+        self.x = cifar10_convert.caffe_input(x[:images], transform.mean_values, transform.scale)
         self.logits = self.network.head().logits
 
     def run(self, net):

@@ -182,7 +182,7 @@ LOGITS = textwrap.dedent("""
                  if l.HasField("transform_param")][0].transform_param
     images, labels = cifar10.read_split("test", cifar10.fetch(None, progress=False))
     images, labels = images[:count], labels[:count]
-    x = cifar10.caffe_input(images, list(transform.mean_value), transform.scale)
+    x = cifar10_convert.caffe_input(images, list(transform.mean_value), transform.scale)
     net = pycaffe.load_net(deploy, published_weights.caffemodel(name, progress=False))
     batch = 100
     net.blobs["data"].reshape(batch, *x.shape[1:])

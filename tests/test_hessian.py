@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 
 from caffe_prune import netdef, networks, pycaffe
-from caffe_prune.data import cifar10
+from caffe_prune.data import cifar10, cifar10_convert
 from caffe_prune.metrics.hessian import hessian_diagonal
 from caffe_prune.errors import InputError
 from conftest import PUBLISHED, SUBSET, evaluation_form
@@ -396,7 +396,7 @@ def test_published_resnet20(caffe, write_net):
     net = pycaffe.load_net(write_net(text_format.MessageToString(form), "resnet20.prototxt"),
                           PUBLISHED / "ResNet-20-CIFAR10" / "original.caffemodel", probe=False)
     images, labels = cifar10.read_split("test", SUBSET)
-    net.blobs["data"].data[...] = cifar10.caffe_input(images[:8], transform.mean_values, transform.scale)
+    net.blobs["data"].data[...] = cifar10_convert.caffe_input(images[:8], transform.mean_values, transform.scale)
     net.blobs["label"].data[...] = labels[:8]
     loss = float(net.forward()[netdef.EVAL_TOPS["loss"]])
     before = snapshot(net)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from caffe_prune import masking, metrics, netdef, networks, pycaffe
-from caffe_prune.data import cifar10
+from caffe_prune.data import cifar10, cifar10_convert, validation
 from caffe_prune.graph import ChannelGraph, Channel, build_graph
-from caffe_prune.metrics import commands, inputs
+from caffe_prune.commands import metrics as metric_commands
+from caffe_prune.metrics import inputs
 from caffe_prune.metrics.hessian import hessian_diagonal
 from conftest import PUBLISHED, SUBSET, evaluation_form
 
@@ -127,7 +128,7 @@ def published_case(name, tmp_path, per_batch=8, count=2):
     transform = networks.transform(name)
     net = pycaffe.load_net(netdef.write_prototxt(form, tmp_path / f"{name}.prototxt"), WEIGHTS[name], probe=False)
     images, labels = cifar10.read_split("test", SUBSET)
-    x = cifar10.caffe_input(images[:per_batch * count], transform.mean_values, transform.scale)
+    x = cifar10_convert.caffe_input(images[:per_batch * count], transform.mean_values, transform.scale)
     batches = [(x[i:i + per_batch], labels[i:i + per_batch]) for i in range(0, per_batch * count, per_batch)]
     return Case(net, build_graph(param, networks.IMAGE_SHAPE), batches)
 
@@ -691,7 +692,7 @@ def test_uncollected_metric_and_bad_reading(caffe, write_net):
 def test_saliency_command_writes_the_ranking(caffe, tmp_path, capsys):
     import argparse
     parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers(dest="command"))
+    metric_commands.register(parser.add_subparsers(dest="command"))
     out_csv, out_json = tmp_path / "s.csv", tmp_path / "s.json"
     args = parser.parse_args(["saliency", "LeNet-5", str(WEIGHTS["LeNet-5"]), "--metric", "taylor",
                               "--batches", "1", "--batch-size", "32", "--seed", "3",
@@ -707,11 +708,11 @@ def test_saliency_command_writes_the_ranking(caffe, tmp_path, capsys):
     assert [g["group"] for g in result["groups"]][:3] == [int(r["group"]) for r in rows[:3]]
     # the same images by hand: validation indices of the training split, drawn with the seed
     images, labels = cifar10.read_split("train", SUBSET)
-    chosen = np.random.default_rng(3).choice(cifar10.validation_indices(len(images)), size=32, replace=False)
+    chosen = np.random.default_rng(3).choice(validation.validation_indices(len(images)), size=32, replace=False)
     form = evaluation_form(networks.train_test("LeNet-5"), batch_size=32)
     transform = networks.transform("LeNet-5")
     net = pycaffe.load_net(netdef.write_prototxt(form, tmp_path / "l.prototxt"), WEIGHTS["LeNet-5"], probe=False)
-    net.blobs["data"].data[...] = cifar10.caffe_input(images[chosen], transform.mean_values, transform.scale)
+    net.blobs["data"].data[...] = cifar10_convert.caffe_input(images[chosen], transform.mean_values, transform.scale)
     net.blobs["label"].data[...] = labels[chosen]
     net.forward()
     net.backward()

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 
 from caffe_prune import layers, netdef, networks, pycaffe
-from caffe_prune.data import cifar10
+from caffe_prune.data import cifar10, cifar10_convert
 from caffe_prune.data.transform import Transform
 from caffe_prune.errors import InputError
 from conftest import PUBLISHED, REPO, SUBSET, TABLE1, evaluation_form, conv_weight_count
@@ -141,7 +141,7 @@ def test_published_weights_load_by_name_and_give_the_same_logits(caffe, write_ne
     theirs = pycaffe.load_net(write_net(text_format.MessageToString(evaluation), "embedded.prototxt"),
                              weights_path, probe=False)
     images, labels = cifar10.read_split("test", SUBSET)
-    x = cifar10.caffe_input(images[:batch], transform.mean_values, transform.scale)
+    x = cifar10_convert.caffe_input(images[:batch], transform.mean_values, transform.scale)
     ours.blobs["data"].data[...] = x
     theirs.blobs["data"].data[...] = x
     theirs.blobs["label"].data[...] = labels[:batch]

@@ -15,7 +15,7 @@ import pytest
 
 from caffe_prune import cli, finetune, masking, pruning, pycaffe, train
 from caffe_prune.metrics import methods
-from caffe_prune.data import cifar10
+from caffe_prune.data import cifar10, cifar10_convert
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.session import Network, Session
 from caffe_prune.errors import InputError
@@ -31,7 +31,7 @@ SOURCE = cifar10.CACHE_ROOT / "downloads" / "caffe_1.0.0+git20180821.99bd997.ori
 @pytest.fixture(scope="module")
 def data_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    cifar10.prepare(SUBSET, out, progress=False)
+    cifar10_convert.prepare(SUBSET, out, progress=False)
     return out
 
 

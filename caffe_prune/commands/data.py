@@ -5,7 +5,7 @@ Errors are caffe_prune.errors.DataError, which the command line prints on one li
 """
 from __future__ import annotations
 
-from caffe_prune.data import cifar10, synthetic
+from caffe_prune.data import cifar10, cifar10_convert, synthetic, validation
 from caffe_prune.errors import DataError
 
 
@@ -14,12 +14,12 @@ def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="fetch a dataset and convert it for Caffe's Data layer")
     datasets = data.add_subparsers(dest="dataset", required=True)
     p = datasets.add_parser("cifar10", help="CIFAR-10 as train/test LMDBs (BGR, uint8) and the validation split",
-                            description=cifar10.prepare.__doc__)
+                            description=cifar10_convert.prepare.__doc__)
     p.add_argument("--source", default=None, metavar="DIR|ARCHIVE|URL",
                    help="a directory with cifar-10-batches-bin/ or cifar-10-batches-py/, a .tar.gz, or a URL "
                         f"(default: ${cifar10.DATA_ENV}, a local mirror, else the official download)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"where the LMDBs and {cifar10.VAL_FILE} go (default {cifar10.CACHE_DIR})")
+                   help=f"where the LMDBs and {validation.VAL_FILE} go (default {cifar10.CACHE_DIR})")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
     p.set_defaults(func=cmd_cifar10)
     p = datasets.add_parser("synthetic", help="an LMDB of random uint8 Datums (times and memory, not accuracy)",
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 
 def cmd_cifar10(args) -> int:
-    result = cifar10.prepare(args.source, args.out, args.seed)
+    result = cifar10_convert.prepare(args.source, args.out, args.seed)
     counts, official = result["counts"], result["official"]
     partial = any(counts[s] != official[s] for s in counts)
     print(f"source      {result['source']}" + ("  (a partial copy of CIFAR-10)" if partial else ""))

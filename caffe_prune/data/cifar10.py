@@ -1,15 +1,11 @@
-"""CIFAR-10 exactly as the original experiments fed it to Caffe.
+"""CIFAR-10's records, got from wherever they are: the official binary release's layout (one label
+byte followed by the R, G and B planes, 32x32 each), read as it is.
 
-The authors wrote every image to a PNG and read it back with Caffe's ImageData layer, which decodes
-with OpenCV's ``imread``: pixels arrive in **BGR** order, then Caffe's DataTransformer computes
-``(pixel - mean_value[c]) * scale``. The official binary release stores each record as one label
-byte followed by the R, G and B planes (32x32 each), so the conversion below reverses the plane order.
-Feeding RGB instead costs the published models 9 to 25 points of top-1 (measured): the order is
-load-bearing and pinned by a test.
-
-Everything downstream reads the binary layout. ``fetch`` gets it from a local directory (binary or
-python-pickle batches), a local ``.tar.gz`` or the official download; ``prepare`` turns it into the
-LMDBs Caffe's own Data layer reads (``caffe_prune.data.caffe_db``) plus the paper's validation split.
+``fetch`` gets it from a local directory (binary or python-pickle batches), a local ``.tar.gz`` or
+the official download (md5 checked; only the expected members extracted); ``read_split`` reads a
+split's records (RGB planes, as the files hold them), ``summary`` counts them. What a network is fed
+(which plane order, which transform) and the LMDBs Caffe's Data layer reads are made of these
+records by caffe_prune.data.cifar10_convert; the validation split by caffe_prune.data.validation.
 """
 from __future__ import annotations
 
@@ -18,12 +14,10 @@ import importlib.util
 import json
 import os
 import pickle
-import re
 import shutil
 import tarfile
 import urllib.parse
 import zlib
-from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -31,7 +25,7 @@ from tqdm import tqdm
 
 from caffe_prune import fsio
 from caffe_prune.download import CACHE_ROOT, DownloadError, digest, download
-from caffe_prune.errors import DataError  # noqa: F401  (raised here; imported from here by older code)
+from caffe_prune.errors import DataError
 
 RECORD_BYTES = 1 + 3 * 32 * 32
 SPLIT_FILES = {
@@ -56,10 +50,7 @@ ARCHIVE_MEMBERS = (
     | {f"{PY_DIR}/{name}" for name in sum(PY_FILES.values(), ["batches.meta", "readme.html"])}
 )
 FETCHED = "fetched.json"                # in the cache: the md5 of the archive its batches came from
-
-# The paper judges every pruning decision on 10,000 random training images of the 50,000.
-VALIDATION_IMAGES = 10_000
-VAL_FILE = "val-indices.txt"
+BATCH_RECORDS = OFFICIAL_COUNTS["train"] // len(SPLIT_FILES["train"])     # 10,000 per data_batch_b
 
 
 def default_location() -> Path | None:
@@ -127,19 +118,6 @@ def record_sha256(split: str, location=None) -> dict:
     return {path.name: digest(path, "sha256") for path in _split_paths(split, binary_dir(location))}
 
 
-def caffe_input(images_rgb: np.ndarray, mean_values=(), scale: float = 1.0) -> np.ndarray:
-    """What ImageData + transform_param hand the net for these images: BGR, minus mean, times scale.
-
-    ``mean_values`` follows Caffe: none, one for all channels, or one per (BGR) channel."""
-    bgr = images_rgb[:, ::-1].astype(np.float32)
-    mean = np.asarray(mean_values, dtype=np.float32)
-    if mean.size not in (0, 1, 3):
-        raise DataError(f"transform_param has {mean.size} mean_value entries; Caffe accepts 1 or one per channel")
-    if mean.size:
-        bgr -= mean.reshape(1, -1, 1, 1) if mean.size == 3 else mean
-    return bgr * np.float32(scale)
-
-
 # ---- getting the records: directory, archive or download -----------------------------------------
 
 def fetch(source=None, cache_dir=None, expected_md5="official", progress=True) -> Path:
@@ -157,7 +135,7 @@ def fetch(source=None, cache_dir=None, expected_md5="official", progress=True) -
     cache = Path(cache_dir) if cache_dir is not None else CACHE_DIR
     if source is None:
         local = default_location()
-        if _holds_batches(local):
+        if holds_batches(local):
             return _from_directory(local, cache)
         source = URL
     source = str(source)
@@ -173,7 +151,8 @@ def fetch(source=None, cache_dir=None, expected_md5="official", progress=True) -
     raise DataError(f"{path} does not exist; pass a CIFAR-10 directory, a .tar.gz or a URL as --source")
 
 
-def _holds_batches(path: Path) -> bool:
+def holds_batches(path: Path) -> bool:
+    """Whether ``path`` holds CIFAR-10 batches (binary or python, in a sub-directory or itself)."""
     return any((path / sub / name).is_file() for sub, name in
                ((BIN_DIR, "test_batch.bin"), (".", "test_batch.bin"), (PY_DIR, "test_batch"), (".", "test_batch")))
 
@@ -191,7 +170,7 @@ def _from_directory(path: Path, cache: Path) -> Path:
 def _from_url(url: str, cache: Path, expected_md5, progress: bool) -> Path:
     archive = cache / (PurePosixPath(urllib.parse.urlparse(url).path).name or "cifar-10-binary.tar.gz")
     if not archive.is_file():
-        if _fetched_md5(cache) in _accepted_md5(expected_md5) and _holds_batches(cache):
+        if _fetched_md5(cache) in _accepted_md5(expected_md5) and holds_batches(cache):
             return _from_directory(cache, cache)     # extracted before, archive since deleted
         try:
             download(url, archive, progress, instead="download it elsewhere and pass the .tar.gz as --source")
@@ -202,7 +181,7 @@ def _from_url(url: str, cache: Path, expected_md5, progress: bool) -> Path:
 
 def _from_archive(archive: Path, cache: Path, expected_md5, ours: bool = False) -> Path:
     md5 = verify_md5(archive, expected_md5, move_aside=ours)
-    if _fetched_md5(cache) != md5 or not _holds_batches(cache):
+    if _fetched_md5(cache) != md5 or not holds_batches(cache):
         extract_archive(archive, cache)
         fsio.write_json(cache / FETCHED, {"archive": archive.name, "md5": md5}, indent=None)
     return _from_directory(cache, cache)
@@ -370,176 +349,7 @@ def convert_py(py_dir, cache_dir=None) -> Path:
     return root
 
 
-# ---- the validation split ------------------------------------------------------------------------
-
-def validation_indices(n_train: int, seed: int = 0) -> np.ndarray:
-    """The training images every pruning decision is judged on: the paper draws 10,000 of the
-    50,000 at random; a smaller set (a partial copy) gets the same fraction (1017 of the subset's
-    5085), a larger one (ImageNet's 1.28M) the same 10,000. Sorted, so that the file reads in
-    dataset order. The saved file, not the seed, is the record: numpy may change its generator."""
-    if n_train < 1:
-        raise DataError(f"cannot draw a validation split from {n_train} training images")
-    n_val = min(VALIDATION_IMAGES, round(n_train * VALIDATION_IMAGES / OFFICIAL_COUNTS["train"]))
-    return np.sort(np.random.default_rng(seed).choice(n_train, size=n_val, replace=False))
-
-
-_VAL_HEADER = re.compile(r"seed=(-?\d+) n_train=(\d+) n_val=(\d+)")
-
-
-def save_validation_indices(path, indices, n_train: int, seed: int) -> Path:
-    """Write one index per line under a header comment giving seed and counts."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# caffe-prune CIFAR-10 validation split: seed={seed} n_train={n_train} n_val={len(indices)} "
-              f"(the paper: 10,000 random training images of 50,000)\n")
-    fsio.write_text(path, header + "".join(f"{int(i)}\n" for i in indices))
-    return path
-
-
-def load_validation_indices(path, seed: int | None = None, n_train: int | None = None) -> np.ndarray:
-    """Read a file written by save_validation_indices, checking it against its header (count,
-    range, no repeats) and against `seed` and `n_train` when given."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; create it with `caffe-prune data cifar10`")
-    lines = path.read_text().splitlines()
-    found = _VAL_HEADER.search(lines[0]) if lines and lines[0].startswith("#") else None
-    if not found:
-        raise DataError(f"{path}:1: no 'seed=S n_train=N n_val=V' header; recreate it with `caffe-prune data cifar10`")
-    have_seed, have_train, n_val = map(int, found.groups())
-    for what, want, have in (("seed", seed, have_seed), ("n_train", n_train, have_train)):
-        if want is not None and want != have:
-            raise DataError(f"{path}: drawn with {what}={have}, not {want}; rerun `caffe-prune data cifar10`")
-    try:
-        indices = np.array([int(line) for line in lines[1:] if line.strip()], dtype=np.int64)
-    except ValueError as exc:
-        raise DataError(f"{path}: {exc}; recreate it with `caffe-prune data cifar10`") from None
-    if len(indices) != n_val or len(np.unique(indices)) != n_val or \
-            (n_val and (indices.min() < 0 or indices.max() >= have_train)):
-        raise DataError(f"{path}: the indices are not {n_val} distinct values in 0..{have_train - 1} as its "
-                        f"header says; recreate it with `caffe-prune data cifar10`")
-    return indices
-
-
-# ---- the authors' own validation images (`--val-split authors`) ----------------------------------
-
-# Their released list (myopic-oracle/caffe-training-data/eval-index.txt), as "N LABEL" lines in this
-# package: see the file's header for the source and for how train-N.png maps to an official image.
-AUTHORS_VAL_FILE = Path(__file__).with_name("authors_validation.txt")
-AUTHORS_SHUFFLE_SEED = 42       # get.py: train_test_split(..., test_size=0.0, random_state=42)
-AUTHORS_VAL_IMAGES = 5_000      # lines in their eval-index.txt (the paper's text says 10,000)
-BATCH_RECORDS = OFFICIAL_COUNTS["train"] // len(SPLIT_FILES["train"])     # 10,000 per data_batch_b
-
-
-def authors_permutation() -> np.ndarray:
-    """perm with train-N.png = official training image perm[N]: sklearn's ShuffleSplit with test_size
-    0 keeps all of ``check_random_state(42).permutation(50000)``. RandomState's stream is frozen by
-    numpy's compatibility policy, so this is the authors' permutation on any numpy."""
-    return np.random.RandomState(AUTHORS_SHUFFLE_SEED).permutation(OFFICIAL_COUNTS["train"])
-
-
-@lru_cache(maxsize=1)
-def authors_validation() -> tuple:
-    """(N, label) of the authors' validation images, int64 arrays in their file's order; N indexes
-    their shuffled train-N.png (``authors_permutation()[N]`` is the official index)."""
-    path = AUTHORS_VAL_FILE
-    try:
-        rows = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        table = np.array(rows, dtype=np.int64).reshape(len(rows), 2)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: {getattr(exc, 'strerror', None) or exc}; reinstall caffe-prune") from None
-    n, labels = table[:, 0], table[:, 1]
-    if len(n) != AUTHORS_VAL_IMAGES or len(np.unique(n)) != len(n) or n.min() < 0 or \
-            n.max() >= OFFICIAL_COUNTS["train"] or labels.min() < 0 or labels.max() > 9:
-        raise DataError(f"{path}: not {AUTHORS_VAL_IMAGES} distinct images in 0..{OFFICIAL_COUNTS['train'] - 1} "
-                        f"with labels 0..9; reinstall caffe-prune")
-    n.flags.writeable = labels.flags.writeable = False
-    return n, labels
-
-
 def train_batch_counts(location=None) -> list:
     """Records present in data_batch_1..5 at `location` (10,000 each in the official release)."""
     directory = binary_dir(location)
     return [_record_count(p, p.stat().st_size) for p in _split_paths("train", directory)]
-
-
-def authors_validation_indices(n_train: int, batch_counts=None, labels=None) -> np.ndarray:
-    """Positions, among the `n_train` training records present (data_batch_1..5 concatenated), of
-    the authors' validation images (``authors_validation``), sorted (dataset order, as
-    ``validation_indices``).
-
-    ``batch_counts``: the records each of data_batch_1..5 holds (``train_batch_counts``); needed for
-    a partial copy, which is taken to hold the *first* records of each official batch, in order (as
-    a 5085-image subset holds the first 1017 of each). A partial copy gives only the
-    authors' images it holds, at their positions in its own record order: on that subset 508 of the
-    5,000 (10% of the images, not the 20% the seeded split keeps); the full set gives all 5,000.
-    ``labels``: the training labels present; when given, each picked image's label must be the
-    authors' label, which catches records in another order than the official one.
-
-    Raises DataError (one line) when the counts do not fit, when none of the authors' images is
-    present, or when the labels disagree."""
-    counts = [BATCH_RECORDS] * len(SPLIT_FILES["train"]) if batch_counts is None else [int(c) for c in batch_counts]
-    if len(counts) != len(SPLIT_FILES["train"]) or min(counts) < 0 or max(counts) > BATCH_RECORDS:
-        raise DataError(f"--val-split authors: training batches hold {counts} records; expected "
-                        f"{len(SPLIT_FILES['train'])} counts of at most {BATCH_RECORDS} (data_batch_1..5)")
-    if sum(counts) != n_train:
-        what = "pass the records per batch (a partial copy)" if batch_counts is None else "they must agree"
-        raise DataError(f"--val-split authors: {n_train} training images but the batches hold {sum(counts)}; {what}")
-    ns, authors_labels = authors_validation()
-    batch, record = np.divmod(authors_permutation()[ns], BATCH_RECORDS)
-    present = record < np.asarray(counts)[batch]
-    if not present.any():
-        raise DataError(f"--val-split authors: none of the authors' {len(ns)} validation images is among the "
-                        f"{n_train} training images here (the first {counts} records of data_batch_1..5); "
-                        f"use --val-split seeded")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    positions = starts[batch[present]] + record[present]
-    order = np.argsort(positions)
-    positions, expected = positions[order], authors_labels[present][order]
-    if labels is not None:
-        labels = np.asarray(labels)
-        if len(labels) != n_train:
-            raise DataError(f"--val-split authors: {len(labels)} training labels for {n_train} images")
-        wrong = int(np.count_nonzero(labels[positions] != expected))
-        if wrong:
-            raise DataError(f"--val-split authors: {wrong} of the {len(positions)} authors' validation images here "
-                            f"carry another label than in their list: these training records are not the official "
-                            f"ones in the official order; use --val-split seeded")
-    return positions
-
-
-# ---- everything the experiments need, in one call ------------------------------------------------
-
-def prepare(source=None, out_dir=None, seed: int = 0, cache_dir=None, progress: bool = True) -> dict:
-    """Fetch CIFAR-10 (see fetch) and write, in `out_dir` (default: the cache), what training and
-    pruning read: ``cifar10-train-lmdb`` and ``cifar10-test-lmdb`` for Caffe's Data layer, and
-    ``val-indices.txt``. Whatever is already there and checks out against the records found is
-    kept, so a second run only hashes the record files."""
-    from caffe_prune.data import caffe_db   # it builds on this module, so it is imported late
-    out = Path(out_dir) if out_dir is not None else CACHE_DIR
-    root = fetch(source, cache_dir, progress=progress)
-    counts = summary(root)
-    result = {"source": str(binary_dir(root)), "counts": counts, "official": dict(OFFICIAL_COUNTS),
-              "paths": {}, "actions": {}}
-    for split in SPLIT_FILES:
-        path = out / f"cifar10-{split}-lmdb"
-        sources = record_sha256(split, root)
-        try:
-            caffe_db.check_lmdb(path, split=split, images=counts[split], sources=sources)
-            action = "kept"
-        except DataError:
-            images, labels = read_split(split, root)
-            caffe_db.write_lmdb(path, images, labels, split, sources, progress)
-            action = "written"
-        result["paths"][split], result["actions"][split] = str(path), action
-    val_path = out / VAL_FILE
-    try:
-        indices = load_validation_indices(val_path, seed=seed, n_train=counts["train"])
-        action = "kept"
-    except DataError:
-        indices = validation_indices(counts["train"], seed)
-        save_validation_indices(val_path, indices, counts["train"], seed)
-        action = "written"
-    result["paths"]["validation"], result["actions"]["validation"] = str(val_path), action
-    result.update(validation=len(indices), seed=seed)
-    return result

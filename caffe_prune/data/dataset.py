@@ -11,14 +11,14 @@ Where the images come from (``open_dataset``'s ``data``):
   root_folder), an HDF5Data list file (its lines name ``.h5`` files);
 - a prototxt whose data layers name the sources (and give the transform).
 
-Records are read exactly as Caffe's data layers read them (caffe_prune.data.sources) and
+Records are read exactly as Caffe's data layers read them (caffe_prune.data.caffe_reading) and
 transformed exactly as its DataTransformer does in the TEST phase (caffe_prune.data.transform):
 from the transform flags when given, else the ``--data`` prototxt's TEST data layer, else the
 net's, else none (with a note).
 
-Validation (``val_split``): "seeded", ``cifar10.validation_indices`` (the paper's 10,000 of 50,000
+Validation (``val_split``): "seeded", ``validation.validation_indices`` (the paper's 10,000 of 50,000
 training images, the same fraction of a smaller set); or, for CIFAR-10 only, "authors",
-``cifar10.authors_validation_indices`` (the 5,000 images the authors' released code judged on; on a
+``validation.authors_validation_indices`` (the 5,000 images the authors' released code judged on; on a
 partial copy the ones it holds). A source with no training part (one LMDB, one list) is split
 instead when pruning needs validation images (``holdout``): they are drawn from it the same way and
 the test split is the rest; ``evaluate`` (no holdout) scores every image of the source.
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_prune import layers, pycaffe
-from caffe_prune.data import cifar10, records
+from caffe_prune.data import cifar10, layer_records, validation
 from caffe_prune.errors import DataError
 from caffe_prune.data.transform import Transform
 
@@ -94,7 +94,7 @@ class _Arrays:
 
 
 class _Layer:
-    """A data layer's records, read when a batch needs them (caffe_prune.data.records: by key,
+    """A data layer's records, read when a batch needs them (caffe_prune.data.layer_records: by key,
     by line, by row; decoded by Caffe a chunk at a time; bounded memory; safe across forks)."""
 
     def __init__(self, description: str, layer, progress: bool = False):
@@ -102,7 +102,7 @@ class _Layer:
 
     @cached_property
     def reader(self):
-        return records.open_records(self.layer)
+        return layer_records.open_records(self.layer)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -208,12 +208,12 @@ class Dataset:
         if n == 0:
             raise DataError(f"{self._test.description} holds no records")
         if self._train is None:      # one source: validation drawn from it, the rest is the test split
-            val = cifar10.validation_indices(n, self.seed)
+            val = validation.validation_indices(n, self.seed)
             rest = np.setdiff1d(np.arange(n), val) if self.holdout else np.arange(n)
             return {"validation": val, "test": rest}
         if self._pick is not None:
             return {"test": np.arange(n), "validation": self._pick(self._train)}
-        return {"test": np.arange(n), "validation": cifar10.validation_indices(len(self._train), self.seed)}
+        return {"test": np.arange(n), "validation": validation.validation_indices(len(self._train), self.seed)}
 
     @cached_property
     def test(self) -> Split:
@@ -374,9 +374,9 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
         return Dataset(f"{network.where}'s data layers", transform or own_transform,
                        _layer_source(test_layer, network.where, progress), train, seed, holdout)
     if data == "cifar10" or "://" in data or data.endswith((".tar.gz", ".tgz")) or \
-            (Path(data).is_dir() and cifar10._holds_batches(Path(data))):
+            (Path(data).is_dir() and cifar10.holds_batches(Path(data))):
         description, test, train, counts = _cifar(None if data == "cifar10" else data, progress)
-        pick = (lambda source: cifar10.authors_validation_indices(len(source), counts, source.labels)) \
+        pick = (lambda source: validation.authors_validation_indices(len(source), counts, source.labels)) \
             if val_split == "authors" else None
         return Dataset(description, _or_identity(transform or own_transform, description), test, train, seed,
                        val_split=val_split, pick=pick)

@@ -6,7 +6,7 @@ labels 0..classes-1, keys ``%08d`` in order, pixels and labels from numpy's defa
 same arguments give the same bytes. It is written a thousand records per transaction into
 ``PATH.partial`` and renamed into place, so memory stays at one chunk and an interrupted run never
 leaves a plausible-looking LMDB. What a pruning measurement reads from it is what Caffe's Data
-layer would (caffe_prune.data.records); nothing in it is a real image, so only times and memory mean
+layer would (caffe_prune.data.layer_records); nothing in it is a real image, so only times and memory mean
 anything.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ So the mean image is the full-size one and is subtracted at the cropped position
 comes before the scale, and ``scale`` multiplies even when it is 1 (exact). One ``mean_value``
 serves every channel; otherwise there must be exactly one per channel. :class:`Transform`
 repeats this with the same float32 operations, so its output equals Caffe's top blob element
-for element (tests/test_sources.py compares them on every kind of data layer).
+for element (tests/test_caffe_reading.py compares them on every kind of data layer).
 
 ``mirror`` is recorded but never applied. Caffe flips at random wherever ``mirror: true`` is set,
 *the TEST phase included* (``do_mirror = mirror() && Rand(2)`` has no phase test), so a TEST layer
@@ -20,7 +20,7 @@ with mirror on is not reproducible by anyone; :meth:`Transform.apply` is what su
 for the images its coin leaves unflipped, and what a layer without mirror gives for all.
 
 Every condition on which Caffe's transformer CHECK-fails (and aborts the interpreter) is a
-one-line :class:`~caffe_prune.data.cifar10.DataError` here, naming the layer or file.
+one-line :class:`~caffe_prune.errors.DataError` here, naming the layer or file.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class Transform:
     mean_file: str = ""                 # where `mean` came from, for messages ("" when none)
     crop_size: int = 0                  # 0: no crop
     mirror: bool = False                # recorded; never applied (see the module docstring)
-    force_color: bool = False           # decoding of encoded Datums (records.read), not here
+    force_color: bool = False           # decoding of encoded Datums (layer_records.read), not here
     force_gray: bool = False
     where: str = field(default="transform_param", compare=False)
 

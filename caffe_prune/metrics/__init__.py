@@ -7,8 +7,10 @@
 - ``saliency``: one number per channel (``saliency``) and the prunable groups ranked
   (``rank_groups``); ``hessian``: OBD's Hessian diagonal from Caffe's backward.
 
-``rank(names, net, graph, batches, pruned, reading)`` is the pruning loop's call: one ``collect`` for
-all ``names``, then each metric's ranking as a list of group ids, least salient first.
+``rankings(names, tensors, graph, pruned)`` is the pruning loop's call (on what the engine
+collected): each metric's ranking as a list of group ids, least salient first; ``rank(names, net,
+graph, batches, pruned, reading)`` is one ``collect`` for all ``names`` and then ``rankings``, for a
+script that holds a net.
 """
 from caffe_prune.metrics.collect import READINGS, Tensors, collect
 from caffe_prune.metrics.saliency import layer_saliencies, rank_groups, saliency

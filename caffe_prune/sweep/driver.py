@@ -13,6 +13,7 @@ from caffe_prune import archive
 from caffe_prune import store as results_store
 from caffe_prune.sweep.executors import LocalExecutor
 from caffe_prune.sweep.spec import Spec, expand
+from caffe_prune.errors import DataError
 
 @dataclasses.dataclass
 class Outcome:
@@ -113,7 +114,7 @@ def resolve_data(data: str | None, progress: bool = False) -> str | None:
     from caffe_prune.data import cifar10
     try:
         return str(Path(cifar10.fetch(None if data == "cifar10" else data, progress=progress)).resolve())
-    except cifar10.DataError:
+    except DataError:
         if data is not None and Path(data).exists():
             return str(Path(data).resolve())
         raise

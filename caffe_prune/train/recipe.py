@@ -5,7 +5,7 @@ schedule, networks.solver), a train/test prototxt (the same schedule, DEFAULT_SC
 prototxt whose ``net:`` names the definition (relative to the working directory: Caffe's rule) or
 whose ``net_param`` holds it; ``--solver-set key=value`` overrides any SolverParameter field (what
 Caffe's Solver would CHECK-abort on is refused first, in one line). Data: the built-in networks read
-CIFAR-10 LMDBs written by caffe_prune.data.cifar10.prepare; ``--data`` (CIFAR-10) points any net's
+CIFAR-10 LMDBs written by caffe_prune.data.cifar10_convert.prepare; ``--data`` (CIFAR-10) points any net's
 ``Data`` layers at those LMDBs; otherwise a net reads what its own data layers name, checked to exist.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from caffe_prune import layers, networks, pycaffe
-from caffe_prune.data import records
+from caffe_prune.data import layer_records
 from caffe_prune.layers import DATA_TYPES
 from caffe_prune.errors import InputError
 
@@ -57,7 +57,7 @@ def is_cifar10(data) -> bool:
     from caffe_prune.data import cifar10
     data = os.fsdecode(data)
     return data == "cifar10" or "://" in data or data.endswith((".tar.gz", ".tgz")) or \
-        (Path(data).is_dir() and cifar10._holds_batches(Path(data)))
+        (Path(data).is_dir() and cifar10.holds_batches(Path(data)))
 
 
 def recipe(spec, data=None, data_out=None, solver_set=(), progress: bool = True) -> Recipe:
@@ -129,7 +129,7 @@ def _solver_net(solver, where: str) -> tuple:
 
 def _finish(net_param, solver, where, name, source, data, data_out, solver_set, progress, builtin=None,
             solver_given=False) -> Recipe:
-    from caffe_prune.data import caffe_db, cifar10
+    from caffe_prune.data import cifar10_convert
     source["definition_sha256"] = _sha256(net_param)
     train_layers = [l for l in pycaffe.layers_in_phase(net_param, "train") if l.type in DATA_TYPES]
     test_layers = [l for l in pycaffe.layers_in_phase(net_param, "test") if l.type in DATA_TYPES]
@@ -150,9 +150,9 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
         if unphased:
             raise TrainError(f"--data: {where}'s data layer {unphased[0]!r} reads in both phases; give it "
                              f"include {{ phase: TRAIN }} (and a TEST layer) so that it reads the training images")
-        prepared = cifar10.prepare(location, data_out, progress=progress)
+        prepared = cifar10_convert.prepare(location, data_out, progress=progress)
         net_param = _with_sources(net_param, prepared["paths"]["train"], prepared["paths"]["test"])
-        caffe_db.check_data_layers(net_param, where)   # BGR uint8 LMDBs written by caffe_prune.data
+        cifar10_convert.check_data_layers(net_param, where)   # BGR uint8 LMDBs written by caffe_prune.data
         data_record = {"kind": "cifar10", "source": prepared["source"], "counts": prepared["counts"],
                        "lmdb": {k: prepared["paths"][k] for k in ("train", "test")}}
         test_images = prepared["counts"]["test"]
@@ -164,7 +164,7 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
         test_images = None
         if test_layers and layers.is_reader(test_layers[0]):
             try:
-                test_images = records.count(test_layers[0])
+                test_images = layer_records.count(test_layers[0])
             except ValueError:
                 test_images = None
     for phase in ("train", "test"):

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from caffe_prune import pycaffe
-from caffe_prune.data import caffe_db, cifar10, commands
+from caffe_prune.commands import data as data_commands
+from caffe_prune.data import cifar10, cifar10_convert, validation
+from caffe_prune.errors import DataError
 from conftest import SUBSET
 
 pytestmark = pytest.mark.xdist_group("test_data")       # one process: its module fixtures are costly
@@ -55,16 +57,16 @@ def test_input_equals_caffe_imagedata_on_png(caffe, tmp_path):
     proto.write_text(IMAGE_DATA.format(source=tmp_path / "list.txt", n=n))
     net = pycaffe.load_net(proto)
     net.forward()
-    expected = cifar10.caffe_input(images[:n], (123.675, 116.28, 103.53), 0.00390625)
+    expected = cifar10_convert.caffe_input(images[:n], (123.675, 116.28, 103.53), 0.00390625)
     np.testing.assert_array_equal(net.blobs["data"].data, expected)
     np.testing.assert_array_equal(net.blobs["label"].data, labels[:n])
     # and it is not the RGB reading: channel order is load-bearing
-    rgb = cifar10.caffe_input(images[:n, ::-1], (123.675, 116.28, 103.53), 0.00390625)
+    rgb = cifar10_convert.caffe_input(images[:n, ::-1], (123.675, 116.28, 103.53), 0.00390625)
     assert np.abs(net.blobs["data"].data - rgb).max() > 0.1
 
 
 def test_missing_directory_says_how_to_get_data(tmp_path):
-    with pytest.raises(cifar10.DataError, match=r"no CIFAR-10 binary batches in .*caffe-prune data cifar10"):
+    with pytest.raises(DataError, match=r"no CIFAR-10 binary batches in .*caffe-prune data cifar10"):
         cifar10.read_split("test", tmp_path)
 
 
@@ -73,7 +75,7 @@ def test_truncated_record_file_names_file_and_size(tmp_path):
     bin_dir.mkdir()
     raw = (SUBSET / cifar10.BIN_DIR / "test_batch.bin").read_bytes()
     (bin_dir / "test_batch.bin").write_bytes(raw[:3073 * 4 + 100])
-    with pytest.raises(cifar10.DataError, match=r"test_batch.bin has 12392 bytes, not a whole number"):
+    with pytest.raises(DataError, match=r"test_batch.bin has 12392 bytes, not a whole number"):
         cifar10.read_split("test", tmp_path)
 
 
@@ -92,18 +94,18 @@ MEANS, SCALE = (123.675, 116.28, 103.53), 0.00390625
 def prepared(tmp_path_factory):
     """The subset converted once for this module: train/test LMDBs and the validation file."""
     out = tmp_path_factory.mktemp("prepared")
-    return out, cifar10.prepare(SUBSET, out, seed=0, progress=False)
+    return out, cifar10_convert.prepare(SUBSET, out, seed=0, progress=False)
 
 
 def test_prepare_counts_and_second_run_keeps_everything(prepared):
     out, first = prepared
     assert first["counts"] == {"train": 5085, "test": 1017} and first["validation"] == 1017
     assert set(first["actions"].values()) == {"written"}
-    again = cifar10.prepare(SUBSET, out, seed=0, progress=False)
+    again = cifar10_convert.prepare(SUBSET, out, seed=0, progress=False)
     assert set(again["actions"].values()) == {"kept"} and again["counts"] == first["counts"]
-    other_seed = cifar10.prepare(SUBSET, out, seed=1, progress=False)
+    other_seed = cifar10_convert.prepare(SUBSET, out, seed=1, progress=False)
     assert other_seed["actions"] == {"train": "kept", "test": "kept", "validation": "written"}
-    cifar10.prepare(SUBSET, out, seed=0, progress=False)   # leave seed 0 for the other tests
+    cifar10_convert.prepare(SUBSET, out, seed=0, progress=False)   # leave seed 0 for the other tests
 
 
 def test_data_layer_on_lmdb_equals_caffe_input(caffe, prepared, write_net):
@@ -115,10 +117,10 @@ def test_data_layer_on_lmdb_equals_caffe_input(caffe, prepared, write_net):
     net = pycaffe.load_net(proto, phase="test")
     net.forward()
     images, labels = cifar10.read_split("test", SUBSET)
-    np.testing.assert_array_equal(net.blobs["data"].data, cifar10.caffe_input(images[:n], MEANS, SCALE))
+    np.testing.assert_array_equal(net.blobs["data"].data, cifar10_convert.caffe_input(images[:n], MEANS, SCALE))
     np.testing.assert_array_equal(net.blobs["label"].data, labels[:n])
     net.forward()   # the second batch continues in key order
-    np.testing.assert_array_equal(net.blobs["data"].data, cifar10.caffe_input(images[n:2 * n], MEANS, SCALE))
+    np.testing.assert_array_equal(net.blobs["data"].data, cifar10_convert.caffe_input(images[n:2 * n], MEANS, SCALE))
 
 
 def test_data_layer_mirror_in_train_flips_some_images(caffe, prepared, write_net):
@@ -128,7 +130,7 @@ def test_data_layer_mirror_in_train_flips_some_images(caffe, prepared, write_net
     net = pycaffe.load_net(proto, phase="train")
     net.forward()
     images, labels = cifar10.read_split("train", SUBSET)
-    expected = cifar10.caffe_input(images[:n], MEANS, SCALE)
+    expected = cifar10_convert.caffe_input(images[:n], MEANS, SCALE)
     got = net.blobs["data"].data
     plain = [np.array_equal(got[i], expected[i]) for i in range(n)]
     flipped = [np.array_equal(got[i], expected[i, :, :, ::-1]) for i in range(n)]
@@ -139,22 +141,22 @@ def test_data_layer_mirror_in_train_flips_some_images(caffe, prepared, write_net
 
 def test_lmdb_metadata_check_rejects_rgb_and_missing_json(prepared, tmp_path, write_net):
     out, _ = prepared
-    meta = caffe_db.check_lmdb(out / "cifar10-test-lmdb", split="test", images=1017)
+    meta = cifar10_convert.check_lmdb(out / "cifar10-test-lmdb", split="test", images=1017)
     assert meta["channel_order"] == "BGR" and sum(meta["label_counts"]) == 1017
-    with pytest.raises(cifar10.DataError, match=r"records split 'test', not 'train'"):
-        caffe_db.check_lmdb(out / "cifar10-test-lmdb", split="train")
+    with pytest.raises(DataError, match=r"records split 'test', not 'train'"):
+        cifar10_convert.check_lmdb(out / "cifar10-test-lmdb", split="train")
     rgb = tmp_path / "rgb-lmdb"
     shutil.copytree(out / "cifar10-test-lmdb", rgb)
     meta["channel_order"] = "RGB"
-    (rgb / caffe_db.META).write_text(json.dumps(meta))
-    with pytest.raises(cifar10.DataError, match=r"rgb-lmdb/caffe-prune.json records channel_order 'RGB', not 'BGR'"):
-        caffe_db.check_lmdb(rgb)
+    (rgb / cifar10_convert.META).write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"rgb-lmdb/caffe-prune.json records channel_order 'RGB', not 'BGR'"):
+        cifar10_convert.check_lmdb(rgb)
     proto = write_net(DATA_LAYER.format(phase="TEST", mirror="false", n=4, source=rgb))
-    with pytest.raises(cifar10.DataError, match=r"net.prototxt: layer 'data': .*channel_order 'RGB'"):
-        caffe_db.check_data_layers(pycaffe.read_prototxt(proto), proto)
-    (rgb / caffe_db.META).unlink()
-    with pytest.raises(cifar10.DataError, match=r"rgb-lmdb has no caffe-prune.json"):
-        caffe_db.check_lmdb(rgb)
+    with pytest.raises(DataError, match=r"net.prototxt: layer 'data': .*channel_order 'RGB'"):
+        cifar10_convert.check_data_layers(pycaffe.read_prototxt(proto), proto)
+    (rgb / cifar10_convert.META).unlink()
+    with pytest.raises(DataError, match=r"rgb-lmdb has no caffe-prune.json"):
+        cifar10_convert.check_lmdb(rgb)
 
 
 # ---- sources: python pickles, archives, download -------------------------------------------------
@@ -192,7 +194,7 @@ def test_py_batch_that_calls_code_is_refused(tmp_path):
             return os.system, ("echo pwned",)
     path = tmp_path / "test_batch"
     path.write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
-    with pytest.raises(cifar10.DataError, match=r"test_batch is not a CIFAR-10 python batch: .*refers to "
+    with pytest.raises(DataError, match=r"test_batch is not a CIFAR-10 python batch: .*refers to "
                                                 r"posix.system.*refusing"):
         cifar10.read_py_batch(path)
 
@@ -244,7 +246,7 @@ def test_unsafe_archive_is_refused(tmp_path, evil):
     members = small_release()
     members[evil] = None if evil.endswith(".bin") else b"gotcha"   # the .bin one becomes a symlink
     archive = make_archive(tmp_path / "evil.tar.gz", members)
-    with pytest.raises(cifar10.DataError, match=r"evil.tar.gz: member .* is (an absolute path|a path with '..'|"
+    with pytest.raises(DataError, match=r"evil.tar.gz: member .* is (an absolute path|a path with '..'|"
                                                 r"a link); refusing the archive"):
         cifar10.fetch(archive, cache_dir=tmp_path / "cache", expected_md5=None)
     assert not (tmp_path / "evil").exists() and not (tmp_path / "cache" / cifar10.BIN_DIR).exists()
@@ -253,7 +255,7 @@ def test_unsafe_archive_is_refused(tmp_path, evil):
 def test_source_that_is_no_archive_is_left_alone(tmp_path):
     wrong = tmp_path / "data_batch_1.bin"
     shutil.copy(SUBSET / cifar10.BIN_DIR / "data_batch_1.bin", wrong)
-    with pytest.raises(cifar10.DataError, match=r"data_batch_1.bin is not a .tar.gz archive"):
+    with pytest.raises(DataError, match=r"data_batch_1.bin is not a .tar.gz archive"):
         cifar10.fetch(wrong, cache_dir=tmp_path / "cache")
     assert wrong.is_file()
 
@@ -263,7 +265,7 @@ def test_md5_mismatch_of_the_users_archive_leaves_it(tmp_path):
     test_download_through_local_url_checks_md5)."""
     archive = make_archive(tmp_path / "small.tar.gz", small_release())
     got = md5_of(archive)
-    with pytest.raises(cifar10.DataError, match=rf"small.tar.gz: md5 {got} is not the official CIFAR-10 "
+    with pytest.raises(DataError, match=rf"small.tar.gz: md5 {got} is not the official CIFAR-10 "
                                                 rf"archive's {cifar10.ARCHIVE_MD5} .*left it where it is"):
         cifar10.fetch(archive, cache_dir=tmp_path / "cache")
     assert archive.is_file() and not list(tmp_path.glob("*.corrupt"))
@@ -304,41 +306,41 @@ def test_download_through_local_url_checks_md5(tmp_path, local_server, monkeypat
     assert cifar10.fetch(cache_dir=cache, progress=False) == root and len(requests) == 1   # cached
     # a download that is not what the md5 says is moved aside, never extracted
     monkeypatch.setattr(cifar10, "ARCHIVE_MD5", "0" * 32)
-    with pytest.raises(cifar10.DataError, match=r"other/cifar-10-binary.tar.gz: md5 .* moved it aside"):
+    with pytest.raises(DataError, match=r"other/cifar-10-binary.tar.gz: md5 .* moved it aside"):
         cifar10.fetch(cache_dir=tmp_path / "other", progress=False)
     assert (tmp_path / "other" / "cifar-10-binary.tar.gz.corrupt").is_file()
     assert not (tmp_path / "other" / cifar10.BIN_DIR).exists()
     # file:// works the same way; a URL that does not answer says what to do
     root = cifar10.fetch(archive.as_uri(), cache_dir=tmp_path / "file", expected_md5=md5_of(archive))
     assert cifar10.summary(root)["test"] == 7
-    with pytest.raises(cifar10.DataError, match=r"cannot download .*missing.tar.gz .*pass the .tar.gz as --source"):
+    with pytest.raises(DataError, match=r"cannot download .*missing.tar.gz .*pass the .tar.gz as --source"):
         cifar10.fetch(f"{base}/missing.tar.gz", cache_dir=tmp_path / "gone", progress=False)
 
 
 # ---- the validation split ------------------------------------------------------------------------
 
 def test_validation_indices_proportional_seeded_and_round_trip(tmp_path):
-    indices = cifar10.validation_indices(5085, seed=0)
+    indices = validation.validation_indices(5085, seed=0)
     assert len(indices) == 1017 and len(np.unique(indices)) == 1017
     assert indices.min() >= 0 and indices.max() < 5085
-    assert len(cifar10.validation_indices(50_000)) == 10_000
-    np.testing.assert_array_equal(indices, cifar10.validation_indices(5085, seed=0))
-    other = cifar10.validation_indices(5085, seed=1)
+    assert len(validation.validation_indices(50_000)) == 10_000
+    np.testing.assert_array_equal(indices, validation.validation_indices(5085, seed=0))
+    other = validation.validation_indices(5085, seed=1)
     assert len(np.intersect1d(indices, other)) < 500   # ~1017 * 0.2 = 203 shared by chance
-    path = cifar10.save_validation_indices(tmp_path / "val-indices.txt", indices, 5085, seed=0)
+    path = validation.save_validation_indices(tmp_path / "val-indices.txt", indices, 5085, seed=0)
     assert path.read_text().startswith("# caffe-prune CIFAR-10 validation split: seed=0 n_train=5085 n_val=1017")
-    np.testing.assert_array_equal(cifar10.load_validation_indices(path, seed=0, n_train=5085), indices)
-    with pytest.raises(cifar10.DataError, match=r"val-indices.txt: drawn with seed=0, not 3"):
-        cifar10.load_validation_indices(path, seed=3)
+    np.testing.assert_array_equal(validation.load_validation_indices(path, seed=0, n_train=5085), indices)
+    with pytest.raises(DataError, match=r"val-indices.txt: drawn with seed=0, not 3"):
+        validation.load_validation_indices(path, seed=3)
     path.write_text(path.read_text() + "17\n")   # a repeated index
-    with pytest.raises(cifar10.DataError, match=r"not 1017 distinct values in 0..5084"):
-        cifar10.load_validation_indices(path)
+    with pytest.raises(DataError, match=r"not 1017 distinct values in 0..5084"):
+        validation.load_validation_indices(path)
 
 
 def test_cli_prints_counts(prepared, capsys):
     out, _ = prepared
     parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers(dest="command", required=True))
+    data_commands.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["data", "cifar10", "--source", str(SUBSET), "--out", str(out)])
     assert args.func(args) == 0
     printed = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""records.Reader against records.read and against Caffe's own layer: the same records bit for bit
+"""records.Reader against layer_records.read and against Caffe's own layer: the same records bit for bit
 at any positions (any order, repeats), for every kind of data layer; scan's sha256 equal to
 dataset.records_sha256; chunks read ahead and stopped; use after a fork; bad and changed input as
 one-line DataErrors; DBs reopened within long reads and key walks; and peak memory bounded while
@@ -18,12 +18,11 @@ import pytest
 from google.protobuf import text_format
 
 from caffe_prune import pycaffe
-from caffe_prune.data import records
-from caffe_prune.data import reader as base
-from caffe_prune.data.cifar10 import DataError
+from caffe_prune.data import base_reader, layer_records
+from caffe_prune.errors import DataError
 from caffe_prune.data.dataset import records_sha256
 from caffe_prune.data.transform import Transform
-from test_sources import caffe_top, datum, layer, one_line, write_image_list, write_leveldb, write_lmdb, write_png
+from test_caffe_reading import caffe_top, datum, layer, one_line, write_image_list, write_leveldb, write_lmdb, write_png
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
@@ -45,7 +44,7 @@ def encoded(picture, label):
     return pycaffe.caffe_pb2().Datum(encoded=True, label=label, data=write_png(f"p{label}.png", picture).read_bytes())
 
 
-# ---- the same records as sources.read, for every kind ---------------------------------------------
+# ---- the same records as caffe_reading.read, for every kind ---------------------------------------------
 
 def lmdb_uint8():
     write_lmdb("lmdb", [datum(RNG.integers(0, 256, (3, 8, 9), dtype=np.uint8), i % 5) for i in range(23)])
@@ -128,11 +127,11 @@ def assert_same(got, images, labels, index):
 @pytest.mark.parametrize("make", KINDS, ids=[k.__name__ for k in KINDS])
 def test_same_records_as_sources_read(make):
     param = make()
-    full = records.read(param, progress=False)
+    full = layer_records.read(param, progress=False)
     n = len(full.labels)
-    with records.open_records(param) as reader:
-        assert len(reader) == n == records.count(param)
-        assert reader.record_shape() == records.record_shape(param)
+    with layer_records.open_records(param) as reader:
+        assert len(reader) == n == layer_records.count(param)
+        assert reader.record_shape() == layer_records.record_shape(param)
         rng = np.random.default_rng(n)
         for index in (np.arange(n), np.arange(3), rng.permutation(n)[:5], rng.integers(0, n, 6)):   # the last repeats
             assert_same(reader.read(index), full.images, full.labels, index)
@@ -157,7 +156,7 @@ def test_same_records_as_sources_read(make):
 
 
 def test_empty_read_and_scan():
-    with records.open_records(lmdb_uint8()) as reader:
+    with layer_records.open_records(lmdb_uint8()) as reader:
         got = reader.read([])
         assert got.images == [] and got.labels.dtype == np.int64 and len(got.labels) == 0
         digest, labels = reader.scan([])
@@ -170,7 +169,7 @@ def test_lmdb_len_without_walk_and_keys_kept_whole():
     with lmdb.open("lmdb", map_size=1 << 24) as env, env.begin(write=True) as txn:
         for i, key in enumerate((b"a", b"a\x00", b"a\x00\x00", b"b\x00")):
             txn.put(key, datum(np.full((1, 2, 2), i, np.uint8), i).SerializeToString())
-    with records.open_records(data_layer("lmdb")) as reader:
+    with layer_records.open_records(data_layer("lmdb")) as reader:
         assert len(reader) == 4 and reader._keys is None
         got = reader.read([3, 1, 2, 0])
         assert got.labels.tolist() == [3, 1, 2, 0] and got.images[:, 0, 0, 0].tolist() == [3, 1, 2, 0]
@@ -183,7 +182,7 @@ def read_ahead_threads():
 
 
 def test_chunks_read_ahead_is_bounded_and_stops_when_closed():
-    reader = records.open_records(lmdb_uint8())
+    reader = layer_records.open_records(lmdb_uint8())
     started, real = [], reader._read
 
     def counted(run, first, progress=False):
@@ -234,8 +233,8 @@ def in_child(work):
 @pytest.mark.parametrize("make", [lmdb_uint8, leveldb_uint8], ids=["lmdb", "leveldb"])
 def test_a_reader_opens_its_own_handles_after_a_fork(make):
     param = make()
-    full = records.read(param, progress=False)
-    reader = records.open_records(param)
+    full = layer_records.read(param, progress=False)
+    reader = layer_records.open_records(param)
     assert_same(reader.read([0, 5]), full.images, full.labels, [0, 5])
 
     def child():
@@ -250,7 +249,7 @@ def test_a_reader_opens_its_own_handles_after_a_fork(make):
             assert in_child(child) is None     # the LMDB environment was closed in the child, a new one opened
         else:
             def refused():
-                base.LEVELDB_WAIT_S = 0.2
+                base_reader.LEVELDB_WAIT_S = 0.2
                 reader.read([1])
             assert "LevelDB ldb stayed open elsewhere for 0.2 s (IO error: lock ldb/LOCK: already held by " \
                    "process)" in in_child(refused)
@@ -260,7 +259,7 @@ def test_a_reader_opens_its_own_handles_after_a_fork(make):
 
 
 def test_a_chunks_iterator_does_not_cross_a_fork():
-    reader = records.open_records(lmdb_uint8())
+    reader = layer_records.open_records(lmdb_uint8())
     chunks = reader.chunks(range(23), 4)
     next(chunks)
     message = in_child(lambda: next(chunks))
@@ -277,7 +276,7 @@ def test_a_record_that_is_not_a_datum_is_named_by_key_and_position():
     with lmdb.open("lmdb", map_size=1 << 24) as env, env.begin(write=True) as txn:
         for i, value in enumerate(values):
             txn.put(b"%08d" % i, value)
-    reader = records.open_records(data_layer("lmdb"))
+    reader = layer_records.open_records(data_layer("lmdb"))
     assert reader.read([0, 1, 2, 5]).labels.tolist() == [0, 1, 2, 5]
     with pytest.raises(DataError, match=r"^layer 'data': record b'00000003' of lmdb \(position 3 in key order\) "
                                         r"is not a Datum \(.*\); rewrite the LMDB$") as raised:
@@ -293,7 +292,7 @@ def test_a_datum_whose_size_disagrees_with_its_header():
     short = datum(np.zeros((3, 4, 4), np.uint8), 1)
     short.data = short.data[:-1]
     write_lmdb("lmdb", [datum(np.zeros((3, 4, 4), np.uint8), 0)] * 2 + [short])
-    reader = records.open_records(data_layer("lmdb"))
+    reader = layer_records.open_records(data_layer("lmdb"))
     with pytest.raises(DataError, match=r"record b'00000002' of lmdb holds 47 bytes but its header says 3x4x4 = 48 "
                                         r"\(position 2 in key order\); rewrite the LMDB") as raised:
         reader.read([1, 2])
@@ -301,7 +300,7 @@ def test_a_datum_whose_size_disagrees_with_its_header():
 
 
 def test_index_out_of_range_or_not_whole():
-    reader = records.open_records(lmdb_uint8())
+    reader = layer_records.open_records(lmdb_uint8())
     for bad, shown in (([0, 23], 23), ([-1], -1)):
         with pytest.raises(DataError, match=rf"^layer 'data': index {shown} is out of range: LMDB lmdb holds 23 "
                                             rf"records \(0 \.\. 22\)$") as raised:
@@ -318,7 +317,7 @@ CHANGED = r"changed since it was opened \(.*\); rerun the command \(a resumed ru
 
 def test_an_lmdb_changed_after_open():
     write_lmdb("lmdb", [datum(np.zeros((1, 2, 2), np.uint8), i) for i in range(3)])
-    reader = records.open_records(data_layer("lmdb"))
+    reader = layer_records.open_records(data_layer("lmdb"))
     reader.read([0])
     reader.check_unchanged()
     with lmdb.open("lmdb", map_size=1 << 26) as env, env.begin(write=True) as txn:
@@ -333,7 +332,7 @@ def test_an_lmdb_changed_after_open():
 def test_a_leveldb_changed_after_open():
     import plyvel
     write_leveldb("ldb", [datum(np.zeros((1, 2, 2), np.uint8), i) for i in range(3)])
-    reader = records.open_records(data_layer("ldb", backend="LEVELDB"))
+    reader = layer_records.open_records(data_layer("ldb", backend="LEVELDB"))
     reader.read([0, 2])
     plyvel.DB("ldb").close()                   # another reader: not a change
     caffe_net = pycaffe.caffe_pb2().NetParameter(name="other")
@@ -353,7 +352,7 @@ def test_a_leveldb_changed_after_open():
 
 def test_an_image_list_or_hdf5_file_changed_after_open():
     param = image_list()
-    reader = records.open_records(param)
+    reader = layer_records.open_records(param)
     reader.read([1])
     with open("list.txt", "a") as listing:
         listing.write("im 0.png 3\n")
@@ -362,7 +361,7 @@ def test_an_image_list_or_hdf5_file_changed_after_open():
                                         r"rerun") as raised:
         reader.read([1])
     one_line(raised)
-    reader = records.open_records(hdf5_files())
+    reader = layer_records.open_records(hdf5_files())
     reader.read([0, 10])
     with h5py.File("2.h5", "a") as h5:
         h5["label"][0] = 99
@@ -376,7 +375,7 @@ def test_an_image_list_or_hdf5_file_changed_after_open():
 def test_a_missing_image_is_named_when_its_line_is_read():
     write_png("a.png", np.zeros((8, 8, 3), np.uint8))
     Path("list.txt").write_text("a.png 1\nmissing.png 2\na.png 3\n" + "".join(f"gone{i}.png 0\n" for i in range(2000)))
-    reader = records.open_records(layer("""name: "img" type: "ImageData" top: "data" top: "label"
+    reader = layer_records.open_records(layer("""name: "img" type: "ImageData" top: "data" top: "label"
         image_data_param { source: "list.txt" batch_size: 2 }"""))
     assert len(reader) == 2003                 # opened without looking at the images
     assert reader.read([2, 0]).labels.tolist() == [3, 1]
@@ -398,7 +397,7 @@ import lmdb
 import numpy as np
 from google.protobuf import text_format
 from caffe_prune import pycaffe
-from caffe_prune.data import records
+from caffe_prune.data import layer_records
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -413,7 +412,7 @@ def reset():
     return status("VmRSS:")
 
 base = reset()
-reader = records.open_records(param)
+reader = layer_records.open_records(param)
 n = len(reader)
 reader.read([0])                              # the keys walked
 opened = status("VmHWM:") - base
@@ -444,19 +443,19 @@ def stream_growth(mode):
 def test_a_long_read_or_key_walk_reopens_the_db(monkeypatch, walker):
     """Within one read, and within a walk of the keys, the DB is closed and reopened after
     REOPEN_BYTES may have been mapped (here: every 3 keys walked, every 3 records read)."""
-    from caffe_prune.data import records_db
+    from caffe_prune.data import db_reader
     param = leveldb_uint8() if walker == "leveldb" else lmdb_uint8()
-    full = records.read(param, progress=False)
+    full = layer_records.read(param, progress=False)
     n = len(full.labels)
     reopened, walked = [], []
-    real = records_db._c_keys
-    monkeypatch.setattr(records_db._Db, "_reopen", lambda self, verify=True: (
+    real = db_reader._c_keys
+    monkeypatch.setattr(db_reader._Db, "_reopen", lambda self, verify=True: (
         reopened.append(1), self._release(), self._open(verify)))
-    monkeypatch.setattr(records_db, "_c_keys", lambda *args: (walked.append(1), real(*args))[1])
+    monkeypatch.setattr(db_reader, "_c_keys", lambda *args: (walked.append(1), real(*args))[1])
     if walker == "py-lmdb":
-        monkeypatch.setattr(records_db, "_liblmdb", lambda: None)
-    monkeypatch.setattr(base, "REOPEN_BYTES", 3 * base.FAULT_SLACK)
-    reader = records.open_records(param)   # LevelDB: the keys walked now; LMDB: at the first read
+        monkeypatch.setattr(db_reader, "_liblmdb", lambda: None)
+    monkeypatch.setattr(base_reader, "REOPEN_BYTES", 3 * base_reader.FAULT_SLACK)
+    reader = layer_records.open_records(param)   # LevelDB: the keys walked now; LMDB: at the first read
     index = np.arange(n)[::-1]
     assert_same(reader.read(index), full.images, full.labels, index)
     walk, read = n // 3, (n - 1) // 3          # reopenings: after every 3 keys walked, 3 records read

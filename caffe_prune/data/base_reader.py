@@ -1,18 +1,18 @@
 """The reader every data source shares: records by position, streamed with read-ahead, hashed in
 one pass, in bounded memory, checked against changes, safe across forks.
 
-A :class:`Reader` (made by caffe_prune.data.records.open_records for a Data, ImageData or
+A :class:`Reader` (made by caffe_prune.data.layer_records.open_records for a Data, ImageData or
 HDF5Data layer) holds ``len(reader)`` records in Caffe's TEST-phase order (a DB's key order, which
 is its cursor's; the list's order; the rows of the listed HDF5 files in turn; no shuffle,
 rand_skip ignored). ``read(indices)`` returns any of them in any order, ``chunks`` streams runs of
 them with the next runs read ahead in a thread, ``scan`` hashes them in one pass. Each kind of
-source supplies ``_fetch`` (caffe_prune.data.records: image lists, HDF5; records_db: LMDB,
-LevelDB), reading as caffe_prune.data.sources states Caffe reads.
+source supplies ``_fetch`` (caffe_prune.data.layer_records: image lists, HDF5; records_db: LMDB,
+LevelDB), reading as caffe_prune.data.caffe_reading states Caffe reads.
 
 Why it is built as it is:
 
 - Memory is bounded by the records asked for at once (chunk size x prefetch depth), not by the
-  source. A reader keeps an index only: a DB's keys packed in one buffer (records_db.Keys: 1.28M
+  source. A reader keeps an index only: a DB's keys packed in one buffer (db_reader.Keys: 1.28M
   keys cost tens of MB, not a list of Python objects), an image list's text. LMDB, and LevelDB's
   table files, are memory-mapped, and every page touched stays in the process's resident set
   until the map is closed (VmRSS and VmHWM count file-backed pages, and the kernel maps up to
@@ -46,8 +46,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune.data import sources
-from caffe_prune.data.sources import Records
+from caffe_prune.data import caffe_reading
+from caffe_prune.data.caffe_reading import Records
 from caffe_prune.errors import DataError
 
 REOPEN_BYTES = 256 << 20      # what one opening of an LMDB or LevelDB may map before it is reopened
@@ -82,7 +82,7 @@ class Reader:
             self._release()
 
     def read(self, indices, progress: bool = False) -> Records:
-        """The records at these positions (any order, repeats allowed), as records.read gives them:
+        """The records at these positions (any order, repeats allowed), as layer_records.read gives them:
         uint8 (k, C, H, W) images (float32 for float_data Datums and HDF5), or a list of (C, H, W)
         arrays when their shapes differ (with crop_size only); int64 labels (HDF5: the label
         dataset as float32, or None for one top). No positions: an empty list of images."""
@@ -144,7 +144,7 @@ class Reader:
         if inverse is not None:
             images = images[inverse] if isinstance(images, np.ndarray) else [images[j] for j in inverse]
             labels = None if labels is None else labels[inverse]
-        return Records(sources._stack(images, self.crop_size, self.where, decoded, positions, first), labels)
+        return Records(caffe_reading._stack(images, self.crop_size, self.where, decoded, positions, first), labels)
 
     def _owned(self):
         """The reader's lock, once the reader knows which process it is in: in a forked child it
@@ -172,9 +172,9 @@ class Reader:
     def _changed(self, detail: str) -> DataError:
         return DataError(f"{self.where}: {self.what} changed since it was opened ({detail}); {RERUN}")
 
-    def _check_stamp(self, then: dict) -> None:
+    def _checkstamp(self, then: dict) -> None:
         """The files' sizes and mtimes are still those of `then` (_stamp)."""
-        now = _stamp(then)
+        now = stamp(then)
         for path, was in then.items():
             if now[path] != was:
                 is_ = "now missing" if now[path] is None else f"now {now[path][0]} bytes modified {_when(now[path][1])}"
@@ -223,7 +223,7 @@ _END = object()
 def _ahead(reader, runs, prefetch, progress):
     """The reader's records of each run in turn, the next `prefetch` runs read by a thread meanwhile
     (a semaphore holds it to that many). Each run is checked against the first one's shape, as one
-    read of all of them would be (sources._stack)."""
+    read of all of them would be (caffe_reading._stack)."""
     pid, first = os.getpid(), None
     bar = tqdm(total=sum(len(run) for run in runs), unit="rec", desc=f"read {reader.what}",
                disable=not progress, leave=False)
@@ -277,7 +277,7 @@ def _read_ahead(reader, runs, done, slots, stop) -> None:
         done.put(exc)
 
 
-def _stamp(paths) -> dict:
+def stamp(paths) -> dict:
     """{path: (size, mtime in ns), or None when it is missing}."""
     found = {}
     for path in paths:

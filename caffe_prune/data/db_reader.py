@@ -1,13 +1,13 @@
-"""The Data layer's records (caffe_prune.data.records): an LMDB or LevelDB of ``caffe_pb2.Datum``,
+"""The Data layer's records (caffe_prune.data.layer_records): an LMDB or LevelDB of ``caffe_pb2.Datum``,
 read by key in the cursor's order.
 
 Unencoded Datums are read here (uint8 ``data``, else ``float_data`` as float32), as the layer reads
-them; encoded ones are decoded by Caffe itself (sources._through_caffe), from a temporary LMDB of
+them; encoded ones are decoded by Caffe itself (caffe_reading._through_caffe), from a temporary LMDB of
 just the Datums asked for (Caffe's reader runs ahead) or, when they are the whole source in order,
 from the source. The keys are walked once (LMDB: at the first read, through liblmdb, which unlike
 py-lmdb steps over values without touching them; LevelDB, which keeps no count: at open) and kept
 packed (:class:`Keys`); each record is then a get by key. Both DBs are memory-mapped, so what a
-walk or a read may have mapped is counted and the DB reopened after base.REOPEN_BYTES (see
+walk or a read may have mapped is counted and the DB reopened after base_reader.REOPEN_BYTES (see
 records' docstring).
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from caffe_prune import layers, pycaffe
-from caffe_prune.data import reader as base, sources
+from caffe_prune.data import base_reader, base_reader as base, caffe_reading
 from caffe_prune.errors import DataError
-from caffe_prune.data.reader import FAULT_SLACK, Reader
-from caffe_prune.data.sources import WHERE_PATHS
+from caffe_prune.data.base_reader import FAULT_SLACK, Reader
+from caffe_prune.data.caffe_reading import WHERE_PATHS
 
 
 class Keys:
@@ -193,7 +193,7 @@ class _Db(Reader):
                 for key, cost in self._keys_after(after):
                     visit(count, key)
                     count, spent, after = count + 1, spent + cost, key
-                    if spent >= base.REOPEN_BYTES:
+                    if spent >= base_reader.REOPEN_BYTES:
                         break
                 else:
                     return count
@@ -205,7 +205,7 @@ class _Db(Reader):
         with self._opened():
             for j, position in enumerate(tqdm(positions, unit="rec", desc=f"read {self.source}",
                                               disable=not progress, leave=False)):
-                if spent >= base.REOPEN_BYTES:
+                if spent >= base_reader.REOPEN_BYTES:
                     self._reopen()
                     spent = 0
                 key = keys[position]
@@ -283,7 +283,7 @@ class _Db(Reader):
                 shown = ", ".join(str(positions[j]) for j in list(encoded)[:3])
                 what = f"{what} (its encoded Datums {shown}{' ...' if len(encoded) > 3 else ''})"
             with self._turn() if whole else contextlib.nullcontext():   # Caffe opens the source itself
-                decoded, _ = sources._through_caffe(layer, len(encoded), self.where, what, progress)
+                decoded, _ = caffe_reading._through_caffe(layer, len(encoded), self.where, what, progress)
         return dict(zip(encoded, decoded))
 
 
@@ -344,7 +344,7 @@ class Lmdb(_Db):
                         for key in keys:
                             visit(count, key)
                             count, spent, after = count + 1, spent + FAULT_SLACK, key
-                            if spent >= base.REOPEN_BYTES:
+                            if spent >= base_reader.REOPEN_BYTES:
                                 break
                         else:
                             return count

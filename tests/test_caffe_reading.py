@@ -1,4 +1,4 @@
-"""records.read + transform.Transform against Caffe's own TEST-phase data layers, element for
+"""layer_records.read + transform.Transform against Caffe's own TEST-phase data layers, element for
 element, on every kind of data layer (LMDB, LevelDB, encoded Datums, ImageData, HDF5Data); and
 every bad input as a one-line DataError raised in this process (a Caffe CHECK would abort it)."""
 import shutil
@@ -13,8 +13,8 @@ import skimage.io
 from google.protobuf import text_format
 
 from caffe_prune import pycaffe
-from caffe_prune.data import records as data_records, sources
-from caffe_prune.data.cifar10 import DataError
+from caffe_prune.data import caffe_reading, layer_records as data_records
+from caffe_prune.errors import DataError
 from caffe_prune.data.transform import Transform
 
 
@@ -259,7 +259,7 @@ def test_imagedata_resize_gray():
 
 
 def test_image_list_parse_follows_caffe():
-    assert sources.parse_image_list("a b.png 3\nc.png  -2\nd.png x\ne.png\n\n") == \
+    assert caffe_reading.parse_image_list("a b.png 3\nc.png  -2\nd.png x\ne.png\n\n") == \
         [("a b.png", 3), ("c.png ", -2), ("d.png", 0), ("e.png", 0), ("", 0)]
 
 

@@ -1,5 +1,5 @@
 """How Caffe's data layers read their records, before the transform: what every reader shares
-(caffe_prune.data.records reads through it): :class:`Records`, Caffe's own decoding in a forked
+(caffe_prune.data.layer_records reads through it): :class:`Records`, Caffe's own decoding in a forked
 child, the rule on records of differing shapes, the image list's syntax.
 
 - ``Data``: an LMDB or LevelDB (``data_param.backend``, LevelDB by default as in Caffe) of
