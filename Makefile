@@ -17,7 +17,7 @@ ifneq ($(wildcard ../shared/models/published),)
 export CAFFE_PRUNE_MODELS ?= $(abspath ../shared/models/published)
 endif
 
-.PHONY: setup system-deps caffe demo test clean-venv
+.PHONY: setup system-deps caffe demo test test-fast clean-venv
 setup: caffe
 
 system-deps:
@@ -40,6 +40,10 @@ demo: setup
 # the tests spread over TEST_JOBS processes (tests/conftest.py says which files stay on one)
 test: setup
 	@$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup tests
+
+# the fast tier for iterating: every test not marked slow, on the same processes
+test-fast: setup
+	@$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 LAYERS = (
     # foundations, no Caffe: errors, atomic files and locks, the layer registry, downloads, the
     # taxonomy's names, the oracle's choice, run directories, the results store
-    ("errors", "fsio", "layers", "download", "oracle", "analysis", "metrics.plugins", "metrics.taxonomy",
+    ("errors", "fsio", "layers.rule", "layers.units", "layers.data", "layers.weighted", "layers.passing",
+     "layers.branches", "layers", "download", "oracle", "analysis", "metrics.plugins", "metrics.taxonomy",
      "metrics.methods", "rundir", "store", "archive", "report.text"),
     # Caffe itself
     ("pycaffe", "metrics.inputs"),

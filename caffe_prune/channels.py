@@ -14,7 +14,9 @@ channels through, and data/Input layers start the graph.
 A *unit* is ``Channel(layer, index)``: output channel ``index`` of Convolution ``layer``. Channel c
 of a tensor is the set of units it comes from (empty for a channel no convolution produces: the
 image, an InnerProduct output, whatever leaves a barrier). How each layer type moves channels is
-its ``kind`` in caffe_prune.layers (the one registry):
+its rule's ``trace`` in caffe_prune.layers (the one registry), which records what it finds through
+the ``Tracer``'s methods (``tie``, ``pin``, ``new_units``, ``add_weighted``, ``add_riders``,
+``barrier``, ...); by kind:
 
 - ``pass`` (ReLU, Pooling, Dropout, LRN, BatchNorm, Scale, Bias, PReLU, Crop on spatial axes, ...)
   passes them through unchanged; across-channel LRN is noted in ``lrn_across`` (pruning a channel
@@ -48,86 +50,26 @@ grouped consumer, to a channel no convolution produces) is unprunable too.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from caffe_prune import layers
-from caffe_prune.pycaffe import instantiated_layers
 from caffe_prune.errors import InputError
-
-NO_UNITS = frozenset()
-
-
-@dataclass(frozen=True)
-class Channel:
-    """A unit: output channel ``index`` of Convolution ``layer`` (papers/004 §3: A_i, made by W_i)."""
-    layer: str
-    index: int
-
-    def __str__(self):
-        return f"{self.layer}:{self.index}"
+from caffe_prune.layers.units import Channel, ConsumerSlice, Rider, Tensor, tensor_of
+from caffe_prune.pycaffe import instantiated_layers
 
 
-@dataclass(frozen=True)
-class ConsumerSlice:
-    """Input channel ``input_channel`` of ``layer``: a [:, c] weight slice ("conv") or a block of
-    H*W weight columns ("fc"); removed with the channel."""
-    layer: str
-    kind: str
-    input_channel: int
+class Tracer:
+    """One pass over the layers in net order: each layer's rule traces it through the methods below,
+    which record ties (union-find), consumers, riders and barriers. What it found, read by
+    caffe_prune.graph.ChannelGraph:
 
-
-@dataclass(frozen=True)
-class Rider:
-    """Channel ``channel`` of a BatchNorm/Scale/Bias/PReLU layer's per-channel parameters."""
-    layer: str
-    type: str
-    channel: int
-
-
-@dataclass(frozen=True)
-class ProducerInfo:
-    """A Convolution's (or Deconvolution's) weights: num_output x (in_channels / group) x
-    kernel_area (a Deconvolution stores them in_channels x (num_output / group) x kernel_area).
-
-    ``depthwise``: every group reads exactly one input channel (group == in_channels > 1, a
-    MobileNet depthwise or channel-multiplier convolution). Removing input channel c then removes
-    the whole group c (its num_output / group outputs) and lowers ``group`` by one, instead of
-    tying channel c to every other group's channel as AlexNet's two groups require. ``type`` is
-    the layer's type, whose rule (caffe_prune.layers) gives the slice geometry."""
-    num_output: int
-    group: int
-    kernel_area: int
-    in_channels: int
-    bias: bool
-    depthwise: bool = False
-    type: str = field(default="", compare=False)
-
-
-class FcInfo(NamedTuple):
-    """An InnerProduct's weights: num_output x (in_channels * block) columns (rows when
-    ``transpose``, Caffe's inner_product_param.transpose, stores the matrix the other way)."""
-    num_output: int
-    in_channels: int | None
-    block: int
-    transpose: bool = False
-
-
-class _Tensor(NamedTuple):
-    channels: tuple      # one frozenset of units per channel
-    block: int | None    # elements per channel (H*W); None for an InnerProduct's output
-
-
-def _tensor_of(shape) -> _Tensor:
-    """A tensor no convolution's units reach (data, or whatever leaves a barrier)."""
-    if shape is None or len(shape) < 2:
-        return _Tensor((), None)
-    return _Tensor((NO_UNITS,) * shape[1], math.prod(shape[2:]))
-
-
-class _Builder:
-    """One pass over the layers in net order, recording ties (union-find), consumers and riders.
-    How each layer type is followed comes from caffe_prune.layers (its ``kind``)."""
+    - ``parent`` (with ``find`` and ``key``): the union-find over units, in net order; ``reasons``:
+      unit -> why it cannot be pruned (the first reason kept);
+    - ``producers`` {conv: ProducerInfo}, ``fc`` {InnerProduct: FcInfo}, ``conv_io`` {conv: (input
+      tensor, its units)}, ``fc_input`` {InnerProduct: input tensor}, ``sizes`` {weighted layer:
+      (bottom shape, top shape)};
+    - ``consumers`` and ``riders``: (ConsumerSlice | Rider, the units of that channel);
+      ``riding`` {rider layer: (type, blobs sliced, blobs zeroed)};
+    - ``barriers`` {layer: reason}, ``lrn_across`` {layer: the units it couples}."""
 
     def __init__(self, shapes):
         self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
@@ -176,6 +118,48 @@ class _Builder:
         for unit in units:
             self.reasons.setdefault(unit, why)
 
+    # ---- what the rules record ----
+
+    def new_units(self, layer: str, count: int) -> tuple:
+        """The output channels of weighted layer ``layer`` as units, in net order."""
+        units = tuple(Channel(layer, i) for i in range(count))
+        self.parent.update((u, u) for u in units)
+        self.order[layer] = len(self.order)
+        return units
+
+    def add_weighted(self, layer, info, x, units, kind: str) -> None:
+        """A weighted layer (``kind`` "conv": a producer with its ``units``; "fc": an InnerProduct)
+        reading tensor ``x``: its geometry, its input, its sizes and, for every channel of ``x``
+        that some convolution produces, a consumer slice."""
+        if kind == "conv":
+            self.producers[layer.name], self.conv_io[layer.name] = info, (x, units)
+        else:
+            self.fc[layer.name], self.fc_input[layer.name] = info, x
+        self.sizes[layer.name] = (self.shapes.get(layer.bottom[0], ()), self.shapes.get(layer.top[0], ()))
+        if kind == "conv" or info.in_channels is not None:
+            self.consumers += [(ConsumerSlice(layer.name, kind, i), s) for i, s in enumerate(x.channels) if s]
+
+    def add_riders(self, layer, x, sliced: tuple, zeroed: tuple) -> None:
+        """Per-channel parameters of ``layer`` that fall with the channels of ``x`` they ride on."""
+        self.riders += [(Rider(layer.name, layer.type, c), s) for c, s in enumerate(x.channels)]
+        self.riding[layer.name] = (layer.type, sliced, zeroed)
+
+    def note_coupling(self, layer, x) -> None:
+        """``layer`` mixes neighbouring channels of ``x`` without parameters (across-channel LRN)."""
+        self.lrn_across[layer.name] = tuple(u for s in x.channels for u in sorted(s, key=self.key))
+
+    def same_channels(self, x, top) -> Tensor:
+        """``x``'s channels as blob ``top`` of a pass-through layer (its own spatial size)."""
+        shape = self.shapes.get(top)
+        block = x.block if x.block is None or shape is None else math.prod(shape[2:])
+        return Tensor(x.channels, block)
+
+    def barrier(self, layer, bottoms, why):
+        """Everything reaching ``layer`` is unprunable; what leaves it carries no units."""
+        self.barriers[layer.name] = why
+        self.pin([u for t in bottoms for s in t.channels for u in s], f"reaches barrier {layer.name!r}: {why}")
+        return self.fresh(layer)
+
     def shape(self, blob, layer):
         if blob not in self.shapes:
             raise InputError(f"layer {layer.name!r}: the shapes given hold no blob {blob!r}")
@@ -185,13 +169,13 @@ class _Builder:
         shape = self.shapes.get(blob)
         if shape is not None and len(shape) >= 2 and shape[1] != len(tensor.channels):
             raise InputError(f"layer {layer.name!r}: shapes give {blob!r} {shape[1]} channels, "
-                                     f"the graph traced {len(tensor.channels)}; shapes from another net?")
+                             f"the graph traced {len(tensor.channels)}; shapes from another net?")
 
     def fresh(self, layer):
         """Tensors with no units for every top of ``layer``."""
-        return [_tensor_of(self.shapes.get(top)) for top in layer.top]
+        return [tensor_of(self.shapes.get(top)) for top in layer.top]
 
-    # ---- layers ----
+    # ---- the walk ----
 
     def visit(self, layer):
         for blob in layer.bottom:
@@ -199,22 +183,9 @@ class _Builder:
                 raise InputError(f"layer {layer.name!r} reads blob {blob!r} that no earlier layer produces")
             self.unread[blob] = False
         bottoms = [self.tensors[b] for b in layer.bottom]
-        rule = layers.rule(layer.type)
-        kind = rule.kind
-        why = rule.barrier(layer, self.axis) if kind not in ("barrier", "data", "head") else None
-        if why:
-            kind = "barrier"
-        if kind == "data":
-            outs = self.fresh(layer)
-        elif kind == "head":
-            self.pin([u for t in bottoms for s in t.channels for u in s],
-                     f"reaches {layer.type} {layer.name!r} with no InnerProduct in between: "
-                     f"its channels are the classes")
-            outs = self.fresh(layer)
-        elif kind == "barrier":
-            outs = self.barrier(layer, bottoms, why or f"layer type {layer.type!r} is not one the channel graph follows")
-        else:
-            outs = getattr(self, f"on_{kind}")(layer, bottoms)
+        rule = layers.rule(layer)
+        why = rule.barrier(layer, self.axis)
+        outs = self.barrier(layer, bottoms, why) if why else rule.trace(self, layer, bottoms)
         self.tensors.update(zip(layer.top, outs))
         self.unread.update((top, True) for top in layer.top)
 
@@ -225,125 +196,15 @@ class _Builder:
                 self.pin([u for s in self.tensors[blob].channels for u in s],
                          f"reaches the net output {blob!r}: its channels are what the network computes")
 
-    def barrier(self, layer, bottoms, why):
-        self.barriers[layer.name] = why
-        self.pin([u for t in bottoms for s in t.channels for u in s], f"reaches barrier {layer.name!r}: {why}")
-        return self.fresh(layer)
 
-    def on_sink(self, layer, bottoms):
-        return []
-
-    def on_pass(self, layer, bottoms):
-        x, rule = bottoms[0], layers.rule(layer.type)
-        if rule.rider_blobs(layer):
-            self.riders += [(Rider(layer.name, layer.type, c), s) for c, s in enumerate(x.channels)]
-            self.riding[layer.name] = (layer.type, rule.rider_blobs(layer), rule.zero_blobs(layer))
-        if rule.couples(layer):
-            self.lrn_across[layer.name] = tuple(u for s in x.channels for u in sorted(s, key=self.key))
-        outs = []
-        for top in layer.top:
-            shape = self.shapes.get(top)
-            block = x.block if x.block is None or shape is None else math.prod(shape[2:])
-            outs.append(_Tensor(x.channels, block))
-        return outs
-
-    def on_flatten(self, layer, bottoms):
-        """Keep the channels when the top is (N, C*H*W), or the shape is unchanged: an InnerProduct
-        after it sees the same columns as without it (Caffe blobs are row-major N, C, H, W)."""
-        x = bottoms[0]
-        top = self.shape(layer.top[0], layer)
-        if top == self.shapes.get(layer.bottom[0]) or top[1:] == (len(x.channels) * (x.block or 1),):
-            return [x]
-        return self.barrier(layer, bottoms, f"{layer.type} to {top} is not a pure flattening of C, H, W")
-
-    def on_eltwise(self, layer, bottoms):
-        widths = [len(t.channels) for t in bottoms]
-        if len(set(widths)) > 1:
-            return self.barrier(layer, bottoms, f"Eltwise inputs have {widths} channels")
-        why = f"is added by Eltwise {layer.name!r} to a channel no convolution produces"
-        for c in range(widths[0]):
-            self.tie([t.channels[c] for t in bottoms], why)
-        channels = tuple(NO_UNITS.union(*(t.channels[c] for t in bottoms)) for c in range(widths[0]))
-        shape = self.shapes.get(layer.top[0])
-        block = None if bottoms[0].block is None or shape is None else math.prod(shape[2:])
-        return [_Tensor(channels, block)]
-
-    def on_concat(self, layer, bottoms):
-        shape = self.shape(layer.top[0], layer)
-        return [_Tensor(sum((t.channels for t in bottoms), ()), math.prod(shape[2:]))]
-
-    def on_slice(self, layer, bottoms):
-        """Slice on the channel axis: each top takes its range of the input's channels."""
-        x, outs, start = bottoms[0], [], 0
-        for top in layer.top:
-            width = self.shape(top, layer)[1]
-            outs.append(_Tensor(x.channels[start:start + width], x.block))
-            start += width
-        return outs
-
-    def on_conv(self, layer, bottoms):
-        """A Convolution or Deconvolution: the ties are the same (their weights differ in layout
-        only, which the layer rule's slice geometry answers)."""
-        cp = layer.convolution_param
-        x, out_shape = bottoms[0], self.shape(layer.top[0], layer)
-        self.check_width(layer.bottom[0], x, layer)
-        m, n, g = len(x.channels), out_shape[1], cp.group
-        if n != cp.num_output or m % g or n % g:
-            raise InputError(f"layer {layer.name!r}: {m} inputs, {n} outputs in shapes "
-                                     f"(num_output {cp.num_output}), group {g} do not fit")
-        units = tuple(Channel(layer.name, i) for i in range(n))
-        self.parent.update((u, u) for u in units)
-        self.order[layer.name] = len(self.order)
-        per_in, per_out = m // g, n // g
-        depthwise = g > 1 and per_in == 1
-        if depthwise:
-            # input channel c feeds group c alone: they fall together, and the group count drops
-            for c in range(m):
-                self.tie([x.channels[c], frozenset(units[c * per_out:(c + 1) * per_out])],
-                         f"feeds depthwise Convolution {layer.name!r} from a channel no convolution produces")
-        else:
-            # consumer side, papers/004 §3.1: input channels i, i + M/g, ... share a weight slice
-            for i in range(per_in):
-                self.tie([x.channels[i + k * per_in] for k in range(g)],
-                         f"is tied by grouped Convolution {layer.name!r} to a channel no convolution produces")
-            # producer side: a grouped producer keeps its groups equal
-            for i in range(per_out):
-                self.union(units[i::per_out])
-        self.consumers += [(ConsumerSlice(layer.name, "conv", i), s) for i, s in enumerate(x.channels) if s]
-        if cp.kernel_h or cp.kernel_w:
-            kernel_area = cp.kernel_h * cp.kernel_w
-        else:
-            sizes = list(cp.kernel_size)
-            kernel_area = math.prod(sizes * (len(out_shape) - 2) if len(sizes) == 1 else sizes)
-        self.producers[layer.name] = ProducerInfo(n, g, kernel_area, m, cp.bias_term, depthwise, layer.type)
-        self.conv_io[layer.name] = (x, units)
-        self.sizes[layer.name] = (self.shapes.get(layer.bottom[0], ()), out_shape)
-        return [_Tensor(tuple(frozenset([u]) for u in units), math.prod(out_shape[2:]))]
-
-    def on_fc(self, layer, bottoms):
-        ip = layer.inner_product_param
-        x, size = bottoms[0], math.prod(self.shape(layer.bottom[0], layer)[1:])
-        if x.block is None:       # fed by an InnerProduct: no channels, one block that never falls
-            self.fc[layer.name] = FcInfo(ip.num_output, None, size, ip.transpose)
-        else:
-            if len(x.channels) * x.block != size:
-                raise InputError(f"layer {layer.name!r}: {len(x.channels)} channels of {x.block} "
-                                         f"do not make its {size} inputs; shapes from another net?")
-            self.fc[layer.name] = FcInfo(ip.num_output, len(x.channels), x.block, ip.transpose)
-            self.consumers += [(ConsumerSlice(layer.name, "fc", c), s) for c, s in enumerate(x.channels) if s]
-        self.fc_input[layer.name] = x
-        self.sizes[layer.name] = (self.shapes.get(layer.bottom[0], ()), self.shapes.get(layer.top[0], ()))
-        return [_Tensor((NO_UNITS,) * ip.num_output, None)]
-
-
-def trace(net_param, shapes) -> _Builder:
+def trace(net_param, shapes) -> Tracer:
     """The traversal of ``net_param``'s layers (TEST phase) with blob shapes as Caffe computed them."""
     if net_param.layers:
         raise InputError(f"net {net_param.name!r} uses the V1 'layers' field; upgrade it with "
-                          f"Caffe's upgrade_net_proto_text")
-    builder = _Builder(shapes)
-    builder.tensors.update((name, _tensor_of(builder.shapes.get(name))) for name in net_param.input)
+                         f"Caffe's upgrade_net_proto_text")
+    tracer = Tracer(shapes)
+    tracer.tensors.update((name, tensor_of(tracer.shapes.get(name))) for name in net_param.input)
     for layer in instantiated_layers(net_param):
-        builder.visit(layer)
-    builder.outputs()
-    return builder
+        tracer.visit(layer)
+    tracer.outputs()
+    return tracer

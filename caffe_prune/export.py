@@ -44,7 +44,7 @@ def compact(net_param, graph, pruned, net) -> tuple:
         for blob, axis, positions in removed.get(layer.name, ()):
             blobs[blob] = np.delete(blobs[blob], positions, axis=axis)
         if layer.name in graph.producers and layer.name in removed:
-            layers.rule(layer.type).resize(layer, blobs, graph.producers[layer.name])
+            layers.rule(layer).resize(layer, blobs, graph.producers[layer.name])
         weights[layer.name] = blobs
     return out, weights
 

@@ -67,8 +67,8 @@ from typing import NamedTuple
 import numpy as np
 
 from caffe_prune import layers, netdef
-from caffe_prune.channels import (NO_UNITS, Channel, ConsumerSlice, FcInfo, ProducerInfo, Rider,  # noqa: F401
-                                  trace)
+from caffe_prune.channels import trace
+from caffe_prune.layers.units import NO_UNITS, Channel, ConsumerSlice, FcInfo, ProducerInfo, Rider  # noqa: F401
 from caffe_prune.errors import InputError
 
 
@@ -118,9 +118,10 @@ class ChannelGraph:
     """Groups of units, the consumers and riders they take along, their slices, and the costs of
     any pruning state. Immutable after ``build``; the caller keeps the set of pruned group ids."""
 
-    def __init__(self, builder, params=None):
-        """From a finished traversal; use ``ChannelGraph.build`` or ``build_graph``."""
-        b = builder
+    def __init__(self, tracer, params=None):
+        """From a finished traversal (caffe_prune.channels.Tracer); use ``ChannelGraph.build`` or
+        ``build_graph``."""
+        b = tracer
         # unprunability spreads over ties: one reason per class, named on every unit
         class_reason = {}
         for unit, why in b.reasons.items():
@@ -175,18 +176,16 @@ class ChannelGraph:
         self._state = (None, None)
 
     def _slices(self, units, consumers, riders, riding) -> tuple:
-        """The group's slices, as each layer type's rule states them (caffe_prune.layers)."""
+        """The group's slices, as each layer type's rule states them (caffe_prune.layers): its
+        producers' filters, its consumers' input slices, its riders' entries."""
+        weighted = {**self.producers, **self.fc}
         out = []
         for unit in units:
             info = self.producers[unit.layer]
             out += layers.rule(info.type).producer_slices(unit.layer, info, unit.index)
         for consumer in consumers:
-            if consumer.kind == "conv":
-                info = self.producers[consumer.layer]
-                out += layers.rule(info.type).consumer_slices(consumer.layer, info, consumer.input_channel)
-            else:
-                out += layers.FC.consumer_slices(consumer.layer, self.fc[consumer.layer],
-                                                                   consumer.input_channel)
+            info = weighted[consumer.layer]
+            out += layers.rule(info.type).consumer_slices(consumer.layer, info, consumer.input_channel)
         for rider in riders:
             kind, sliced, zeroed = riding[rider.layer]
             out += layers.rule(kind).rider_slices(rider.layer, sliced, zeroed, rider.channel)
@@ -202,7 +201,7 @@ class ChannelGraph:
             shapes = [rule.weight_shape(info)] + ([(info.num_output,)] if info.bias else [])
             weighed[name] = ("conv", shapes, rule.macs_per_weight(*b.sizes[name]))
         for name, info in self.fc.items():
-            weighed[name] = ("fc", [layers.FC.weight_shape(info)], 1)
+            weighed[name] = ("fc", [layers.rule(info.type).weight_shape(info)], 1)
         self._all_params = params is not None
         for name, shapes in (params or {}).items():
             shapes = [tuple(int(d) for d in shape) for shape in shapes]

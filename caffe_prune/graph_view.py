@@ -16,6 +16,8 @@ PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#fdb462", "#b3de69", "#f
            "#ccebc5", "#ffed6f"]
 
 
+BARRIER_COLOUR = "#fb8072"      # a barrier layer in the picture
+
 def tie_clusters(graph) -> dict:
     """Conv layer -> cluster number, for layers whose channels fall together with another layer's."""
     parent = {layer: layer for layer in graph.producers}
@@ -91,7 +93,7 @@ def draw(graph, net_param, path) -> Path:
             label += f" {info.num_output}" + (f" g{info.group}" if info.group > 1 else "")
             style["fillcolor"] = PALETTE[clusters[layer.name] % len(PALETTE)] if layer.name in clusters else "white"
         if layer.name in graph.barriers:
-            style["fillcolor"] = "#fb8072"
+            style["fillcolor"] = BARRIER_COLOUR
         dot.add_node(pydot.Node(f'"{layer.name}"', label=f'"{label}"', **style))
         for bottom in layer.bottom:
             if bottom in producer_of:

@@ -194,7 +194,7 @@ def _bytes_per_image(net, form) -> int:
     for name, layer in zip(net._layer_names, net.layers):
         param, tops = declared.get(name), net.top_names[name]
         if param is not None and tops:
-            floats += rule(layer.type).buffers(param) * per_image[tops[0]]
+            floats += rule(param).buffers(param) * per_image[tops[0]]
     return 4 * floats
 
 

@@ -434,11 +434,11 @@ def check_net(net_param, phase, path, sources: bool = False) -> None:
             if bottom not in blobs:
                 raise InputError(f"{where}: layer {layer.name!r} reads blob {bottom!r} that no earlier layer produces")
         in_place = set(layer.top) & set(layer.bottom)
-        if in_place and not rules.rule(layer.type).in_place:
+        if in_place and not rules.rule(layer).in_place:
             raise InputError(f"{where}: layer {layer.name!r} ({layer.type}) reads and writes blob "
                               f"{sorted(in_place)[0]!r} in place, which Caffe's {layer.type} layer cannot do "
                               f"(it would compute garbage silently); give its top another name")
-        problem = rules.rule(layer.type).check(layer)       # what Caffe's setup CHECK-aborts on
+        problem = rules.rule(layer).check(layer)       # what Caffe's setup CHECK-aborts on
         if problem:
             raise InputError(f"{where}: layer {layer.name!r} ({layer.type}): {problem}")
         blobs.update(layer.top)

@@ -1,6 +1,13 @@
-"""Shared fixtures: the engine's pycaffe, and a tiny net written from prototxt text."""
+"""Shared fixtures: the engine's pycaffe, and a tiny net written from prototxt text.
+
+The local mirrors (../shared beside the checkout: the CIFAR-10 subset, the published weights, the
+papers' figures) are read where a test uses them, never at import: without them the suite still
+collects, and every test that names them (directly, through a module constant made from them, or
+through its fixtures) is skipped with the reason."""
 import json
 import os
+import types
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -8,14 +15,51 @@ import pytest
 from caffe_prune import layers, pycaffe
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("CAFFE_PRUNE_TEST_SHARED", REPO.parent / "shared"))
 PUBLISHED = SHARED / "models" / "published"
 SUBSET = SHARED / "data" / "cifar10-subset"
-# papers/004 Table 1, as transcribed in ../shared/reference/published.json
-TABLE1 = json.loads((SHARED / "reference" / "published.json").read_text())["table1_trained_networks"]
+MIRROR_NAMES = ("SHARED", "PUBLISHED", "SUBSET", "TABLE1")
+MISSING = None if SUBSET.is_dir() and PUBLISHED.is_dir() else \
+    f"needs the local mirrors {SUBSET} and {PUBLISHED} (CAFFE_PRUNE_DATA, CAFFE_PRUNE_MODELS), absent here"
 # the local mirrors the Makefile and .ci/run point the library at (set here too for a bare pytest)
-os.environ.setdefault("CAFFE_PRUNE_DATA", str(SUBSET))
-os.environ.setdefault("CAFFE_PRUNE_MODELS", str(PUBLISHED))
+if MISSING is None:
+    os.environ.setdefault("CAFFE_PRUNE_DATA", str(SUBSET))
+    os.environ.setdefault("CAFFE_PRUNE_MODELS", str(PUBLISHED))
+
+
+class _Table1(dict):
+    """papers/004 Table 1, as transcribed in ../shared/reference/published.json, read on first use."""
+
+    def __missing__(self, name):
+        self.update(json.loads((SHARED / "reference" / "published.json").read_text())["table1_trained_networks"])
+        return dict.__getitem__(self, name)
+
+
+TABLE1 = _Table1()
+
+
+def _names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+@lru_cache(maxsize=None)
+def _mirror_globals(module) -> frozenset:
+    """The module's globals that are the mirrors or made from them (paths under SHARED, texts naming it)."""
+    shared = str(SHARED)
+    return frozenset(name for name, value in vars(module).items()
+                     if name in MIRROR_NAMES or (isinstance(value, (str, Path)) and shared in str(value)))
+
+
+def _needs_mirror(item) -> bool:
+    module = item.module
+    mirror = _mirror_globals(module)
+    functions = [item.function] + [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs
+                                   if getattr(d.func, "__module__", None) == module.__name__]
+    return any(_names(f.__code__) & mirror for f in functions if hasattr(f, "__code__"))
 
 
 # `make test` runs the tests on two processes (pytest-xdist, --dist loadgroup): each test goes to
@@ -29,6 +73,10 @@ LONGEST_FIRST = ("test_engines.py", "test_export.py", "test_pruning.py")
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    if MISSING is not None:
+        for item in items:
+            if isinstance(item, pytest.Function) and _needs_mirror(item):
+                item.add_marker(pytest.mark.skip(reason=MISSING))
 
 
 @pytest.fixture(scope="session")

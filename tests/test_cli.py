@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+from caffe_prune import graph_view
 from conftest import PUBLISHED, REPO
 
 
@@ -18,7 +19,8 @@ def test_graph_summary_and_picture(tmp_path):
     assert "448 prunable groups over 21 convolutions; conv weights 270,256" in out
     assert "112 x 4" in out        # the residual streams: 16 + 32 + 64 groups of 4 tied channels
     svg = (tmp_path / "resnet.svg").read_text()
-    assert "group2_block0_proj" in svg and "#fb8072" not in svg     # no barrier in ResNet-20
+    assert "group2_block0_proj" in svg and "barriers:" not in out     # no barrier in ResNet-20
+    assert graph_view.BARRIER_COLOUR not in svg
 
 
 def test_export_reports_counts_and_deviation(tmp_path):

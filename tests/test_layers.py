@@ -9,6 +9,7 @@ from google.protobuf import text_format
 from caffe_prune import export, layers, masking, pycaffe
 from caffe_prune.graph import Channel, ChannelGraph, group_slices
 from caffe_prune.metrics import inputs
+from conftest import REPO
 
 DATA = 'name: "t"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }\n'
 FILL = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 }'
@@ -185,3 +186,43 @@ def test_rules_answer_for_their_types():
     assert layers.LEARNED_TYPES == {"Convolution", "Deconvolution", "InnerProduct"}
     assert layers.role("Accuracy") == "accuracy" and layers.role("ReLU") is None
     assert layers.rule("Tile").kind == "barrier"
+
+
+CUSTOM = REPO / "examples" / "custom_layer"
+PYTHON_TAP = 'python_param { module: "identity_layer" layer: "Identity" }'
+
+
+def python_tap_net():
+    return (DATA + conv("a", "data", 4) + layer("tap", "Python", "a", "t", PYTHON_TAP)
+            + layer("relu", "ReLU", "t", "t") + conv("b", "t", 5) + tail("b"))
+
+
+def test_a_custom_layer_is_one_registered_rule(caffe, monkeypatch):
+    """A user's Python layer (examples/custom_layer) is a barrier until its rule is registered (here
+    through a plugin file's LAYER_RULES, as `--plugin examples/custom_layer/rules.py` does); then
+    conv a is pruned across it, and the export equals the masked net in Caffe."""
+    from caffe_prune.metrics import plugins
+    monkeypatch.syspath_prepend(str(CUSTOM))                 # where Caffe imports the layer's module
+    monkeypatch.setattr(layers, "RULES", dict(layers.RULES))   # the registration stays in this test
+    param, net, g = built(python_tap_net())
+    assert len(g.groups) == 5 and set(g.barriers) == {"tap"}
+    assert "Python layer Python:identity_layer.Identity has no channel rule (caffe_prune.layers.register(" \
+           "'Python:identity_layer.Identity', rule) gives it one)" in g.barriers["tap"]
+    assert g.group_of("a", 0) is None and "reaches barrier 'tap'" in g.unprunable[Channel("a", 0)]
+    assert plugins.load(CUSTOM / "rules.py") is None          # rules only: no metric
+    assert layers.rule(param.layer[2]).kind == "pass" and layers.rule("Python").kind == "barrier"
+    g = ChannelGraph.of_net(param, net)
+    assert len(g.groups) == 4 + 5 and not g.barriers
+    a1 = g.group_of("a", 1).id
+    assert g.weights_removed(a1, set()) == 3 * 9 + 5 * 9      # its filter and conv b's input slice
+    assert_export_equals_masks(param, net, g, g.chosen([a1, g.group_of("a", 3).id, g.group_of("b", 2).id]))
+
+
+def test_register_refuses_what_is_not_a_rule(monkeypatch):
+    monkeypatch.setattr(layers, "RULES", dict(layers.RULES))
+    with pytest.raises(TypeError, match=r"register\('Foo', \.\.\.\) takes a caffe_prune.layers Rule, not dict"):
+        layers.register("Foo", {"kind": "pass"})
+    with pytest.raises(ValueError, match=r"a layer rule's kind is one of data, head, pass"):
+        layers.Rule("passes")
+    layers.register("Foo", layers.Pass())
+    assert layers.rule("Foo").kind == "pass"

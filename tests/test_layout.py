@@ -11,7 +11,7 @@ from caffe_prune import layers
 from conftest import REPO
 
 ROOT = REPO / "caffe_prune"
-SPELL_TYPES = {"layers", "netdef", "importer", "networks"}
+SPELL_TYPES = {"netdef", "importer", "networks"}       # and the registry, caffe_prune.layers and its modules
 
 
 def modules() -> dict:
@@ -123,7 +123,7 @@ def test_only_the_registry_and_three_modules_spell_layer_types():
     known = set(layers.RULES) | set(pycaffe.caffe().layer_type_list())
     spelled = {}
     for name, path in modules().items():
-        if name in SPELL_TYPES:
+        if name in SPELL_TYPES or name.split(".")[0] == "layers":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:

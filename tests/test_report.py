@@ -4,7 +4,7 @@ import pytest
 
 from caffe_prune import analysis, pruning, report
 from caffe_prune.metrics import methods
-from caffe_prune.report import figures, published
+from caffe_prune.report import figures, published_figures
 from caffe_prune.report import stats as report_stats
 from caffe_prune.report.oracle import table
 from conftest import PUBLISHED, SHARED, SUBSET
@@ -12,7 +12,7 @@ from conftest import PUBLISHED, SHARED, SUBSET
 
 def test_transcribed_table2_matches_the_workplace_reference():
     shared = json.loads((SHARED / "reference" / "published.json").read_text())
-    assert published.PUBLISHED_TABLE2 == shared["table2_conv_weights_removed_percent_at_max_5pt_test_drop"]
+    assert published_figures.PUBLISHED_TABLE2 == shared["table2_conv_weights_removed_percent_at_max_5pt_test_drop"]
 
 
 def test_mean_ci_by_hand():

@@ -110,7 +110,7 @@ def hessian_diagonal(net, blobs, loss_layer=None, per_sample: bool = False) -> d
     producers = _producers(net, names, blobs, set(upstream), needed, loss_name)
     layers = built_layers(net)
     for i in upstream:
-        problem = rules.rule(layers[i].type).hessian_check(layers[i], len(net.bottom_names[names[i]]))
+        problem = rules.rule(layers[i]).hessian_check(layers[i], len(net.bottom_names[names[i]]))
         if problem:
             raise InputError(f"layer {layers[i].name!r} ({layers[i].type}) {problem}")
     seeds = _loss_hessian(net, layers[loss_index], seeded)
@@ -218,7 +218,7 @@ def _check_type(name, kind, n_bottoms) -> None:
 def _loss_hessian(net, layer, seeded) -> dict:
     """{bottom blob: h at it}: the diagonal of the loss's Hessian w.r.t. its input(s)."""
     weight = float(net.blob_loss_weights[layer.top[0]])
-    if rules.rule(layer.type).seeds == "all":   # EuclideanLoss, L = w/(2N) Σ (a - b)²: d²L/da² = w/N, for a and b
+    if rules.rule(layer).seeds == "all":   # EuclideanLoss, L = w/(2N) Σ (a - b)²: d²L/da² = w/N, for a and b
         return {name: np.full(net.blobs[name].data.shape, weight / net.blobs[name].data.shape[0])
                 for name in seeded}
     logits = net.blobs[layer.bottom[0]].data.astype(np.float64)

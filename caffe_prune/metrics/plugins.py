@@ -25,8 +25,14 @@ alone, as an oracle constituent, or as ``domino-AGG:plugin:NAME``. A run records
 resume as changed weights are. A sweep copies each plugin once per content into its directory
 (``plugins/SHA256/FILE``), where local and Ray workers import it.
 
+A plugin file may also (or only) define ``LAYER_RULES``: {layer type: caffe_prune.layers Rule}, the
+channel rules of layer types the registry does not know (a fork's layer, ``"Python:module.Layer"``
+for a Python layer), registered when the file is loaded (caffe_prune.layers.register); a file of
+rules only registers them and is no metric.
+
 Errors are one line naming the plugin (``PluginError``): a missing file, an import that raises, a
-missing ``reduce``, and values of the wrong shape or not finite.
+missing ``reduce`` (in a file without LAYER_RULES), rules that are not Rules, and values of the
+wrong shape or not finite.
 """
 from __future__ import annotations
 
@@ -106,10 +112,11 @@ class Plugin:
         return out
 
 
-def load(path, replace: bool = False) -> Plugin:
-    """Import a plugin file and register it under its name. The same file with the same contents
-    is imported once; another file (or new contents) under a loaded name is refused unless
-    ``replace`` (a run's own plugins, which a worker process loads run after run)."""
+def load(path, replace: bool = False) -> Plugin | None:
+    """Import a plugin file, register its LAYER_RULES, and register its metric under its name (None
+    for a file of layer rules only). The same file with the same contents is imported once; another
+    file (or new contents) under a loaded name is refused unless ``replace`` (a run's own plugins,
+    which a worker process loads run after run)."""
     location = Path(path).expanduser()
     if not location.is_file():
         raise PluginError(f"plugin {path}: no such file; --plugin takes a Python file defining INPUT, NEEDS "
@@ -128,6 +135,11 @@ def load(path, replace: bool = False) -> Plugin:
     except Exception as exc:
         raise PluginError(f"plugin {location}: importing it raised {type(exc).__name__}: {exc}") from None
     sys.modules[module_name] = module
+    rules = getattr(module, "LAYER_RULES", None)
+    if rules is not None:
+        _register_rules(rules, location)
+        if getattr(module, "reduce", None) is None:
+            return None
     plugin = _plugin(module, location, sha)
     known = _LOADED.get(plugin.name)
     if known is not None and known.sha256 != sha and not replace:
@@ -135,6 +147,15 @@ def load(path, replace: bool = False) -> Plugin:
                           f"contents; give each plugin its own NAME")
     _LOADED[plugin.name] = plugin
     return plugin
+
+
+def _register_rules(rules, location: Path) -> None:
+    from caffe_prune import layers
+    if not isinstance(rules, dict) or not all(isinstance(k, str) and isinstance(v, layers.Rule) for k, v in rules.items()):
+        raise PluginError(f"plugin {location}: LAYER_RULES must map layer types to caffe_prune.layers rules, e.g. "
+                          f"{{\"Python:mylayers.Identity\": layers.Pass()}}")
+    for layer_type, rule in rules.items():
+        layers.register(layer_type, rule)
 
 
 def _plugin(module, location: Path, sha: str) -> Plugin:
