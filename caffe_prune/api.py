@@ -37,6 +37,7 @@ from pathlib import Path
 from caffe_prune import masking, metrics
 from caffe_prune.metrics import plugins
 from caffe_prune.pruning import Config, Run
+from caffe_prune.steps import pruned_of
 from caffe_prune.rundir import RunDir
 from caffe_prune.session import Session
 
@@ -69,7 +70,8 @@ class Saliencies:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """A run directory read back: its header's parts and its step records (JSON, as written)."""
+    """A run directory read back: its header's parts and its step records (caffe_prune.steps's
+    schema: every step's ``groups``, runs written before it included)."""
     config: dict
     identity: dict
     protocol: dict
@@ -78,8 +80,8 @@ class RunRecord:
 
     @property
     def pruned(self) -> list:
-        """The groups pruned, in order."""
-        return [s["group"] for s in self.steps[1:]]
+        """The groups pruned, in the order they were removed."""
+        return pruned_of(self.steps[1:])
 
 
 def open_session(net, weights=None, data=None, **options) -> Session:

@@ -6,7 +6,8 @@ an archive is what is kept: ``experiments/results/<sweep>/``
 - ``runs.csv``: one row per finished run: id, net, method, metric, oracle (JSON list), seed, the
   figures the tables read (``removed_at_drop``, ``macs_removed_at_drop``, ``report_drop``, steps,
   initial and final top-1), and the run's configuration and protocol (JSON);
-- ``steps.csv.gz``: one row per step of those runs, the fields the figures read: the group, test
+- ``steps.csv.gz``: one row per step of those runs, the fields the figures read: the groups
+  removed (caffe_prune.steps.archive_cell: "17", or "17;4" for a step of several), test
   top-1/top-5 (fractions, as the step records hold them) and loss, empty where the step was not
   measured; % of conv weights and of MACs removed (empty before MACs were counted), weights and
   MACs left, the constituent that first proposed an oracle's group, and a retraining's top-1
@@ -35,6 +36,7 @@ import re
 from pathlib import Path
 
 from caffe_prune import fsio
+from caffe_prune import steps as step_records
 from caffe_prune.errors import DataError
 
 RUNS, STEPS = "runs.csv", "steps.csv.gz"
@@ -72,9 +74,9 @@ def _cell(value) -> str:
 def _step_row(run_id: str, step: dict) -> list:
     test, retrain = step.get("test") or {}, step.get("retrain") or {}
     return [_cell(v) for v in (
-        run_id, step["step"], step.get("group"), test.get("top1"), test.get("top5"), test.get("loss"),
+        run_id, step["step"], step_records.archive_cell(step), test.get("top1"), test.get("top5"), test.get("loss"),
         step.get("percent_conv_removed"), step.get("percent_macs_removed"), step.get("conv_weights"), step.get("macs"),
-        (step.get("proposers") or [[None]])[0][0], retrain["before"]["top1"] if retrain else None,
+        step_records.first_proposer(step), retrain["before"]["top1"] if retrain else None,
         retrain["after"]["top1"] if retrain else None, retrain.get("iters"))]
 
 
@@ -185,15 +187,15 @@ def read(location) -> list:
 
 def _step(row: dict) -> dict:
     """A step row as the figures read a step record."""
-    values = {k: _number(v) for k, v in row.items() if k not in ("run_id", "proposer")}
-    step = {"step": values["step"], "group": values["group"],
+    values = {k: _number(v) for k, v in row.items() if k not in ("run_id", "proposer", "group")}
+    step = {"step": values["step"], "groups": step_records.from_archive_cell(row["group"]),
             "percent_conv_removed": values["percent_conv_removed"], "conv_weights": values["conv_weights"]}
     if values["top1"] is not None:
         step["test"] = {"top1": values["top1"], "top5": values["top5"], "loss": values["loss"]}
     if values["percent_macs_removed"] is not None:
         step["percent_macs_removed"], step["macs"] = values["percent_macs_removed"], values["macs"]
     if row["proposer"]:
-        step["proposers"] = [[row["proposer"], None]]
+        step["proposers"] = [[[row["proposer"], None]]]
     if values["retrain_after"] is not None:
         step["retrain"] = {"before": {"top1": values["retrain_before"]},
                            "after": {"top1": values["retrain_after"]}, "iters": values["retrain_iters"]}

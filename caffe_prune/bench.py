@@ -75,13 +75,11 @@ class Mode:
         self.phases = {phase: [] for phase in PHASES}
 
     def step(self, step: int, pruned: set) -> dict:
+        """The run's own step (pruning.Run.advance) from the state ``pruned``, timed."""
         run = self.run
-        run.timing = {}
         pids = run.engine.worker_pids() if hasattr(run.engine, "worker_pids") else []
         wall, cpu = time.perf_counter(), _cpu_seconds(pids)
-        choice = run.decide(step, pruned)
-        run.engine.commit(choice["group"])
-        choice["test"] = run._test()
+        choice = run.advance(step, set(pruned))
         self.seconds.append(time.perf_counter() - wall)
         self.cpu.append(_cpu_seconds(run.engine.worker_pids() if pids else []) - cpu)
         for phase in PHASES:
@@ -99,16 +97,16 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
           progress: bool = True) -> dict:
     """Run ``steps`` steps of ``config`` in every mode; the figures as plain data."""
     workers = workers or pycaffe.cores()
-    engines = {"naive": ("naive", None), "naive-blas": ("naive", None), "fast-1": ("fast", 1),
-               f"fast-{workers}": ("fast", workers)}
-    unknown = [m for m in modes if m not in engines and m != "fast-N"]
+    kinds = {"naive": ("naive", None), "naive-blas": ("naive", None), "fast-1": ("fast", 1),
+             f"fast-{workers}": ("fast", workers)}
+    unknown = [m for m in modes if m not in kinds and m != "fast-N"]
     if unknown:
         raise ValueError(f"--modes: unknown {', '.join(unknown)}; modes are naive, naive-blas, fast-1, fast-N")
     modes = [f"fast-{workers}" if m == "fast-N" else m for m in modes]
     with tempfile.TemporaryDirectory(prefix="caffe-prune-bench-") as tmp:
         runs = {}
         for name in dict.fromkeys(modes):
-            kind, count = engines[name]
+            kind, count = kinds[name]
             run = pruning.Run(replace(config, engine=kind, workers=count), Path(tmp) / name, progress=False)
             if fill_test:
                 run.engine.close()
@@ -130,7 +128,7 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
             for mode in runs.values():
                 _set_threads(mode)
                 mode.step(step, pruned)
-            pruned.add(next(iter(runs.values())).records[-1]["group"])
+            pruned.update(next(iter(runs.values())).records[-1]["groups"])
             if progress:
                 print(f"step {step}: " + "  ".join(f"{m.name} {m.seconds[-1]:.2f}s" for m in runs.values()), flush=True)
         peaks = {name: max([_peak_kib(pid) for pid in mode.run.engine.worker_pids()] or [0])
@@ -203,10 +201,10 @@ def _naive_step_flops(config, plan, test_images) -> float:
 def _compare(reference, records) -> str:
     """'identical', or where the first difference is (a decision, a sensitivity, a test score)."""
     for step, (want, have) in enumerate(zip(reference, records)):
-        if want.get("group") != have.get("group"):
+        if want.get("groups") != have.get("groups"):
             sens = want.get("sensitivities", {})
-            tie = sens and sens.get(str(want["group"])) == sens.get(str(have["group"]))
-            return f"step {step}: group {have.get('group')} instead of {want.get('group')}" + \
+            tie = sens and [sens.get(str(g)) for g in want["groups"]] == [sens.get(str(g)) for g in have["groups"]]
+            return f"step {step}: groups {have.get('groups')} instead of {want.get('groups')}" + \
                 (" (an exact float tie)" if tie else "")
         if want.get("sensitivities") != have.get("sensitivities"):
             return f"step {step}: same group, sensitivities differ in their last bits"

@@ -34,7 +34,7 @@ scripts did. Kept on purpose, as the reference.
   transformed when it is measured: workers hold batches, not the data set) with their checkpoints. The saliency batches, the
   probes (by batch, or by candidate when there are fewer batches than workers) and the test batches
   are spread over them; results are combined in batch order with the same arithmetic as the naive
-  pycaffe. A worker that dies is replaced by a new fork of the parent (which holds the same
+  engine. A worker that dies is replaced by a new fork of the parent (which holds the same
   committed state) and its request sent again.
 
 BLAS threads: a pruning run computes with one BLAS thread in every process (pycaffe.BLAS_THREADS:
@@ -344,8 +344,10 @@ class Naive:
         y = np.concatenate([b[1] for b in batches])
         return oracle.sensitivities(candidates, self.masker, lambda: self.session.evaluate(x, y)["loss"])
 
-    def commit(self, group) -> None:
-        self.masker.commit(group)
+    def commit(self, groups) -> None:
+        """Make the masks of ``groups`` (a step's, in order) permanent."""
+        for group in groups:
+            self.masker.commit(group)
 
     def test(self) -> dict:
         return self.session.evaluate(self.images)
@@ -462,9 +464,10 @@ class Fast(Naive):
         return {group: evaluate.combine([(size, r[1][j], 0.0, 0.0) for size, r in zip(sizes, results)])["loss"] - base
                 for j, group in enumerate(candidates)}
 
-    def commit(self, group) -> None:
-        self.masker.commit(group)
-        self.committed.append(group)
+    def commit(self, groups) -> None:
+        for group in groups:
+            self.masker.commit(group)
+            self.committed.append(group)
         if self.remote:
             self._all([("commit", (list(self.committed),))] * self.workers)
 

@@ -26,6 +26,7 @@ from caffe_prune.download import digest
 from caffe_prune.rundir import RunDir
 from caffe_prune.session import Network, Session, parse_shape
 from caffe_prune.errors import InputError
+from caffe_prune.steps import pruned_of
 
 
 class FinetuneError(InputError):
@@ -65,8 +66,8 @@ def session_at(run_dir, step: int | None = None, progress: bool = True) -> dict:
     weights = RunDir(run_dir).retrained_weights(step, steps) or Path(config.weights)
     session = Session.from_config(config, weights=weights, progress=progress)
     masker = masking.Masker(session.graph, [session.net], config.semantics)
-    for record in steps[1:step + 1]:
-        masker.commit(record["group"])
+    for group in pruned_of(steps[1:step + 1]):
+        masker.commit(group)
     return {"session": session, "masker": masker, "step": step, "steps": steps, "config": config,
             "weights": weights}
 
@@ -90,7 +91,7 @@ def finetune(run_dir, step: int | None = None, spec=None, weights=None, iters: i
     session.net.copy_from(done["weights"])
     after = session.evaluate(test, progress=False)
     record = state["steps"][step]
-    result = {**done, "run": str(run_dir), "step": step, "groups": [s["group"] for s in state["steps"][1:step + 1]],
+    result = {**done, "run": str(run_dir), "step": step, "groups": pruned_of(state["steps"][1:step + 1]),
               "percent_conv_removed": record["percent_conv_removed"], "run_test_at_step": record.get("test"),
               "test_images": len(test), "before": before, "after": after,
               "held_zero": {"values": held.values, "nonzero_after": held.nonzero(session.net)}}

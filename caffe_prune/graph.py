@@ -259,17 +259,34 @@ class ChannelGraph:
         raise InputError(f"{layer!r} has no {side} channels in this graph (side is 'output' "
                           f"for a Convolution, 'input' for a Convolution or an InnerProduct fed channels)")
 
-    def prunable(self, pruned) -> list:
-        """Ids of groups not yet pruned whose removal leaves every producer layer they touch, and
-        every group of a grouped producer, at least one active channel."""
-        mask = self._mask(pruned)
+    def _left(self, mask) -> dict:
+        """{(producer layer, conv group): active output channels} in the state ``mask`` (a depthwise
+        layer counts as one conv group: it may lose whole groups)."""
         left = {}
         for name, (_, out_gids) in self._conv.items():
             info = self.producers[name]
             per_group = (~mask[out_gids]).reshape(1 if info.depthwise else info.group, -1).sum(axis=1)
             left.update(((name, k), int(count)) for k, count in enumerate(per_group))
+        return left
+
+    def prunable(self, pruned) -> list:
+        """Ids of groups not yet pruned whose removal leaves every producer layer they touch, and
+        every group of a grouped producer, at least one active channel."""
+        mask = self._mask(pruned)
+        left = self._left(mask)
         return [g.id for g in self.groups if not mask[g.id]
                 and all(left[where] > count for where, count in self._takes[g.id].items())]
+
+    def takes(self, group_id: int) -> dict:
+        """{producer layer: output channels} that removing the group takes from each layer."""
+        out = Counter()
+        for (layer, _), count in self._takes[group_id].items():
+            out[layer] += count
+        return dict(out)
+
+    def state(self, pruned) -> "State":
+        """The state ``pruned`` as a State that grows one group at a time (a step removing many)."""
+        return State(self, pruned)
 
     # ---- slices and what they leave ----
 
@@ -390,6 +407,56 @@ class ChannelGraph:
         return pruned
 
 
+class State:
+    """A pruning state that grows (and shrinks) one group at a time, with its costs and the active
+    channels of every producer kept up to date: what a step that removes many groups asks after each
+    one (caffe_prune.schedule), the same integers as ``graph.costs`` and ``graph.prunable`` of the
+    same set, without recounting the whole net (touched layers only)."""
+
+    def __init__(self, graph: ChannelGraph, pruned):
+        self.graph, self.pruned = graph, set(pruned)
+        removed, per_layer = graph._removed(self.pruned)
+        self.removed = defaultdict(set, {key: set(v) for key, v in removed.items()})
+        self.per_layer = dict(per_layer)
+        self.left = graph._left(graph._mask(self.pruned))
+        self.width = Counter()
+        for (name, _), count in self.left.items():
+            self.width[name] += count
+
+    def fits(self, group_id: int) -> bool:
+        """Not pruned, and removing it leaves every layer (and conv group) it touches a channel."""
+        return group_id not in self.pruned and \
+            all(self.left[where] > count for where, count in self.graph._takes[group_id].items())
+
+    def add(self, group_id: int) -> None:
+        self._change(group_id, +1)
+
+    def remove(self, group_id: int) -> None:
+        self._change(group_id, -1)
+
+    def _change(self, group_id: int, sign: int) -> None:
+        g = self.graph
+        touched = set()
+        for s in g.groups[group_id].slices:
+            positions = self.removed[(s.layer, s.blob, s.axis)]
+            (positions.update if sign > 0 else positions.difference_update)(s.positions)
+            touched.add(s.layer)
+        for name in touched & set(g._weighed):
+            self.per_layer[name] = g._layer_costs(name, self.removed)
+        for where, count in g._takes[group_id].items():
+            self.left[where] -= sign * count
+            self.width[where[0]] -= sign * count
+        (self.pruned.add if sign > 0 else self.pruned.discard)(group_id)
+
+    def costs(self) -> Costs:
+        totals = [sum(column) for column in zip(*self.per_layer.values())] or [0, 0, 0, 0]
+        return Costs(*totals[:3], totals[3] if self.graph._all_params else None)
+
+    def active(self, layer: str) -> int:
+        """Output channels of producer ``layer`` still present."""
+        return self.width[layer]
+
+
 class _Union:
     """A read-only view of two {key: set} maps as their union (what a state plus one group removes)."""
 
@@ -418,4 +485,4 @@ def build_graph(net_param, input_shape=None) -> ChannelGraph:
 
 
 __all__ = ["Channel", "ChannelGraph", "ConsumerSlice", "Costs", "FcInfo", "Group", "NO_UNITS", "ProducerInfo",
-           "Rider", "build_graph", "group_slices"]
+           "Rider", "State", "build_graph", "group_slices"]

@@ -66,7 +66,7 @@ SOLVER_COMMON = dict(display=100, snapshot=500, test_initialization=True)
 
 
 def _dsl():
-    """pycaffe's NetSpec vocabulary (layers, params), imported through the pycaffe."""
+    """pycaffe's NetSpec vocabulary (layers, params), imported through caffe_prune.pycaffe."""
     cf = pycaffe.caffe()
     return cf.layers, cf.params
 

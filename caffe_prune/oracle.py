@@ -4,7 +4,8 @@ Each constituent metric ranks the prunable groups, least salient first. The orac
 constituents round-robin; each contributes its lowest-ranked group not already short-listed, until
 k unique candidates exist (fewer when the rankings run out). Every candidate's *sensitivity* is the
 cross-entropy on validation batches with the candidate's whole group masked (Θ_C zeroed) minus the
-unmasked loss (eq. 6); the least sensitive candidate is pruned. Which constituent proposed it, and at
+unmasked loss (eq. 6); the least sensitive candidate is pruned (with a schedule of N groups per
+step, the N least sensitive that may go: ``order``). Which constituent proposed it, and at
 which rank, is the paper's "phase structure" and is recorded.
 
 Two short-listing rules (``SHORTLISTS``): ``paper``, the text's (a constituent whose next group is
@@ -99,6 +100,12 @@ def sensitivities(candidates, masker, loss_of) -> dict:
     return result
 
 
+def order(sensitivity: dict) -> list:
+    """The candidates, least sensitive first; ties go to the lowest group id (deterministic). A step
+    that removes N groups takes the first N that may go."""
+    return sorted(sensitivity, key=lambda group: (sensitivity[group], group))
+
+
 def choose(sensitivity: dict) -> int:
-    """The least sensitive candidate; ties go to the lowest group id (deterministic)."""
+    """The least sensitive candidate (``order``'s first)."""
     return min(sensitivity, key=lambda group: (sensitivity[group], group))

@@ -1,9 +1,11 @@
-"""Algorithm 1 of papers/004: iterative channel pruning without retraining, one group per step.
+"""Algorithm 1 of papers/004: iterative channel pruning without retraining, one group per step, or
+as many as a schedule asks (caffe_prune.schedule) where the constraints allow (caffe_prune.constraints).
 
 Each step draws ``eval_size`` random validation batches, ranks the prunable groups with the chosen
-saliency metric (or short-lists k of them with the myopic oracle and measures them), removes the
-least salient group (its masks committed in the Caffe net's blobs), and measures test top-1 every
-``test_interval`` steps. The run stops when test top-1 falls more than ``max_drop`` points below the
+saliency metric (or short-lists k of them with the myopic oracle and measures them: k >= the groups
+the step will take), removes the least salient group, or the N least salient of that one ranking
+(their masks committed in the Caffe net's blobs), and measures test top-1 every ``test_interval``
+steps. A step's record (caffe_prune.steps) names the groups it removed, in the order chosen. The run stops when test top-1 falls more than ``max_drop`` points below the
 initial accuracy (never, with ``max_drop`` None: Figure 6's whole curves), below an optional
 absolute ``floor``, after ``max_steps``, or when nothing is left to prune. Every decision uses
 validation images (caffe_prune.data.dataset); the test set is only measured.
@@ -42,11 +44,14 @@ import numpy as np
 from tqdm import tqdm
 
 from caffe_prune import engines, masking, metrics, oracle, pycaffe
+from caffe_prune import steps as step_records
 from caffe_prune.analysis import DEFAULT_DROP, final_scores
+from caffe_prune.constraints import Constraints
 from caffe_prune.download import digest
 from caffe_prune.errors import InputError, PluginError
 from caffe_prune.metrics import plugins
 from caffe_prune.rundir import RunDir
+from caffe_prune.schedule import TARGETS, Schedule, within
 from caffe_prune.session import Session
 
 
@@ -89,6 +94,12 @@ class Config:
     retrain_iters: int | None = later(None)   # ... for I solver iterations, pruned groups held at zero
     target: dict | None = later(None)         # a budget to stop at: {"macs"|"params"|"weights": fraction left}
     plugins: dict | None = later(None)        # {name: file} of the plugin metrics used (caffe_prune.metrics.plugins)
+    per_step: str | None = later(None)        # groups a step removes: "N", "P%" (of the prunable channels), "P%macs"
+    in_steps: int | None = later(None)        # reach the target in this many steps (a geometric schedule)
+    keep: list | None = later(None)           # producer layers (glob patterns) never pruned
+    min_channels: int | None = later(None)    # every layer keeps at least this many channels
+    max_layer_fraction: float | None = later(None)   # no layer loses more than this fraction of its channels
+    round_to: int | None = later(None)        # every width left a multiple of this (or the original)
 
     # where things are, not what they are: a resume compares their contents (sha256) instead
     LOCATIONS = ("net", "weights", "data", "data_root", "plugins")
@@ -135,6 +146,12 @@ class Config:
         for name, value in (("retrain_every", self.retrain_every), ("retrain_iters", self.retrain_iters)):
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        Schedule.check(self.per_step, self.in_steps, self.target)
+        for name, value, low in (("min_channels", self.min_channels, 1), ("round_to", self.round_to, 1)):
+            if value is not None and value < low:
+                raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        if self.max_layer_fraction is not None and not 0 < self.max_layer_fraction <= 1:
+            raise InputError(f"--max-layer-fraction must be in (0, 1], got {self.max_layer_fraction}")
         for key, fraction in (self.target or {}).items():
             if key not in TARGETS:
                 raise InputError(f"--target {key}: budgets are {', '.join(TARGETS)} (fractions left, e.g. "
@@ -151,10 +168,6 @@ class Config:
                 metrics.parse(name)
             except metrics.MetricError as exc:   # its message lists the valid names
                 raise InputError(str(exc)) from None
-
-
-# budgets a run can stop at (``--target KEY=FRACTION``): the step record's field each reads
-TARGETS = {"macs": "macs", "params": "params", "weights": "conv_weights"}
 
 
 def definition_sha256(net_param) -> str:
@@ -195,6 +208,10 @@ class Run:
                 "versions": {k: v for k, v in pycaffe.versions().items() if k in ("caffe", "source", "blas", "python")},
                 "original": self.graph.costs(set())._asdict(),     # what the unpruned net computes and holds
             }
+            self.schedule = Schedule(self.graph, self.graph.costs(set()), config.per_step, config.in_steps,
+                                     config.target)
+            self.constraints = Constraints.of(config, self.graph)
+            self.unreachable = None          # why the run stopped short of its --target, when it did
             self.retraining = None
             if config.retrain_every:           # the training form, checked before any step is taken
                 from caffe_prune import train
@@ -238,8 +255,8 @@ class Run:
             retrained = self.dir.retrained_weights(len(steps) - 1, steps)
             if retrained is not None:       # the net as the last retraining left it (its masks are zeros)
                 self.net.copy_from(str(retrained))
-        for step in steps[1:]:
-            self.masker.commit(step["group"])
+        for group in step_records.pruned_of(steps[1:]):
+            self.masker.commit(group)
         return steps
 
     def _append(self, record: dict) -> None:
@@ -280,7 +297,9 @@ class Run:
     # ---- Algorithm 1 ----
 
     def decide(self, step: int, pruned: set) -> dict:
-        """Choose the group to prune at `step`: the least salient by the metric, or the oracle's pick."""
+        """Choose the groups to prune at `step`: the least salient of the metric's ranking, or the least
+        sensitive of the oracle's measured shortlist, as many as the schedule's quota (constraints
+        holding). {"groups", "proposers" (one list per group), "sensitivities" (the oracle's)}."""
         c = self.config
         names = [c.metric] if c.metric else list(c.oracle)
         start = time.perf_counter()
@@ -290,16 +309,55 @@ class Run:
         except PluginError as exc:
             raise PluginError(f"step {step}: {exc}") from None
         self.timing["saliency"] = round(time.perf_counter() - start, 4)
+        state = self.graph.state(pruned)
+        quota = self.schedule.quota(step, state)
         if c.metric:
-            return {"group": rankings[c.metric][0], "proposers": [[c.metric, 0]]}
-        proposals = oracle.shortlist(rankings, c.k, c.shortlist)
+            ranking = rankings[c.metric]
+            rank = {group: i for i, group in enumerate(ranking)}
+            groups = self.schedule.select(ranking, state, quota, self.constraints)
+            return {"groups": groups, "proposers": [[[c.metric, rank[g]]] for g in groups]}
+        # the shortlist holds at least as many candidates as the step will take (k >= N)
+        k = c.k
+        if quota != Schedule.ONE or self.constraints or c.target:
+            everything = [p.group for p in oracle.shortlist(rankings, len(self.graph.groups), c.shortlist)]
+            k = max(c.k, self.schedule.trial(everything, state, quota, self.constraints))
+        proposals = oracle.shortlist(rankings, k, c.shortlist)
         start = time.perf_counter()
         sensitivity = self.engine.sensitivities([p.group for p in proposals], self._batches(step, 1, c.oracle_eval_size))
         self.timing["probes"] = round(time.perf_counter() - start, 4)
-        group = oracle.choose(sensitivity)
-        proposers = next(p.proposers for p in proposals if p.group == group)
-        return {"group": group, "proposers": [list(p) for p in proposers],
+        groups = self.schedule.select(oracle.order(sensitivity), state, quota, self.constraints)
+        proposers = {p.group: p.proposers for p in proposals}
+        return {"groups": groups, "proposers": [[list(p) for p in proposers[g]] for g in groups],
                 "sensitivities": {str(g): s for g, s in sensitivity.items()}}
+
+    def advance(self, step: int, pruned: set) -> dict | None:
+        """One step of Algorithm 1 from the state ``pruned``: decide, commit the masks, count what the
+        state keeps, measure (every test_interval steps), retrain (with a prune-retrain schedule);
+        the step's record, not yet appended (None when nothing may be pruned any more)."""
+        c = self.config
+        start = time.perf_counter()
+        self.timing = {}
+        state = self.graph.state(pruned)
+        if not any(state.fits(g) and self.constraints.allowed(g, state) for g in self.graph.prunable(pruned)):
+            return None
+        choice = self.decide(step, pruned)
+        groups = choice.pop("groups")
+        if not groups:
+            return None
+        self.engine.commit(groups)
+        pruned.update(groups)
+        held = [self.graph.groups[g] for g in groups]
+        record = step_records.record(step, groups, choice.pop("proposers"), **choice,
+                                     layers=list(dict.fromkeys(layer for g in held for layer in g.layers)),
+                                     channels=[[u.layer, u.index] for g in held for u in g.channels],
+                                     **self._counts(pruned))
+        if step % c.test_interval == 0:
+            record["test"] = self._test()
+        if c.retrain_every and step % c.retrain_every == 0:
+            record["retrain"] = self._retrain(step, record.get("test") or self._test())
+        record["seconds"] = round(time.perf_counter() - start, 4)
+        record["phase_seconds"] = dict(self.timing)
+        return record
 
     def run(self) -> list:
         """Prune until the stop criterion; returns all step records (resumed or new)."""
@@ -312,32 +370,19 @@ class Run:
         c = self.config
         self.timing = {}
         if not self.steps:
-            self._append({"step": 0, "group": None, "test": self._test(), **self._counts(set()), "seconds": 0.0})
+            self._append(step_records.record(0, [], [], test=self._test(), **self._counts(set()), seconds=0.0))
         initial = 100 * self.steps[0]["test"]["top1"]
-        pruned = {s["group"] for s in self.steps[1:]}
+        pruned = set(step_records.pruned_of(self.steps[1:]))
         bar = tqdm(total=len(self.graph.groups), initial=len(pruned), unit="group",
                    desc=f"prune {Path(c.net).name}", disable=not self.progress)
         with contextlib.closing(bar):
             while not self._finished(initial):
-                step = len(self.steps)
-                start = time.perf_counter()
-                if not self.graph.prunable(pruned):
+                record = self.advance(len(self.steps), pruned)
+                if record is None:
+                    self.unreachable = self._short_of_target(pruned) if c.target else None
                     break
-                self.timing = {}
-                choice = self.decide(step, pruned)
-                self.engine.commit(choice["group"])
-                pruned.add(choice["group"])
-                group = self.graph.groups[choice["group"]]
-                record = {"step": step, **choice, "layers": list(group.layers),
-                          "channels": [[u.layer, u.index] for u in group.channels], **self._counts(pruned)}
-                if step % c.test_interval == 0:
-                    record["test"] = self._test()
-                if c.retrain_every and step % c.retrain_every == 0:
-                    record["retrain"] = self._retrain(step, record.get("test") or self._test())
-                record["seconds"] = round(time.perf_counter() - start, 4)
-                record["phase_seconds"] = dict(self.timing)
                 self._append(record)
-                bar.update(1)
+                bar.update(len(record["groups"]))
                 top1 = record.get("test", {}).get("top1")
                 bar.set_postfix(removed=f"{record['percent_conv_removed']:.1f}%",
                                 active=record["active_channels"], top1="-" if top1 is None else f"{100 * top1:.1f}")
@@ -345,7 +390,22 @@ class Run:
 
     def _within_budget(self) -> bool:
         """Every budget of ``target`` met: the costs left are at most the fractions of the original."""
-        return _within_budget_of(self.graph, self.steps, self.config.target)
+        return within(self.graph.costs(set(step_records.pruned_of(self.steps[1:]))), self.graph.costs(set()),
+                      self.config.target)
+
+    def _short_of_target(self, pruned) -> str:
+        """Why the run stopped before its --target: which constraint left nothing to prune, and how far it got."""
+        state = self.graph.state(pruned)
+        reasons = sorted({self.constraints.why_not(g, state) or (f"--round-to {self.config.round_to}"
+                                                                 if self.config.round_to else "the layers' last channels")
+                          for g in self.graph.prunable(pruned)})
+        costs, original = state.costs(), self.graph.costs(set())
+        left = ", ".join(f"{key} {getattr(costs, TARGETS[key]) / getattr(original, TARGETS[key]):.3f}"
+                         for key in sorted(self.config.target))
+        what = ", ".join(reasons) if reasons else "no group is left that keeps every layer a channel"
+        target = ",".join(f"{k}={v:g}" for k, v in sorted(self.config.target.items()))
+        return (f"--target {target} not reached: after step {len(self.steps) - 1} nothing more may be pruned "
+                f"({what}); left of the original: {left}")
 
     def _retrain(self, step: int, before: dict) -> dict:
         """Fine-tune the masked net in place (caffe_prune.train.retrain); the fast engine's workers hold
@@ -369,14 +429,8 @@ class Run:
         if c.target and self._within_budget():
             return True
         scores = final_scores(last)
-        if scores is None or last["group"] is None:
+        if scores is None or not step_records.groups_of(last):
             return False
         top1 = 100 * scores["top1"]
         dropped = c.max_drop is not None and top1 < initial - c.max_drop
         return dropped or (c.floor is not None and top1 < c.floor)
-
-
-def _within_budget_of(graph, steps, target: dict) -> bool:
-    costs = graph.costs({s["group"] for s in steps[1:]})._asdict()
-    original = graph.costs(set())._asdict()
-    return all(costs[TARGETS[key]] <= fraction * original[TARGETS[key]] for key, fraction in target.items())

@@ -5,8 +5,8 @@ A run (caffe_prune.pruning) lives in a directory of plain files that need no cod
 - ``config.json``: the header: the configuration, the sha256 of the definition, the weights and
   the data, the protocol and versions; written atomically (caffe_prune.fsio). An empty or torn one
   (a kill during its first write) reads as absent, and the run rebuilds it from the command;
-- ``steps.jsonl``: one JSON object per completed step, appended and fsync'ed; step 0 is the
-  unpruned net. A torn last line (a kill during the append) is cut off when the file is read;
+- ``steps.jsonl``: one JSON object per completed step (caffe_prune.steps: its schema), appended
+  and fsync'ed; step 0 is the unpruned net. A torn last line (a kill during the append) is cut off when the file is read;
   nothing is ever rewritten in place;
 - ``.lock``: held by the one process that runs the run (fsio.RunLock). Forked children never hold
   it (fsio closes it in every fork) and die with their parent (``die_with_parent``), so the lock of
@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from caffe_prune import fsio
+from caffe_prune import steps as step_records
 from caffe_prune.errors import InputError
 
 CONFIG, STEPS, LOCK = "config.json", "steps.jsonl", ".lock"
@@ -69,28 +70,19 @@ class RunDir:
     # ---- the steps ----
 
     def steps(self, groups: int | None = None, repair: bool = True) -> list:
-        """The complete steps, checked: step n on line n + 1, step 0 the unpruned net (with its test
-        scores), every later one a group id (below ``groups`` when given) pruned once. ``repair``:
-        cut a torn last line off the file (the run's owner only; readers leave it)."""
+        """The complete steps in the current schema, checked (caffe_prune.steps.check: step n on line
+        n + 1, step 0 the unpruned net, every later one removing groups below ``groups`` not removed
+        before). ``repair``: cut a torn last line off the file (the run's owner only; readers leave it)."""
         path = self.path / STEPS
         if path.is_dir():
             raise InputError(f"{path} is a directory; the run directory is damaged: use --force or another --out")
-        steps = []
-        for number, line in enumerate(fsio.complete_lines(path, repair), 1):
+        records = []
+        for line in fsio.complete_lines(path, repair):
             try:
-                step = json.loads(line)
+                records.append(json.loads(line))
             except ValueError:
-                step = None
-            expected = len(steps)
-            valid = isinstance(step, dict) and step.get("step") == expected and \
-                (step.get("group") is None if expected == 0 else
-                 isinstance(step.get("group"), int) and 0 <= step["group"] < (groups or float("inf"))) and \
-                (expected > 0 or isinstance(step.get("test"), dict))
-            if not valid or (expected and step["group"] in {s["group"] for s in steps[1:]}):
-                raise InputError(f"{path}:{number} is not step {expected} of this run; the run directory "
-                                  f"is damaged: use --force (starts over) or another --out")
-            steps.append(step)
-        return steps
+                records.append(None)
+        return step_records.check(records, groups, path)
 
     def append(self, record: dict) -> None:
         fsio.append_line(self.path / STEPS, json.dumps(record))

@@ -9,7 +9,8 @@ A sweep directory's ``results.sqlite`` holds, for every run its SPEC expanded to
   conv weights removed at the end and at ``report_drop`` points below the start (papers/004
   Table 2's figure, ``removed_at_drop``). The metric's taxonomy components (input, pointwise,
   reduction, scaling, domino) are columns, so results group by component in SQL.
-- ``steps``: one row per step of a finished run (group pruned, test top-1/top-5/loss, weights
+- ``steps``: one row per step of a finished run (the first group pruned, ``grp``; the step's
+  whole record, with every group it removed, in ``record``: caffe_prune.steps; test top-1/top-5/loss, weights
   left, % removed, MACs per image and parameters left, % of MACs removed, seconds) and the step's
   whole record as JSON.
 - ``attempts``: one row per time a worker was given the run (host, pid, executor, the driver that
@@ -34,6 +35,8 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from caffe_prune.steps import archive_cell, groups_of, normalize
 
 STORE_NAME = "results.sqlite"
 BUSY_TIMEOUT_MS = 60_000
@@ -81,7 +84,7 @@ def _v1(db) -> None:
         CREATE TABLE steps (
             run_id TEXT NOT NULL REFERENCES runs(id),
             step INTEGER NOT NULL,
-            grp INTEGER,                    -- the group pruned (NULL for step 0, the unpruned net)
+            grp INTEGER,                    -- the (first) group pruned (NULL for step 0); record: all of them
             top1 REAL, top5 REAL, loss REAL,  -- NULL when the step was not measured
             percent_conv_removed REAL,
             conv_weights INTEGER,
@@ -291,7 +294,7 @@ class Store:
             db.executemany("INSERT INTO steps (run_id, step, grp, top1, top5, loss, percent_conv_removed, conv_weights, "
                            "fc_weights, active_channels, seconds, record, macs, params, percent_macs_removed) "
                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                           [(run_id, s["step"], s.get("group"), _pct(s, "top1"), _pct(s, "top5"),
+                           [(run_id, s["step"], (groups_of(s) or [None])[0], _pct(s, "top1"), _pct(s, "top5"),
                              s.get("test", {}).get("loss"), s.get("percent_conv_removed"), s.get("conv_weights"),
                              s.get("fc_weights"), s.get("active_channels"), s.get("seconds"), json.dumps(s),
                              s.get("macs"), s.get("params"), s.get("percent_macs_removed"))
@@ -336,17 +339,21 @@ class Store:
         return [_decode(dict(row)) for row in self.db.execute(sql, args)]
 
     def steps(self, run_id: str) -> list:
-        """The step records of a finished run, in order."""
-        return [json.loads(r[0]) for r in self.db.execute("SELECT record FROM steps WHERE run_id=? ORDER BY step",
-                                                          (run_id,))]
+        """The step records of a finished run, in order, in the current schema (caffe_prune.steps)."""
+        return [normalize(json.loads(r[0])) for r in self.db.execute("SELECT record FROM steps WHERE run_id=? "
+                                                                     "ORDER BY step", (run_id,))]
 
     def step_rows(self, run_ids) -> list:
+        """One dict per step of the runs: the step columns, ``groups`` (all the step removed, "17;4")."""
         rows = []
         for run_id in run_ids:
-            rows += [dict(r) for r in self.db.execute(
-                "SELECT run_id, step, grp, top1, top5, loss, percent_conv_removed, conv_weights, fc_weights, "
-                "active_channels, seconds, macs, params, percent_macs_removed FROM steps WHERE run_id=? ORDER BY step",
-                (run_id,))]
+            for r in self.db.execute(
+                    "SELECT run_id, step, grp, top1, top5, loss, percent_conv_removed, conv_weights, fc_weights, "
+                    "active_channels, seconds, macs, params, percent_macs_removed, record FROM steps WHERE run_id=? "
+                    "ORDER BY step", (run_id,)):
+                row = dict(r)
+                row["groups"] = archive_cell(json.loads(row.pop("record")))
+                rows.append(row)
         return rows
 
     def attempts(self, run_id: str | None = None) -> list:

@@ -12,6 +12,7 @@ import pytest
 from caffe_prune import export, netdef, networks, pycaffe
 from caffe_prune.graph import ChannelGraph
 from caffe_prune.session import Network
+from caffe_prune.steps import pruned_of
 from conftest import PUBLISHED, REPO, SUBSET
 from test_layers import deconv_net
 from test_session import bottlenecks, densenet, mobilenet, write
@@ -101,7 +102,7 @@ def test_run_records_costs_and_stops_at_a_budget(caffe, tmp_path):
     assert steps[-1]["macs"] <= 0.5 * original < steps[-2]["macs"]
     g = network.graph
     for at in (1, len(steps) // 2, len(steps) - 1):
-        pruned = {s["group"] for s in steps[1:at + 1]}
+        pruned = set(pruned_of(steps[1:at + 1]))
         _, _, small = export.compact_net(network.structure(), g, pruned, full, networks.IMAGE_SHAPE, "t", probe=False)
         caffe_count = counted_by_caffe(small)
         assert {k: steps[at][k] for k in ("macs", "params", "conv_weights", "fc_weights")} == caffe_count

@@ -1,7 +1,7 @@
 """The fast engine against the naive one (caffe_prune.engines): the same decisions, sensitivities and
 test measurements bit for bit, over many steps, both masking semantics, any number of workers;
 a test cache that notices parameters changed behind its back; a worker killed mid-probe replaced
-without changing the step; a run resumed in the other pycaffe."""
+without changing the step; a run resumed in the other engine."""
 import json
 import os
 import signal
@@ -117,7 +117,7 @@ def test_killed_worker_is_replaced_and_the_probes_unchanged(resnet):
     try:
         assert fast.sensitivities(candidates, batches) == want
         assert killed == [before[0]] and fast.worker_pids()[0] != before[0] and fast.worker_pids()[1] == before[1]
-        fast.commit(17)                                 # the new worker follows the run's commits
+        fast.commit([17])                               # the new worker follows the run's commits
         assert fast.test() == evaluate.evaluate(session.net, val.x[:32], val.y[:32], 32, progress=False)
     finally:
         fast.close()

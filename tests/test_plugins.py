@@ -77,7 +77,7 @@ def test_a_plugin_reimplementing_a_builtin_gives_its_saliencies(caffe, plugin_fi
 
 
 def _decisions(steps):
-    return [(s["group"], s.get("sensitivities"), s["test"]["top1"]) for s in steps]
+    return [(s["groups"], s.get("sensitivities"), s["test"]["top1"]) for s in steps]
 
 
 @pytest.mark.parametrize("net, steps", [("LeNet-5", 4), ("ResNet-20", 2)])

@@ -12,6 +12,7 @@ import pytest
 
 from caffe_prune import analysis, pruning, pycaffe
 from caffe_prune.errors import InputError
+from caffe_prune.steps import pruned_of
 from conftest import PUBLISHED, REPO, SUBSET
 
 LENET = PUBLISHED / "LeNet-5-CIFAR10" / "original.caffemodel"
@@ -27,7 +28,7 @@ def steps_of(run_dir):
     return [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
 
 
-DECISIONS = ("step", "group", "proposers", "percent_conv_removed", "conv_weights", "test")
+DECISIONS = ("step", "groups", "proposers", "percent_conv_removed", "conv_weights", "test")
 
 
 def decisions(steps):
@@ -42,7 +43,7 @@ def test_stop_rule_and_counts(caffe, tmp_path):
     initial = 100 * steps[0]["test"]["top1"]
     assert all(100 * s["test"]["top1"] >= initial - 1.0 for s in steps[1:-1])
     assert 100 * steps[-1]["test"]["top1"] < initial - 1.0
-    pruned = {s["group"] for s in steps[1:]}
+    pruned = set(pruned_of(steps[1:]))
     assert len(pruned) == len(steps) - 1
     assert steps[-1]["conv_weights"] == run.graph.conv_weights(pruned)
     assert analysis.removed_at_drop(steps, 1.0) == steps[-2]["percent_conv_removed"]

@@ -577,6 +577,6 @@ def test_prune_oracle_and_reproduce_oracle_decide_alike(tmp_path, capsys):
     header = json.loads((tmp_path / "prune" / "config.json").read_text())
     assert header["config"]["oracle"] == list(taxonomy.PAPER_FORMS["table2"])
     (reproduced,) = decisions(tmp_path / "reproduce").values()
-    keys = ("group", "proposers", "sensitivities", "test", "percent_conv_removed")
+    keys = ("groups", "proposers", "sensitivities", "test", "percent_conv_removed")
     assert [{k: s.get(k) for k in keys} for s in pruned] == [{k: s.get(k) for k in keys} for s in reproduced]
     assert len(pruned) == 4

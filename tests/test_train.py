@@ -19,6 +19,7 @@ from caffe_prune.data import cifar10, cifar10_convert
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.session import Network, Session
 from caffe_prune.errors import InputError
+from caffe_prune.steps import pruned_of
 from conftest import PUBLISHED, REPO, SUBSET, evaluation
 
 pytestmark = pytest.mark.xdist_group("test_train")       # one process: its module fixtures are costly
@@ -174,7 +175,7 @@ def test_finetune_masked_and_exported(caffe, data_out, pruned, tmp_path):
 
     # the zeros, checked on the blobs of the saved files against regions computed here
     session = Session(Network.open("LeNet-5"), str(LENET), None, batch_size=4)
-    groups = [s["group"] for s in steps[1:step + 1]]
+    groups = pruned_of(steps[1:step + 1])
     regions = [r for g in groups for r in masking.regions(session.graph, session.graph.groups[g])]
     trained = caffemodel_arrays(done["weights"])
     history = history_of(train.latest_solverstate(tmp_path / "masked"), session.net)

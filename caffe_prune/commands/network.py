@@ -12,6 +12,7 @@ from pathlib import Path
 from caffe_prune import fsio, masking, profile, published_weights, pycaffe
 from caffe_prune.commands import options
 from caffe_prune.errors import InputError
+from caffe_prune.steps import pruned_of
 
 
 def register(sub) -> None:
@@ -130,6 +131,8 @@ def cmd_graph(args) -> int:
 def chosen_groups(g, args, network=None) -> set:
     """--groups ids (in order, each still prunable), a pruning run's groups up to --step (of the same
     network definition), or a seeded --random-fraction of the groups."""
+    if getattr(args, "step", None) is not None and getattr(args, "run", None) is None:
+        raise InputError("--step N reads a run's step: give it with --run RUN_DIR")
     if getattr(args, "run", None) is not None:
         from caffe_prune import pruning
         from caffe_prune.rundir import RunDir
@@ -141,7 +144,7 @@ def chosen_groups(g, args, network=None) -> set:
                 pruning.definition_sha256(network.param):
             raise InputError(f"{args.run} pruned another network definition than {network.where}; "
                              f"give the run's own NET ({header.get('config', {}).get('net')})")
-        return g.chosen([s["group"] for s in steps[1:step + 1]])
+        return g.chosen(pruned_of(steps[1:step + 1]))
     if args.groups is not None:
         try:
             ids = [int(x) for x in args.groups.split(",")]

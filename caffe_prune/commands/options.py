@@ -105,8 +105,9 @@ def add_forms(p, default: str | None = DEFAULT_FORMS) -> None:
                         "Faithfulness)")
 
 
-def add_prune(p) -> None:
-    """Algorithm 1's knobs; each default is pruning.Config's (the paper's protocol, papers/004 §5)."""
+def add_prune(p, schedule_steps: bool = True) -> None:
+    """Algorithm 1's knobs; each default is pruning.Config's (the paper's protocol, papers/004 §5).
+    ``schedule_steps`` False leaves out ``--steps S`` (bench's --steps counts its own steps)."""
     d = Config.default
     p.add_argument("--k", type=int, default=d("k"), help=f"oracle shortlist size (default {d('k')})")
     p.add_argument("--eval-size", type=int, default=d("eval_size"),
@@ -127,6 +128,22 @@ def add_prune(p) -> None:
                         "accumulates per image), params (all parameters) or weights (conv weights), e.g. macs=0.5; "
                         "with --no-drop-stop the budget alone stops the run")
     p.add_argument("--max-steps", type=int, default=d("max_steps"), help="stop after N steps")
+    p.add_argument("--per-step", default=d("per_step"), metavar="N|P%|P%macs",
+                   help="groups a step removes: N (default 1, Algorithm 1), P%% of the original prunable channels, "
+                        "or P%%macs of the MACs left (caffe_prune.schedule)")
+    if schedule_steps:
+        p.add_argument("--steps", dest="in_steps", type=int, default=d("in_steps"), metavar="S",
+                       help="reach --target in S steps (a geometric schedule: step i keeps F^(i/S) of the original)")
+    else:
+        p.set_defaults(in_steps=d("in_steps"))
+    p.add_argument("--keep", type=names, default=d("keep"), metavar="LAYER[,LAYER...]",
+                   help="convolutions never pruned (glob patterns, e.g. conv1,res5*)")
+    p.add_argument("--min-channels", type=int, default=d("min_channels"), metavar="M",
+                   help="every convolution keeps at least M channels")
+    p.add_argument("--max-layer-fraction", type=float, default=d("max_layer_fraction"), metavar="F",
+                   help="no convolution loses more than this fraction of its channels")
+    p.add_argument("--round-to", type=int, default=d("round_to"), metavar="R",
+                   help="every pruned width a multiple of R (or the layer's original width)")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"seed of the batch draws (default {d('seed')})")
     p.add_argument("--semantics", choices=masking.SEMANTICS, default=d("semantics"))
     p.add_argument("--reading", choices=metrics.READINGS, default=d("reading"),
@@ -148,6 +165,14 @@ def add_prune(p) -> None:
     add_data(p)
     p.add_argument("--force", action="store_true", help="replace a run with another configuration in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def names(text) -> list:
+    """``--keep a,b*`` as ["a", "b*"]."""
+    out = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer")
+    return out
 
 
 def target(text) -> dict:

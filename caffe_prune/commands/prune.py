@@ -8,6 +8,7 @@ import json
 
 from caffe_prune import analysis, bench, finetune, published_weights
 from caffe_prune.commands import options
+from caffe_prune.errors import InputError
 
 TABLE1_TOP1 = {"LeNet-5": 69, "ResNet-20": 88}   # published top-1 (%), papers/004 Table 1
 
@@ -36,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--fill-test", action="store_true",
                    help="repeat the test images to fill --test-size batches (the full protocol on a subset)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    options.add_prune(p)
+    options.add_prune(p, schedule_steps=False)
     p.add_argument("--workers", type=int, default=None, help="fast-N's processes (default: one per core)")
     p.add_argument("--cache-mb", type=int, default=None, help="fast engines' test checkpoint memory")
     p.set_defaults(func=cmd_bench)
@@ -64,6 +65,8 @@ def run_one(config, out, args) -> list:
     from caffe_prune import pruning
     run = pruning.Run(config, out, force=args.force, progress=not args.quiet)
     steps = run.run()
+    if run.unreachable:                 # the steps taken are kept; the budget cannot be met as constrained
+        raise InputError(f"{out}: {run.unreachable}")
     drop = analysis.drop_of(config.max_drop)
     removed = analysis.removed_at_drop(steps, drop)
     last = steps[-1]

@@ -162,7 +162,7 @@ def _bench(path: Path) -> str:
     many = next((n for n in modes if n.startswith("fast-") and n != "fast-1"), None)
     if "fast-1" in modes and many:
         ratio = modes["fast-1"]["phases"]["saliency"] / modes[many]["phases"]["saliency"]
-        lines += ["", f"The saliency phase on {result['workers']} workers: {ratio:.2f}x the one-worker fast pycaffe."]
+        lines += ["", f"The saliency phase on {result['workers']} workers: {ratio:.2f}x the one-worker fast engine."]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_prune import fsio
+from caffe_prune.steps import first_proposer
 from caffe_prune.report.published_figures import PAPER_ROWS
 from caffe_prune.report.stats import AXIS_LABELS, MEASURES, band, curve, paper_five
 
@@ -78,7 +79,7 @@ def phases(runs, path, title) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.45 * len(oracle_runs)))
     for row, run in enumerate(oracle_runs):
         for step in run["steps"][1:]:
-            first = step["proposers"][0][0]
+            first = first_proposer(step)
             ax.scatter(step["percent_conv_removed"], row, color=f"C{names.index(first)}", s=14, marker="s")
     for i, name in enumerate(names):
         ax.scatter([], [], color=f"C{i}", marker="s", label=PAPER_ROWS.get(name, name))

@@ -47,7 +47,7 @@ the new runs into it. The sweep directory holds::
 ``submit(task) -> {host, pid}``, ``events(timeout) -> [(kind, task, payload)]`` with kind ``done``
 (payload: ``execute``'s result), ``failed`` (the run raised: one line), ``died`` (the worker process
 ended without a result) or ``busy`` (another process holds the run directory), and
-``close(cancel)``. ``execute`` is the one function that calls the pruning pycaffe. The driver
+``close(cancel)``. ``execute`` is the one function that calls the pruning engine. The driver
 (``launch``) hands runs out, writes every outcome to the store, gives a run whose worker died to a
 new worker (it resumes from its directory), and on Ctrl-C stops the workers, keeps the finished runs
 and marks the running ones ``interrupted``: the same command resumes them.
