@@ -15,20 +15,20 @@ LAYERS = (
     # foundations, no Caffe: errors, atomic files and locks, the layer registry, downloads, the
     # taxonomy's names, the oracle's choice, run directories, the results store
     ("errors", "fsio", "layers.rule", "layers.units", "layers.data", "layers.weighted", "layers.passing",
-     "layers.branches", "layers", "download", "oracle", "analysis", "metrics.plugins", "metrics.taxonomy",
-     "metrics.methods", "rundir", "store", "archive", "report.text"),
+     "layers.branches", "layers.effects", "layers", "download", "oracle", "steps", "schedule", "constraints", "analysis", "metrics.plugins", "metrics.taxonomy",
+     "metrics.methods", "rundir", "store", "archive", "report.text", "onnx_layers"),
     # Caffe itself
     ("pycaffe", "metrics.inputs"),
     # data and weights as Caffe reads them
-    ("data", "data.caffe_reading", "data.base_reader", "data.db_reader", "data.list_reader", "data.hdf5_reader",
+    ("data", "data.caffe_reading", "data.base_reader", "data.lmdb_meta", "data.db_reader", "data.list_reader", "data.hdf5_reader",
      "data.layer_records", "data.transform", "data.cifar10", "data.validation", "data.cifar10_convert",
      "data.synthetic", "published_weights"),
-    # network definitions and datasets
-    ("netdef", "networks", "data.dataset", "metrics.hessian"),
+    # network definitions and datasets (forks: fork layers rewritten as stock ones)
+    ("netdef", "forks", "networks", "data.dataset", "metrics.hessian"),
     # the channel graph, and what reads a net's blobs
     ("channels", "graph", "evaluate", "metrics.collect", "metrics.saliency", "metrics"),
     # masks, export, sessions, measured latency
-    ("masking", "export", "graph_view", "importer", "session", "profile"),
+    ("masking", "onnx_export", "runtimes", "export", "graph_view", "importer", "session", "profile"),
     # a step's Caffe work, training
     ("engines", "train", "train.recipe", "train.heldzero", "train.loop", "train.plots", "train.retrain"),
     # Algorithm 1

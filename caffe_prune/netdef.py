@@ -1,4 +1,4 @@
-"""Network definitions: what a net reads, where it ends, and the three forms Caffe runs for us.
+"""Network definitions: what a net reads, where it ends, and the forms Caffe runs for us.
 
 Any Caffe classifier arrives as a NetParameter (a prototxt, or the definition embedded in a
 caffemodel): a deploy net (an ``Input`` layer or the old top-level ``input:`` fields, maybe a
@@ -22,6 +22,8 @@ the user's blob and layer names:
 - ``evaluation_form``: the layers that feed the logits, fed by one ``Input`` layer (images and
   labels, in the net's own blob names), scored by Caffe's own ``SoftmaxWithLoss`` and ``Accuracy``
   (top-1, top-k) layers named ``EVAL_TOPS``;
+- ``deploy_form``: the structure form as a Caffe user deploys it (``deploy.prototxt``), with a
+  ``Softmax`` where the head was a SoftmaxWithLoss;
 - ``gradient_form``: the evaluation form for saliency passes, with lr_mult 0 wherever a weight
   gradient is not needed to reach the layers below (the same blob diffs, half the GEMMs).
 """
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from caffe_prune import fsio, pycaffe
-from caffe_prune.layers import DATA_TYPES, LEARNED_TYPES, LOSS_TYPES, rule
+from caffe_prune.layers import DATA_TYPES, LEARNED_TYPES, LOSS_TYPES, role, rule
 from caffe_prune.errors import InputError
 
 # the tops of the scoring layers evaluation_form adds (a slash keeps them apart from user blobs)
@@ -159,6 +161,22 @@ def structure_form(net_param, input_shape=None, where: str | None = None):
             continue
         out.layer.append(_copy(layer, alias))
     return out
+
+
+def deploy_form(net_param, input_shape=None, where: str | None = None):
+    """What a Caffe user deploys (``deploy.prototxt``): the structure form (one ``Input`` of batch 1,
+    the TEST-phase layers, no data, loss or accuracy layers; the user's layer and blob names), ending
+    in a ``Softmax`` when the net's head was a SoftmaxWithLoss (named ``prob``, Caffe's own deploy
+    convention, or ``prob_1``... when that name is taken)."""
+    form = structure_form(net_param, input_shape, where)
+    head = choose_head(net_param, where=where)
+    if head.found_by.startswith("SoftmaxWithLoss") and not any(role(l.type) == "softmax" for l in form.layer):
+        taken = {top for layer in form.layer for top in layer.top} | {layer.name for layer in form.layer}
+        name, i = "prob", 1
+        while name in taken:
+            name, i = f"prob_{i}", i + 1
+        form.layer.add(name=name, type="Softmax", bottom=[head.logits], top=[name])
+    return form
 
 
 def without_fillers(form):

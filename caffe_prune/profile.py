@@ -170,6 +170,53 @@ def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
+def spread(original: dict, compact: dict) -> list:
+    """The speed-up's spread from the quartiles of both timings: [original q1 / compact q3,
+    original q3 / compact q1] (the speed-up of a slow original forward against a fast compact one
+    and the reverse); a measurement on a busy machine is one number inside it, not a constant."""
+    return [_ratio(original["q1_ms"], compact["q3_ms"]), _ratio(original["q3_ms"], compact["q1_ms"])]
+
+
+def served(prototxt, caffemodel, onnx_path, names, batch_sizes=(1, 32), threads=(1, "all"), repeats: int = 20,
+           warmup: int = 3) -> list:
+    """The deploy files timed in each runtime of ``names`` (caffe_prune.runtimes: caffe, opencv,
+    onnxruntime) at every (batch size, thread count): [{runtime, batch, threads, median_ms, q1_ms,
+    q3_ms, images_per_s}]; a runtime that is not installed is one InputError line."""
+    from caffe_prune import runtimes
+    rows = []
+    for name in names:
+        for count in thread_counts(threads):
+            runner = runtimes.load(name, prototxt, caffemodel, onnx_path, threads=count)
+            for batch in sorted({int(b) for b in batch_sizes}):
+                rows.append(runtimes.latency(runner, batch, repeats, warmup))
+    return rows
+
+
+def compare_served(original: list, compact: list) -> list:
+    """Two ``served`` tables side by side: per (runtime, batch, threads), both medians, the speed-up
+    and its spread."""
+    theirs = {(r["runtime"], r["batch"], r["threads"]): r for r in compact}
+    return [{"runtime": r["runtime"], "batch": r["batch"], "threads": r["threads"], "original_ms": r["median_ms"],
+             "compact_ms": theirs[key]["median_ms"], "speedup": _ratio(r["median_ms"], theirs[key]["median_ms"]),
+             "speedup_range": spread(r, theirs[key])}
+            for r in original if (key := (r["runtime"], r["batch"], r["threads"])) in theirs]
+
+
+def format_served(rows: list, compared: bool = False) -> str:
+    """A ``served`` (or ``compare_served``) table for the terminal."""
+    if compared:
+        lines = [f"{'runtime':<12} {'batch':>5} {'threads':>7} {'original ms':>12} {'compact ms':>11} "
+                 f"{'speed-up (quartile range)':>26}"]
+        lines += [f"{r['runtime']:<12} {r['batch']:>5} {r['threads']:>7} {r['original_ms']:>12.3f} "
+                  f"{r['compact_ms']:>11.3f} {r['speedup']:>10.2f}x ({r['speedup_range'][0]:.2f}-"
+                  f"{r['speedup_range'][1]:.2f})" for r in rows]
+        return "\n".join(lines)
+    lines = [f"{'runtime':<12} {'batch':>5} {'threads':>7} {'median ms':>10} {'q1-q3 ms':>16} {'images/s':>10}"]
+    lines += [f"{r['runtime']:<12} {r['batch']:>5} {r['threads']:>7} {r['median_ms']:>10.3f} "
+              f"{r['q1_ms']:>7.3f}-{r['q3_ms']:<8.3f} {r['images_per_s']:>10.1f}" for r in rows]
+    return "\n".join(lines)
+
+
 def compare(original: dict, compact: dict) -> dict:
     """Two profiles side by side: per (batch, threads) pair both measured, the speed-up (original
     median / compact median) and the per-layer table matched by layer name (a layer only one net has
@@ -181,7 +228,8 @@ def compare(original: dict, compact: dict) -> dict:
         if other is None:
             continue
         row = {"batch": run["batch"], "threads": run["threads"], "original_ms": run["median_ms"],
-               "compact_ms": other["median_ms"], "speedup": _ratio(run["median_ms"], other["median_ms"])}
+               "compact_ms": other["median_ms"], "speedup": _ratio(run["median_ms"], other["median_ms"]),
+               "speedup_range": spread(run, other)}
         if "layers" in run and "layers" in other:
             mine, small = {l["name"]: l for l in run["layers"]}, {l["name"]: l for l in other["layers"]}
             names = list(mine) + [n for n in small if n not in mine]
@@ -245,10 +293,11 @@ def _format_comparison(result: dict, layers: int) -> str:
     if "macs" in result.get("costs", {}):
         m = result["costs"]["macs"]
         lines.append(f"MACs per image {m['original']:,} -> {m['compact']:,} ({m['ratio']}x fewer)")
-    lines.append(f"{'batch':>5} {'threads':>7} {'original ms':>12} {'compact ms':>11} {'speed-up':>9}")
+    lines.append(f"{'batch':>5} {'threads':>7} {'original ms':>12} {'compact ms':>11} {'speed-up (quartile range)':>26}")
     for r in result["runs"]:
+        low, high = r.get("speedup_range") or (None, None)
         lines.append(f"{r['batch']:>5} {r['threads']:>7} {r['original_ms']:>12.3f} {r['compact_ms']:>11.3f} "
-                     f"{r['speedup'] or float('nan'):>8.2f}x")
+                     f"{r['speedup'] or float('nan'):>10.2f}x" + (f" ({low:.2f}-{high:.2f})" if low else ""))
     timed = [r for r in result["runs"] if "layers" in r]
     if timed and layers > 0:
         ref = max(timed, key=lambda r: (r["batch"], -r["threads"]))

@@ -118,7 +118,8 @@ def test_groups_and_export(caffe, source_tree, tmp_path, name):
     assert not g.barriers
 
     done, deviation = export_random_fraction(network, tmp_path)
-    exported = pycaffe.read_prototxt(done["prototxt"])
+    # the whole definition, narrower (a train_val input's train_val.prototxt; a deploy input's deploy.prototxt)
+    exported = pycaffe.read_prototxt(done["train_val"] or done["deploy"])
     assert [layer.name for layer in exported.layer] == [layer.name for layer in network.param.layer]
     if not done["lrn_across"]:
         assert deviation <= 1e-5, f"{name}: relative deviation {deviation:.3g}"

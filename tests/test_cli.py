@@ -30,6 +30,9 @@ def test_export_reports_counts_and_deviation(tmp_path):
     report = json.loads(out)
     # conv1 loses 2 of 20 channels, conv2 1 of 50: 18*75 + 49*18*25 = 23,400 of 26,500
     assert report["conv_weights"] == 18 * 75 + 49 * 18 * 25 and report["widths"] == {"conv1": 18, "conv2": 49}
-    assert report["max_relative_deviation"] <= 1e-4 and report["compared_on"].startswith("4 images: random")
+    # a built-in net's own data (CIFAR-10): compared on its test images, top-1 of both nets on them
+    assert report["max_relative_deviation"] <= 1e-4 and report["compared_on"] == "16 images: the dataset's images"
+    assert report["test"]["images"] == 1017 and 0.6 < report["test"]["top1_compact"] <= 1
+    assert "1017 test images of CIFAR-10" in err and report["test"]["data"].startswith("CIFAR-10 at ")
     code, _, err = caffe_prune("export", "LeNet-5", weights, "--groups", "70", "--out", tmp_path)
     assert code == 2 and "--groups: no group 70; the net has groups 0..69" in err

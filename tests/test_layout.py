@@ -11,7 +11,10 @@ from caffe_prune import layers
 from conftest import REPO
 
 ROOT = REPO / "caffe_prune"
-SPELL_TYPES = {"netdef", "importer", "networks"}       # and the registry, caffe_prune.layers and its modules
+# and the registry, caffe_prune.layers and its modules; onnx_layers translates each type (one converter per
+# type) and runtimes names what OpenCV's importer computes otherwise; forks writes the stock layers that replace
+# a Caffe fork's
+SPELL_TYPES = {"netdef", "importer", "networks", "onnx_layers", "runtimes", "forks"}
 
 
 def modules() -> dict:

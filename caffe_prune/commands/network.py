@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from caffe_prune import fsio, masking, profile, published_weights, pycaffe
+from caffe_prune import fsio, masking, profile, published_weights, pycaffe, runtimes
 from caffe_prune.commands import options
 from caffe_prune.errors import InputError
 from caffe_prune.steps import pruned_of
@@ -30,6 +30,7 @@ def register(sub) -> None:
                                "or a network name whose published weights are fetched (models/published.json)")
     p.add_argument("--out", default="models/imported", help="output directory (default models/imported)")
     p.add_argument("--net", default=None, help="which of the six networks it is (default: from the names)")
+    options.add_trust(p)
     p.set_defaults(func=cmd_import)
     p = sub.add_parser("init", help="a caffemodel of the net's own fillers, seeded (random weights for measurements)")
     options.add_network(p, weights=False)
@@ -64,6 +65,13 @@ def register(sub) -> None:
     p.add_argument("--threads", default="1,all", help=f"{profile.THREADS_HELP} (default 1,all)")
     p.add_argument("--layers", type=int, default=8, help="the slowest layers to list (default 8)")
     p.add_argument("--json", default=None, metavar="F", help="also write the report (latency included) to F")
+    p.add_argument("--onnx", action="store_true", help="also write NAME.onnx, checked in ONNX Runtime (pip install "
+                                                       "'caffe-prune[deploy]')")
+    p.add_argument("--runtime", default=None, metavar="R[,R...]",
+                   help=f"also time both networks in these runtimes ({', '.join(runtimes.RUNTIMES)}), batch 1 and "
+                        f"--batch, each --threads")
+    p.add_argument("--eval-images", type=options.positive, default=1024,
+                   help="test images the original's and the compact net's top-1 are measured on (default 1024, or all)")
     p.set_defaults(func=cmd_export)
 
 
@@ -163,20 +171,29 @@ def chosen_groups(g, args, network=None) -> set:
 def cmd_export(args) -> int:
     """Prune the chosen groups (masks), verify the compact net beside the masked one, write it."""
     from caffe_prune import export
-    session = options.session(args, with_data=args.data is not None, form="structure")
+    session = options.export_session(args)
+    names = options.runtime_names(args.runtime)
     timing = None if args.no_timing else {"batch_sizes": (1, args.batch), "repeats": args.repeats,
-                                          "threads": profile.thread_counts(args.threads.split(","))}
+                                          "threads": profile.thread_counts(args.threads.split(",")),
+                                          "runtimes": names}
     report = export.export_session(session, chosen_groups(session.graph, args, session.network), args.out,
-                                   args.semantics, args.images, args.seed, timing)
-    notes, latency = report.pop("notes"), report.pop("latency", None)
+                                   args.semantics, args.images, args.seed, timing, onnx=args.onnx,
+                                   eval_images=args.eval_images)
+    notes, latency, served = report.pop("notes"), report.pop("latency", None), report.pop("served", None)
     if latency is not None:
         report["speedup_measured"] = {f"batch {r['batch']}, {r['threads']} thread(s)": r["speedup"]
                                       for r in latency["runs"]}
     print(json.dumps(report, indent=2))
     if args.json:
-        fsio.write_json(args.json, {**report, "latency": latency}, indent=1)
+        fsio.write_json(args.json, {**report, "latency": latency, "served": served}, indent=1)
+    if "test" in report:
+        t = report["test"]
+        print(f"top-1 on {t['images']} test images of {t['data']}: {100 * t['top1_original']:.2f}% original, "
+              f"{100 * t['top1_compact']:.2f}% compact", file=sys.stderr)      # stdout stays the JSON report
     if latency is not None:
         print(profile.format_table(latency, args.layers))
+    if served:
+        print(profile.format_served(served, compared=True))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return 0

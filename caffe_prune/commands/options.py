@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import warnings
 
 from caffe_prune import engines, masking, metrics, oracle
 from caffe_prune.data.dataset import VAL_SPLITS
 from caffe_prune.metrics.methods import DEFAULT_FORMS, PAPER_FORMS
+from caffe_prune.errors import InputError
 from caffe_prune.pruning import Config
 from caffe_prune.session import Network, Session, parse_shape
 
@@ -40,6 +42,19 @@ def add_network(p, weights: bool = True, weights_required: bool = True) -> None:
                             "CIFAR10, NIN, ResNet-20; checked by sha256, downloaded once)")
     p.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="the image shape, when the prototxt does not state it")
+    p.add_argument("--fork-layers", action="store_true",
+                   help="rewrite the Caffe-fork layers of public models as stock layers computing the same "
+                        "(ReLU6, ConvolutionDepthwise, ShuffleChannel, Axpy, Pooling ceil_mode; caffe_prune.forks)")
+    add_trust(p)
+
+
+def add_trust(p) -> None:
+    """``--allow-python-layers``: a Python layer is its module's code, run when Caffe builds the net
+    (caffe_prune.layers.effects); without the flag such a definition is refused (caffe_prune.cli sets
+    pycaffe.allow_python_layers from it, and a run's Config records it)."""
+    p.add_argument("--allow-python-layers", action="store_true",
+                   help="let Caffe build the net's Python layers, which imports and runs the modules they name "
+                        "with your rights (only for a definition you trust)")
 
 
 def resolve_published(args) -> None:
@@ -74,6 +89,7 @@ def add_mode(p) -> None:
 
 def add_training(p) -> None:
     """What `train` and `finetune` share (caffe_prune.train): schedule overrides, data, resume, mode."""
+    add_trust(p)
     p.add_argument("--iters", type=int, default=None, help="the solver's max_iter (same as --solver-set max_iter=N)")
     p.add_argument("--solver-set", action="append", default=None, metavar="KEY=VALUE",
                    help="override a SolverParameter field (repeatable): base_lr=0.01, lr_policy=step, stepsize=1000, "
@@ -205,7 +221,7 @@ def transform_fields(args) -> dict | None:
 
 
 def network(args) -> Network:
-    return Network.open(args.net, parse_shape(getattr(args, "input_shape", None)))
+    return Network.open(args.net, parse_shape(getattr(args, "input_shape", None)), getattr(args, "fork_layers", False))
 
 
 def session(args, with_data: bool = True, batch_size: int = 128, progress=True, holdout: bool = True,
@@ -215,6 +231,28 @@ def session(args, with_data: bool = True, batch_size: int = 128, progress=True, 
                         transform=transform_fields(args), data_root=args.data_root, logits=getattr(args, "logits", None),
                         batch_size=batch_size, mode=chosen, device=device, holdout=holdout, with_data=with_data,
                         form=form, progress=progress)
+
+
+def export_session(args) -> Session:
+    """The structure-form session `export` checks on: ``--data``, else the net's own data layers (or
+    CIFAR-10 for a built-in net), else none (random inputs, with a note saying why)."""
+    if args.data is not None:
+        return session(args, form="structure")
+    try:
+        return session(args, form="structure", holdout=False)
+    except (InputError, ValueError) as exc:
+        warnings.warn(f"the export is compared on random inputs: {' '.join(str(exc).split())}")
+        return session(args, with_data=False, form="structure")
+
+
+def runtime_names(text) -> list:
+    """``--runtime caffe,opencv`` as a list of caffe_prune.runtimes names (empty without the flag)."""
+    from caffe_prune.runtimes import RUNTIMES
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown:
+        raise InputError(f"--runtime {', '.join(unknown)}: runtimes are {', '.join(RUNTIMES)}")
+    return names
 
 
 def oracle_list(value, forms: str = DEFAULT_FORMS) -> list:
