@@ -15,10 +15,10 @@ LAYERS = (
     # foundations, no Caffe: errors, atomic files and locks, the layer registry, downloads, the
     # taxonomy's names, the oracle's choice, run directories, the results store
     ("errors", "fsio", "layers.rule", "layers.units", "layers.data", "layers.weighted", "layers.passing",
-     "layers.branches", "layers.effects", "layers", "download", "oracle", "steps", "schedule", "constraints", "analysis", "metrics.plugins", "metrics.taxonomy",
+     "layers.branches", "layers.effects", "layers", "phases", "download", "oracle", "steps", "schedule", "constraints", "analysis", "metrics.plugins", "metrics.taxonomy",
      "metrics.methods", "rundir", "store", "archive", "report.text", "onnx_layers"),
     # Caffe itself
-    ("pycaffe", "metrics.inputs"),
+    ("pycaffe", "caffemodel", "metrics.inputs"),
     # data and weights as Caffe reads them
     ("data", "data.caffe_reading", "data.base_reader", "data.lmdb_meta", "data.db_reader", "data.list_reader", "data.hdf5_reader",
      "data.layer_records", "data.transform", "data.cifar10", "data.validation", "data.cifar10_convert",

@@ -5,7 +5,8 @@ an archive is what is kept: ``experiments/results/<sweep>/``
 
 - ``runs.csv``: one row per finished run: id, net, method, metric, oracle (JSON list), seed, the
   figures the tables read (``removed_at_drop``, ``macs_removed_at_drop``, ``report_drop``, steps,
-  initial and final top-1), and the run's configuration and protocol (JSON);
+  initial and final top-1), the run's configuration and protocol (JSON), and the wall time of the
+  attempt that finished it (empty in archives written before it was kept);
 - ``steps.csv.gz``: one row per step of those runs, the fields the figures read: the groups
   removed (caffe_prune.steps.archive_cell: "17", or "17;4" for a step of several), test
   top-1/top-5 (fractions, as the step records hold them) and loss, empty where the step was not
@@ -41,7 +42,9 @@ from caffe_prune.errors import DataError
 
 RUNS, STEPS = "runs.csv", "steps.csv.gz"
 RUN_COLUMNS = ("id", "net", "method", "metric", "oracle", "seed", "report_drop", "removed_at_drop",
-               "macs_removed_at_drop", "steps", "initial_top1", "final_top1", "final_removed", "config", "protocol")
+               "macs_removed_at_drop", "steps", "initial_top1", "final_top1", "final_removed", "config", "protocol",
+               "wall_s")
+LEGACY_RUN_COLUMNS = RUN_COLUMNS[:-1]     # archives written before wall_s: read with it empty
 STEP_COLUMNS = ("run_id", "step", "group", "top1", "top5", "loss", "percent_conv_removed", "percent_macs_removed",
                 "conv_weights", "macs", "proposer", "retrain_before", "retrain_after", "retrain_iters")
 JSON_COLUMNS = ("oracle", "config", "protocol")
@@ -92,6 +95,8 @@ def _archived_rows(location: Path) -> tuple:
         steps = list(csv.reader(io.StringIO(gzip.decompress((location / STEPS).read_bytes()).decode())))
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{location}: not a readable results archive ({exc})") from None
+    if runs and tuple(runs[0]) == LEGACY_RUN_COLUMNS:
+        runs = [list(RUN_COLUMNS)] + [row + [""] for row in runs[1:]]
     if not runs or tuple(runs[0]) != RUN_COLUMNS or not steps or tuple(steps[0]) != STEP_COLUMNS:
         raise DataError(f"{location}: the archive's columns are not {RUNS}: {','.join(RUN_COLUMNS)} and "
                         f"{STEPS}: {','.join(STEP_COLUMNS)}; it was written by another version of caffe-prune")
@@ -114,8 +119,8 @@ def write(store_location, out_dir) -> dict:
             run = [json.dumps(_scrub(row[c]), sort_keys=True) if c in JSON_COLUMNS and row[c] is not None
                    else _cell(row[c]) for c in RUN_COLUMNS]
             run_steps = [_step_row(row["id"], step) for step in store.steps(row["id"])]
-            if row["id"] in runs:
-                if (runs[row["id"]], steps.get(row["id"], [])) != (run, run_steps):
+            if row["id"] in runs:      # the same run twice: its results must agree (its wall time may not)
+                if (runs[row["id"]][:-1], steps.get(row["id"], [])) != (run[:-1], run_steps):
                     raise DataError(f"run {row['id'][:16]} ({row['net']}, {row['method']}, seed {row['seed']}) is in "
                                     f"{out_dir} and in {store_location} with different results "
                                     f"({_difference(runs[row['id']], run, steps.get(row['id'], []), run_steps)}); "

@@ -3,7 +3,7 @@ tensor channel comes from, what ties them together, what reads them and what rid
 (caffe_prune.graph makes the prunable groups of this).
 
 ``trace(net_param, shapes)`` walks the layers Caffe instantiates
-(``pycaffe.instantiated_layers``: the TEST phase, or the TRAIN phase for a definition saved from the
+(``phases.instantiated_layers``: the TEST phase, or the TRAIN phase for a definition saved from the
 TRAIN net) in net order. ``shapes`` maps every blob name to its shape as Caffe computed it
 (``{name: blob.data.shape for name, blob in net.blobs.items()}``): no shape inference is
 re-implemented here. Each blob name holds the *current* tensor, so an in-place layer (top ==
@@ -54,7 +54,7 @@ import math
 from caffe_prune import layers
 from caffe_prune.errors import InputError
 from caffe_prune.layers.units import Channel, ConsumerSlice, Rider, Tensor, tensor_of
-from caffe_prune.pycaffe import instantiated_layers
+from caffe_prune.phases import instantiated_layers
 
 
 class Tracer:
@@ -69,7 +69,8 @@ class Tracer:
       (bottom shape, top shape)};
     - ``consumers`` and ``riders``: (ConsumerSlice | Rider, the units of that channel);
       ``riding`` {rider layer: (type, blobs sliced, blobs zeroed)};
-    - ``barriers`` {layer: reason}, ``lrn_across`` {layer: the units it couples}."""
+    - ``barriers`` {layer: reason}, ``lrn_across`` {layer: the units it couples};
+    - ``slices`` {channel-axis Slice: the channels of each top} (export moves its slice points)."""
 
     def __init__(self, shapes):
         self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
@@ -84,6 +85,7 @@ class Tracer:
         self.riding = {}                       # rider layer -> (type, blobs sliced, blobs zeroed)
         self.barriers, self.lrn_across = {}, {}
         self.sizes = {}                        # weighted layer -> (bottom shape, top shape)
+        self.slices = {}                       # channel-axis Slice -> the channel sets of each top
 
     # ---- union-find and unprunable units ----
 
@@ -143,6 +145,11 @@ class Tracer:
         """Per-channel parameters of ``layer`` that fall with the channels of ``x`` they ride on."""
         self.riders += [(Rider(layer.name, layer.type, c), s) for c, s in enumerate(x.channels)]
         self.riding[layer.name] = (layer.type, sliced, zeroed)
+
+    def add_slice(self, layer, tops) -> None:
+        """A Slice on the channel axis cuts its input into ``tops``: export writes its slice points
+        from the channels each keeps."""
+        self.slices[layer.name] = tuple(t.channels for t in tops)
 
     def note_coupling(self, layer, x) -> None:
         """``layer`` mixes neighbouring channels of ``x`` without parameters (across-channel LRN)."""

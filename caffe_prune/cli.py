@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 
+from caffe_prune.layers import effects
 from caffe_prune import fsio
 from caffe_prune.commands import (data, doctor, metrics, network, options, profile, prune, report, reproduce, sweep,
                                   train)
@@ -49,6 +50,8 @@ def _add_plugin_option(parser) -> None:
         parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
                             help="load a plugin saliency metric, used as plugin:NAME (repeatable; README, "
                                  "Your own saliency metric)")
+        parser.add_argument("--plugin-timeout", type=float, default=None, metavar="SECONDS",
+                            help="end the run in one line when one call of a plugin's functions takes longer")
 
 
 def _note(message, category, filename, lineno, file=None, line=None) -> None:
@@ -64,6 +67,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = _note
     try:
+        effects.allow_python_layers(getattr(args, "allow_python_layers", False))   # refused unless the user says
+        plugins.set_timeout(getattr(args, "plugin_timeout", None))
         for path in getattr(args, "plugin", []):
             plugins.load(path)
         options.resolve_published(args)

@@ -35,7 +35,11 @@ scripts did. Kept on purpose, as the reference.
   probes (by batch, or by candidate when there are fewer batches than workers) and the test batches
   are spread over them; results are combined in batch order with the same arithmetic as the naive
   engine. A worker that dies is replaced by a new fork of the parent (which holds the same
-  committed state) and its request sent again.
+  committed state) and its request sent again, once: a second death on the same request ends the
+  run in one line (``WorkerDied``, or the PluginError of the plugin the pass computed) with the
+  signal or exit status. With one worker, a saliency pass that runs plugin code runs in a forked
+  child all the same (``_isolated``), so that a plugin's os._exit or segfault is that line too,
+  not the silent end of the run. Any error or Ctrl-C in the parent kills the workers at once.
 
 BLAS threads: a pruning run computes with one BLAS thread in every process (pycaffe.BLAS_THREADS:
 OpenBLAS's results depend on its thread count), whichever engine and however many cores: the same
@@ -52,6 +56,7 @@ import numpy as np
 
 from caffe_prune import evaluate, fsio, metrics, netdef, oracle, pycaffe
 from caffe_prune.errors import InputError, PluginError
+from caffe_prune.metrics import plugins
 from caffe_prune.metrics.collect import Tensors
 from caffe_prune.netdef import EVAL_TOPS
 
@@ -132,6 +137,25 @@ def _loss(net) -> float:
     return float(net.blobs[EVAL_TOPS["loss"]].data)
 
 
+class WorkerDied(InputError):
+    """A worker process that died twice on the same request (the message is one line; the run adds
+    its step)."""
+
+
+def _died(request, why: str) -> InputError:
+    """The one line for a request whose worker died twice: the plugin's own error when the request
+    ran plugin code (a saliency pass of a plugin metric), else WorkerDied naming the request."""
+    method, args = request
+    used = plugins.names_in(args[1]) if method == "collect" else []
+    if used:
+        named = [plugins.loaded()[n] for n in used if n in plugins.loaded()]
+        return PluginError(f"{', '.join(map(str, named)) or 'plugin ' + ', '.join(used)}: the process computing its "
+                           f"saliency died twice on the same batch ({why}); a plugin must return its values, "
+                           f"not end or crash its process")
+    return WorkerDied(f"a fast-engine worker died twice on the same {method} request ({why}); "
+                      f"rerun with --engine naive to see the failure in this process")
+
+
 class Worker:
     """A net with the run's committed masks: what one process computes for a step."""
 
@@ -154,6 +178,12 @@ class Worker:
         for group in groups:
             if group not in self.masker.committed:
                 self.masker.commit(group)
+
+    def prepare(self, names) -> None:
+        """Build the gradient net now when ``names`` need a backward (before a fork, so that every
+        child shares one copy instead of building its own)."""
+        if any(metrics.parse(name).needs - {"x"} for name in names) and callable(self._gradient):
+            self._gradient = self._gradient()
 
     def test_share(self, test, ids) -> None:
         """The test batches (ids of batch_size chunks of the split ``test``) this worker measures."""
@@ -267,7 +297,7 @@ class _Remote:
     def __init__(self, worker: Worker):
         self.conn, child = Pipe()
         parent = os.getpid()
-        self.pid = os.fork()
+        self.pid, self.reaped = os.fork(), False   # reaped: its pid may now be another process's
         if self.pid == 0:        # (the run's lock is closed in every fork: caffe_prune.fsio)
             self.conn.close()
             fsio.die_with_parent(parent)
@@ -283,6 +313,28 @@ class _Remote:
             raise reply
         return reply
 
+    def reap(self, wait_s: float = 5.0) -> str:
+        """How the worker ended, once its pipe closed: "killed by SIGSEGV", "exit status 3" (a worker
+        still there after ``wait_s`` is killed: "stopped answering")."""
+        import time
+        deadline = time.monotonic() + wait_s
+        self.conn.close()
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.reaped = True
+                return "gone"
+            if pid:
+                self.reaped = True
+                if os.WIFSIGNALED(status):
+                    return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+                return f"exit status {os.WEXITSTATUS(status)}"
+            if time.monotonic() > deadline:
+                self.kill()
+                return "stopped answering; killed"
+            time.sleep(0.01)
+
     def stop(self) -> None:
         try:
             self.conn.send(None)
@@ -290,16 +342,20 @@ class _Remote:
             pass
         self.conn.close()
         try:
-            os.waitpid(self.pid, 0)
+            if not self.reaped:
+                os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
+        self.reaped = True
 
     def kill(self) -> None:
         try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+            if not self.reaped:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+        self.reaped = True
         self.conn.close()
 
 
@@ -395,28 +451,55 @@ class Fast(Naive):
 
     def _all(self, requests) -> list:
         """Send one request to each worker (None: nothing for it), gather the replies in worker order;
-        a worker that died is replaced and asked again."""
+        a worker that died is replaced and asked again, once (_ask). Whatever ends the gathering (an
+        error, Ctrl-C) kills every worker first: none is left computing."""
         if not self.remote:
             return [getattr(self.local, m)(*a) if (m, a) != (None, None) else None for m, a in requests]
-        for remote, request in zip(self.remote, requests):
-            if request[0] is not None:
+        try:
+            for remote, request in zip(self.remote, requests):
+                if request[0] is not None:
+                    self._send(remote, request)
+            if self.on_dispatch:
+                self.on_dispatch(requests)
+            replies = []
+            for i, request in enumerate(requests):
+                if request[0] is None:
+                    replies.append(None)
+                    continue
+                reply, self.remote[i] = self._ask(self.remote[i], request, lambda i=i: self._spawn(i))
+                replies.append(reply)
+            return replies
+        except BaseException:
+            for remote in self.remote:
+                remote.kill()
+            raise
+
+    def _ask(self, remote, request, spawn) -> tuple:
+        """(reply, the worker that gave it) to ``request``, already sent to ``remote``: a worker that
+        dies is replaced by ``spawn()`` and asked again; a second death raises _died's one line."""
+        for attempt in (1, 2):
+            try:
+                return remote.receive(), remote
+            except (EOFError, OSError):
+                why = remote.reap()
+                if attempt == 2:
+                    raise _died(request, why) from None
+                remote = spawn()
                 self._send(remote, request)
-        if self.on_dispatch:
-            self.on_dispatch(requests)
-        replies = []
-        for i, request in enumerate(requests):
-            if request[0] is None:
-                replies.append(None)
-                continue
-            while True:
-                try:
-                    replies.append(self.remote[i].receive())
-                    break
-                except (EOFError, OSError):
-                    self.remote[i].kill()
-                    self.remote[i] = self._spawn(i)
-                    self._send(self.remote[i], request)
-        return replies
+
+    def _isolated(self, request):
+        """The local worker's reply to ``request``, computed in a fork of it (one worker: plugin code
+        runs in a child, so that what ends that child is one line, not the end of the run)."""
+        self.local.prepare(request[1][1])
+        remote = _Remote(self.local)
+        try:
+            self._send(remote, request)
+            reply, remote = self._ask(remote, request, lambda: _Remote(self.local))
+        except BaseException:
+            remote.kill()
+            raise
+        remote.stop()
+        return reply
 
     def _send(self, remote, request) -> None:
         method, args = request
@@ -442,6 +525,8 @@ class Fast(Naive):
             return weights_only
         if self.remote:
             parts = self._per_item("collect", batches, lambda batch: ([batch], dynamic, reading))
+        elif plugins.names_in(dynamic) and not pycaffe.on_gpu():   # a CUDA context does not survive a fork
+            parts = [self._isolated(("collect", (batches, dynamic, reading)))]
         else:
             parts = [self.local.collect(batches, dynamic, reading)]
         return Tensors.merge(weights_only, parts)

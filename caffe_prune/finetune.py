@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from caffe_prune.layers import effects
 from caffe_prune import analysis, fsio, masking, pruning, train
 from caffe_prune.download import digest
 from caffe_prune.rundir import RunDir
@@ -40,7 +41,10 @@ def read_run(run_dir) -> tuple:
     except InputError as exc:
         raise FinetuneError(str(exc)) from None
     known = {f.name for f in dataclasses.fields(pruning.Config)}
-    return pruning.Config(**{k: v for k, v in header["config"].items() if k in known}), header, steps
+    config = pruning.Config(**{k: v for k, v in header["config"].items() if k in known})
+    # a run's record never lets Caffe run code this process was not told to trust (--allow-python-layers)
+    config.allow_python_layers = bool(config.allow_python_layers) and effects.python_layers_allowed()
+    return config, header, steps
 
 
 def session_at(run_dir, step: int | None = None, progress: bool = True) -> dict:
@@ -53,10 +57,12 @@ def session_at(run_dir, step: int | None = None, progress: bool = True) -> dict:
         raise FinetuneError(f"{run_dir} has no pruning step yet (only step 0)")
     if step is None:
         step = analysis.step_at_drop(steps, config.max_drop) or last
+    elif step == -1:                  # --step last
+        step = last
     if not 1 <= step <= last:
         raise FinetuneError(f"--step {step}: {run_dir} has steps 1..{last}")
     identity = header.get("identity") or {}
-    network = Network.open(config.net, parse_shape(config.input_shape))
+    network = Network.open(config.net, parse_shape(config.input_shape), config.fork_layers)
     if pruning.definition_sha256(network.param) != identity.get("definition_sha256"):
         raise FinetuneError(f"{config.net} is not the definition {run_dir} was pruned on (its sha256 differs from "
                             f"the run's): its group ids would mean other channels")

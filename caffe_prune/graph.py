@@ -165,6 +165,7 @@ class ChannelGraph:
                       for name, (x, units) in b.conv_io.items()}
         self._fc_in = {name: gids(x.channels) for name, x in b.fc_input.items()
                        if b.fc[name].in_channels is not None}
+        self._slice_tops = {name: [gids(top) for top in tops] for name, tops in b.slices.items()}
 
         # what each group takes from each (producer layer, conv group): prunable() keeps one of each
         # (a depthwise layer may lose whole groups: it keeps one channel in all)
@@ -277,6 +278,14 @@ class ChannelGraph:
         return [g.id for g in self.groups if not mask[g.id]
                 and all(left[where] > count for where, count in self._takes[g.id].items())]
 
+    def slice_widths(self, layer: str, pruned) -> list | None:
+        """The channels each top of channel-axis Slice ``layer`` keeps in state ``pruned`` (None for
+        a layer that is not one): where export puts its slice points."""
+        if layer not in self._slice_tops:
+            return None
+        mask = self._mask(pruned)
+        return [int(np.count_nonzero(~mask[top])) for top in self._slice_tops[layer]]
+
     def takes(self, group_id: int) -> dict:
         """{producer layer: output channels} that removing the group takes from each layer."""
         out = Counter()
@@ -373,8 +382,10 @@ class ChannelGraph:
         return self.saved(group_id, pruned).fc_weights
 
     def percent_conv_removed(self, pruned) -> float:
-        """100 * (1 - conv_weights(pruned) / conv_weights(set())): papers/004 Figure 6's x-axis."""
-        return 100.0 * (1.0 - self.conv_weights(pruned) / self.conv_weights(set()))
+        """100 * (1 - conv_weights(pruned) / conv_weights(set())): papers/004 Figure 6's x-axis (0 for a
+        net without convolution weights, an InnerProduct-only one)."""
+        total = self.conv_weights(set())
+        return 100.0 * (1.0 - self.conv_weights(pruned) / total) if total else 0.0
 
     def layer_macs(self) -> dict:
         """{layer: multiply-accumulates per image} of the unpruned network's weighted layers."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from caffe_prune import fsio, pycaffe
+from caffe_prune import fsio, phases
 from caffe_prune.errors import InputError
 
 PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#fdb462", "#b3de69", "#fccde5", "#bc80bd",
@@ -85,7 +85,7 @@ def draw(graph, net_param, path) -> Path:
     clusters = tie_clusters(graph)
     dot = pydot.Dot(graph_type="digraph", rankdir="TB", fontname="Helvetica")
     producer_of = {}
-    for layer in pycaffe.instantiated_layers(net_param):
+    for layer in phases.instantiated_layers(net_param):
         label = f"{layer.name}\\n{layer.type}"
         style = {"shape": "box", "style": "filled", "fillcolor": "#eeeeee"}
         if layer.name in graph.producers:

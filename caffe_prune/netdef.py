@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from caffe_prune import fsio, pycaffe
+from caffe_prune import fsio, phases, pycaffe
 from caffe_prune.layers import DATA_TYPES, LEARNED_TYPES, LOSS_TYPES, role, rule
 from caffe_prune.errors import InputError
 
@@ -43,7 +43,7 @@ INPUT_SHAPE_HINT = "pass --input-shape C,H,W"
 
 
 def data_layers(net_param) -> list:
-    return [layer for layer in pycaffe.instantiated_layers(net_param) if layer.type in DATA_TYPES]
+    return [layer for layer in phases.instantiated_layers(net_param) if layer.type in DATA_TYPES]
 
 
 def input_blobs(net_param) -> tuple:
@@ -148,7 +148,7 @@ def structure_form(net_param, input_shape=None, where: str | None = None):
     where = where or f"net {net_param.name!r}"
     data, label, _ = input_blobs(net_param)
     shape = tuple(input_shape) if input_shape else declared_input_shape(net_param, where)
-    layers, alias = _without_splits(pycaffe.instantiated_layers(net_param))
+    layers, alias = _without_splits(phases.instantiated_layers(net_param))
     out = pycaffe.caffe_pb2().NetParameter(name=net_param.name)
     _input_layer(out, data, [(data, (1, *shape))])
     dropped = {label} if label else set()
@@ -227,7 +227,7 @@ class Head:
 def choose_head(net_param, logits: str | None = None, where: str | None = None) -> Head:
     """The logits (see the module docstring)."""
     where = where or f"net {net_param.name!r}"
-    layers, alias = _without_splits(pycaffe.instantiated_layers(net_param))
+    layers, alias = _without_splits(phases.instantiated_layers(net_param))
     produced = [top for layer in layers if layer.type not in DATA_TYPES for top in layer.top]
     if logits is not None:
         if logits not in produced:
@@ -260,7 +260,7 @@ def evaluation_form(net_param, input_shape, batch_size: int, head: Head, classes
     if batch_size < 1:
         raise InputError(f"the batch size must be at least 1, got {batch_size}")
     data, label, _ = input_blobs(net_param)
-    layers, alias = _without_splits(pycaffe.instantiated_layers(net_param))
+    layers, alias = _without_splits(phases.instantiated_layers(net_param))
     body = [layer for layer in layers if layer.type not in DATA_TYPES]
     names = {top for layer in body for top in layer.top} | {data}
     label = label or next(n for n in ("label", "caffe_prune/label") if n not in names)

@@ -44,7 +44,8 @@ from __future__ import annotations
 from caffe_prune import layers as rules
 from caffe_prune.errors import InputError
 from caffe_prune.onnx_layers import BATCH, CONVERTERS, Builder, Value, refuse
-from caffe_prune.pycaffe import layers_in_phase, read_prototxt
+from caffe_prune.phases import layers_in_phase
+from caffe_prune.pycaffe import load_net, read_prototxt
 
 MIN_OPSET = 13
 ONNX_PIP = "pip install 'onnx>=1.17'"
@@ -177,9 +178,8 @@ def to_onnx(net_param, params, input_shape=None, opset: int = MIN_OPSET, name: s
 def prototxt_to_onnx(prototxt, caffemodel, path, input_shape=None, opset: int = MIN_OPSET,
                      extra_outputs=()):
     """Write ``path`` (.onnx) for a deploy prototxt and its caffemodel, the weights read by Caffe."""
-    import caffe
     net_param = read_prototxt(prototxt)
-    net = caffe.Net(str(prototxt), str(caffemodel), caffe.TEST)
+    net = load_net(prototxt, caffemodel)          # checked first: no Python layer runs, no file is written
     params = {layer: [blob.data for blob in blobs] for layer, blobs in net.params.items()}
     model = to_onnx(net_param, params, input_shape, opset, extra_outputs=extra_outputs)
     _onnx().save(model, str(path))

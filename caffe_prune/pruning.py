@@ -22,8 +22,12 @@ last complete step before re-committing the masks; a kill during a retraining re
 newest snapshot (see caffe_prune.train for why that ends with the same bits).
 
 A resume compares contents, not paths: the same weights and data at another path continue the
-run, other contents at the same path are refused (``--force`` starts over). ``config.json`` that is
-empty or torn (a kill during its first write) is rebuilt from the command.
+run, other contents at the same path are refused (``--force`` starts over); a directory holding no
+pruning step yet (a run that failed before step 1: only step 0's measurement) is simply replaced,
+so that the command, corrected, runs without --force. ``config.json`` that is
+empty or torn (a kill during its first write) is rebuilt from the command when the steps already
+recorded agree with it (their proposers are the command's metric, or its oracle's constituents, and
+their channels this network's groups); otherwise it is one line and nothing is appended.
 
 Randomness: the only RNG is numpy's ``default_rng([seed, step, stream])``, stream 0 drawing the
 saliency batches and stream 1 the oracle's, both without replacement from the validation split.
@@ -100,6 +104,11 @@ class Config:
     min_channels: int | None = later(None)    # every layer keeps at least this many channels
     max_layer_fraction: float | None = later(None)   # no layer loses more than this fraction of its channels
     round_to: int | None = later(None)        # every width left a multiple of this (or the original)
+    val_transform: dict | None = later(None)  # the validation split's own transform flags (--val-*)
+    channel_order: str | None = later(None)   # CIFAR-10's planes: "bgr" or "rgb" (None: the network's default)
+    val_from: str = later("train")            # "test": the validation images may come from the test source
+    allow_python_layers: bool = later(False)  # let Caffe build the net's Python layers (runs their modules' code)
+    fork_layers: bool = later(False)          # fork layers rewritten as stock ones (caffe_prune.forks)
 
     # where things are, not what they are: a resume compares their contents (sha256) instead
     LOCATIONS = ("net", "weights", "data", "data_root", "plugins")
@@ -170,6 +179,15 @@ class Config:
                 raise InputError(str(exc)) from None
 
 
+@contextlib.contextmanager
+def _at_step(step: int):
+    """A worker's death (engines.WorkerDied) names the step it ended (a plugin's error already does)."""
+    try:
+        yield
+    except engines.WorkerDied as exc:
+        raise engines.WorkerDied(f"step {step}: {exc}") from None
+
+
 def definition_sha256(net_param) -> str:
     return hashlib.sha256(net_param.SerializeToString(deterministic=True)).hexdigest()
 
@@ -200,7 +218,7 @@ class Run:
                              "weights_sha256": digest(config.weights, "sha256"),
                              "data": {k: v for k, v in dataset.identity.items() if k != "data"},
                              **({"plugins": plugins.identity(config.plugins)} if config.plugins else {})},
-                "protocol": {"data": dataset.description, "counts": {"test": len(dataset.test)},
+                "protocol": {"data": dataset.description, "channel_order": dataset.channel_order, "counts": {"test": len(dataset.test)},
                              "validation_images": len(self.validation), "test_images_per_measurement": test_images,
                              "input_shape": list(self.session.input_shape), "logits": self.session.head.logits,
                              "classes": self.session.classes, "groups": len(self.graph.groups),
@@ -231,15 +249,23 @@ class Run:
         ignored, neutral = Config.LOCATIONS + Config.STOPS + Config.EXECUTION, Config.neutral()
         config = {k: v for k, v in header.get("config", {}).items()
                   if k not in ignored and not (k in neutral and v == neutral[k])}
-        protocol = {k: v for k, v in header.get("protocol", {}).items() if k != "data"}
+        # the records' sha256 (identity) tells other data, or another channel order, from the same at another path
+        protocol = {k: v for k, v in header.get("protocol", {}).items() if k not in ("data", "channel_order")}
         return {"config": config, "identity": header.get("identity"), "protocol": protocol}
 
     def _open(self, force: bool) -> list:
         """Create the run directory, or resume the run in it when it is this run."""
         self.dir.remove_temporaries()             # a write killed before its rename (we hold the lock)
         previous = self.dir.header()
-        if previous is not None and self._decisive(previous) != self._decisive(self.header):
+        why = self._disagreement() if previous is None and self.dir.header_torn() else None
+        if why:
             if not force:
+                raise InputError(f"{self.out}/config.json is empty or torn, and {why}: rerun the "
+                                 f"command that made the run (its config is rebuilt from it), or use --force to start "
+                                 f"over or another --out")
+            self.dir.clear()
+        if previous is not None and self._decisive(previous) != self._decisive(self.header):
+            if not force and len(self.dir.steps(len(self.graph.groups), repair=False)) > 1:
                 mine, theirs = self._decisive(self.header), self._decisive(previous)
                 differ = sorted(k for k in mine["config"] if theirs["config"].get(k) != mine["config"][k])
                 differ += [f"{k} contents" for k in ("definition_sha256", "weights_sha256", "data", "plugins")
@@ -258,6 +284,25 @@ class Run:
         for group in step_records.pruned_of(steps[1:]):
             self.masker.commit(group)
         return steps
+
+    def _disagreement(self) -> str | None:
+        """Why the steps in the run directory were not made by this command (None when they may have
+        been): what the header would have said, read from the steps themselves, for a torn config.json."""
+        c, taken = self.config, self.dir.steps(len(self.graph.groups), repair=False)[1:]
+        if not taken:
+            return None
+        names, oracle_steps = step_records.proposer_names(taken), ["sensitivities" in s for s in taken]
+        if c.metric and (names != {c.metric} or any(oracle_steps)) or \
+                not c.metric and not (names <= set(c.oracle) and all(oracle_steps)):
+            theirs = ("the oracle over " if all(oracle_steps) else "") + ", ".join(sorted(names))
+            mine = f"--metric {c.metric}" if c.metric else f"--oracle {','.join(c.oracle)}"
+            done = "its step was" if len(taken) == 1 else f"its {len(taken)} steps were"
+            return f"{done} decided by {theirs}, not by {mine}"
+        for record in taken:
+            held = [[u.layer, u.index] for g in step_records.groups_of(record) for u in self.graph.groups[g].channels]
+            if "channels" in record and record["channels"] != held:
+                return f"its step {record['step']} removed other channels than this network's groups"
+        return None
 
     def _append(self, record: dict) -> None:
         self.dir.append(record)
@@ -357,7 +402,19 @@ class Run:
             record["retrain"] = self._retrain(step, record.get("test") or self._test())
         record["seconds"] = round(time.perf_counter() - start, 4)
         record["phase_seconds"] = dict(self.timing)
+        record["peak_rss_mib"] = self._peak_memory()
         return record
+
+    def _peak_memory(self) -> dict:
+        """The peak resident memory so far (MiB) of this process and of its largest engine worker."""
+        def peak(pid):
+            try:
+                return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                            if line.startswith("VmHWM")) / 1024
+            except (OSError, StopIteration, ValueError):
+                return 0.0
+        workers = self.engine.worker_pids() if hasattr(self.engine, "worker_pids") else []
+        return {"main": round(peak(os.getpid()), 1), "worker": round(max([peak(w) for w in workers] or [0.0]), 1)}
 
     def run(self) -> list:
         """Prune until the stop criterion; returns all step records (resumed or new)."""
@@ -370,14 +427,16 @@ class Run:
         c = self.config
         self.timing = {}
         if not self.steps:
-            self._append(step_records.record(0, [], [], test=self._test(), **self._counts(set()), seconds=0.0))
+            with _at_step(0):
+                self._append(step_records.record(0, [], [], test=self._test(), **self._counts(set()), seconds=0.0))
         initial = 100 * self.steps[0]["test"]["top1"]
         pruned = set(step_records.pruned_of(self.steps[1:]))
         bar = tqdm(total=len(self.graph.groups), initial=len(pruned), unit="group",
                    desc=f"prune {Path(c.net).name}", disable=not self.progress)
         with contextlib.closing(bar):
             while not self._finished(initial):
-                record = self.advance(len(self.steps), pruned)
+                with _at_step(len(self.steps)):
+                    record = self.advance(len(self.steps), pruned)
                 if record is None:
                     self.unreachable = self._short_of_target(pruned) if c.target else None
                     break
@@ -400,10 +459,13 @@ class Run:
                                                                  if self.config.round_to else "the layers' last channels")
                           for g in self.graph.prunable(pruned)})
         costs, original = state.costs(), self.graph.costs(set())
-        left = ", ".join(f"{key} {getattr(costs, TARGETS[key]) / getattr(original, TARGETS[key]):.3f}"
+        left = ", ".join(f"{key} {getattr(costs, TARGETS[key]) / (getattr(original, TARGETS[key]) or 1):.3f}"
                          for key in sorted(self.config.target))
         what = ", ".join(reasons) if reasons else "no group is left that keeps every layer a channel"
         target = ",".join(f"{k}={v:g}" for k, v in sorted(self.config.target.items()))
+        if not self.graph.groups:     # nothing was ever prunable: no constraint is to blame
+            return (f"--target {target} cannot be reached: {self.session.network.where} has no prunable channel "
+                    f"group (`caffe-prune graph` says why), so nothing can be pruned; left of the original: {left}")
         return (f"--target {target} not reached: after step {len(self.steps) - 1} nothing more may be pruned "
                 f"({what}); left of the original: {left}")
 

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 from caffe_prune import layers as rules
+from caffe_prune.layers import effects
+from caffe_prune.phases import instantiated_layers, layers_in_phase, phase_value
 from caffe_prune.errors import InputError
 
 BUILD_HINT = "run `make setup` (builds stock Caffe into ~/.cache/caffe-prune) " \
@@ -270,17 +272,17 @@ def versions() -> dict:
 # Fields and layer types of Caffe forks that stock Caffe 1.0 does not know: what a message says.
 FORK_FIELDS = {
     "convolution_mask_param": "the myopic-oracle authors' Caffe fork (`caffe-prune import` reads their files)",
-    "ceil_mode": "Caffe forks that choose the pooling rounding (stock Caffe always rounds up)",
+    "ceil_mode": "Caffe forks that choose the pooling rounding (stock Caffe rounds up unless round_mode: FLOOR); --fork-layers rewrites it",
+    "shuffle_channel_param": "ShuffleNet's Caffe fork (--fork-layers rewrites ShuffleChannel as stock Slice and Concat)",
     "round_mode": "Caffe forks that choose the pooling rounding, e.g. NVIDIA Caffe (stock Caffe always rounds up)",
     "bn_param": "forks with a combined BN layer (e.g. yjxiong/caffe); stock Caffe uses BatchNorm then Scale",
 }
 FORK_TYPES = {
-    "ConvolutionDepthwise": "MobileNet ports of a Caffe fork; write it as a stock Convolution with group "
-                            "equal to its input channels",
-    "DepthwiseConvolution": "MobileNet ports of a Caffe fork; write it as a stock Convolution with group "
-                            "equal to its input channels",
-    "ReLU6": "MobileNet v2 ports of a Caffe fork; stock Caffe has Clip (min: 0 max: 6)",
-    "ShuffleChannel": "ShuffleNet's Caffe fork",
+    **{t: "MobileNet ports of a Caffe fork; write it as a stock Convolution with group equal to its input channels, "
+          "or pass --fork-layers" for t in ("ConvolutionDepthwise", "DepthwiseConvolution")},
+    "ReLU6": "MobileNet v2 ports of a Caffe fork; stock Caffe has Clip (min: 0 max: 6), or pass --fork-layers",
+    "ShuffleChannel": "ShuffleNet's Caffe fork; --fork-layers rewrites it as stock Slice and Concat",
+    "Axpy": "SE-ResNet's Caffe fork (hujie-frank/SENet); --fork-layers rewrites it as stock Flatten, Scale, Eltwise",
     "BN": "forks with a combined BN layer (e.g. yjxiong/caffe); stock Caffe uses BatchNorm then Scale",
     "Interp": "the PSPNet/DeepLab Caffe forks",
     "Upsample": "the SegNet Caffe fork",
@@ -331,18 +333,45 @@ def read_prototxt(path, message=None):
     return message
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def read_caffemodel(path):
-    """Parse a binary caffemodel (a NetParameter with blobs); a V1 one is upgraded by Caffe."""
+    """Parse a caffemodel (a NetParameter with blobs); a V1 one is upgraded by Caffe. One that Caffe
+    wrote as HDF5 (``snapshot_format: HDF5``: ``NAME.caffemodel.h5``, which Caffe's
+    CopyTrainedLayersFrom reads by its signature) gives its layers' names and blob shapes (HDF5
+    snapshots hold no definition)."""
     from google.protobuf.message import DecodeError
     path = _existing(path, "caffemodel")
+    data = _read(path, "caffemodel")
+    if data[:8] == HDF5_SIGNATURE:
+        return _hdf5_caffemodel(path)
     net = caffe_pb2().NetParameter()
     try:
-        net.ParseFromString(_read(path, "caffemodel"))
+        net.ParseFromString(data)
     except DecodeError as exc:
         raise InputError(f"{os.fsdecode(path)} is not a caffemodel (protobuf: {exc})") from None
     if not net.layer and not net.layers:
         raise InputError(f"{os.fsdecode(path)} holds no layers: not a caffemodel")
     return upgrade_v1(path, "binary") if net.layers else net
+
+
+def _hdf5_caffemodel(path):
+    """The layers (names, blob shapes) of an HDF5 caffemodel: group ``data``, one group per layer
+    holding its blobs as datasets "0", "1", ... (Caffe's Net::ToHDF5)."""
+    import h5py
+    net = caffe_pb2().NetParameter()
+    try:
+        with h5py.File(path, "r") as f:
+            for name, group in f["data"].items():
+                layer = net.layer.add(name=name)
+                for i in range(len(group)):
+                    layer.blobs.add().shape.dim.extend(int(d) for d in group[str(i)].shape)
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"{os.fsdecode(path)} is not a caffemodel (HDF5: {' '.join(str(exc).split())})") from None
+    if not net.layer:
+        raise InputError(f"{os.fsdecode(path)} holds no layers: not a caffemodel")
+    return net
 
 
 def caffe_tool(name: str) -> Path | None:
@@ -383,46 +412,14 @@ def upgrade_v1(path, kind: str):
     return net
 
 
-def _phase_value(phase) -> int:
-    pb2 = caffe_pb2()
-    return {"train": pb2.TRAIN, "test": pb2.TEST}[phase] if isinstance(phase, str) else int(phase)
-
-
-def layers_in_phase(net_param, phase):
-    """The layers Caffe instantiates for `phase`, following include/exclude rules (net.cpp FilterNet)."""
-    phase = _phase_value(phase)
-
-    def rule_met(rule):
-        return not rule.HasField("phase") or rule.phase == phase   # stage/level rules are not used here
-
-    kept = []
-    for layer in net_param.layer:
-        if layer.include:
-            keep = any(rule_met(r) for r in layer.include)
-        else:
-            keep = not any(rule_met(r) for r in layer.exclude)
-        if keep:
-            kept.append(layer)
-    return kept
-
-
-def instantiated_layers(net_param):
-    """The layers of the TEST phase; those of the TRAIN phase for a definition saved from a TRAIN
-    net (a caffemodel whose TEST phase has no data layer while its TRAIN phase has one)."""
-    layers = layers_in_phase(net_param, "test")
-    if not any(l.type in rules.DATA_TYPES for l in layers):
-        train = layers_in_phase(net_param, "train")
-        if any(l.type in rules.DATA_TYPES for l in train):
-            return train
-    return layers
-
-
 def check_net(net_param, phase, path, sources: bool = False) -> None:
     """Check what Caffe would otherwise abort on, or run wrongly without a word: unknown layer
     types (a fork's, named), bottoms nobody produced, layers run in place that cannot be, sizes
     Caffe CHECKs (each type's rule, caffe_prune.layers), and (``sources``) data sources that are
-    missing. ``phase`` None: the phase ``instantiated_layers`` chooses."""
+    missing; first of all a Python layer not allowed (layers.effects.check_code). ``phase`` None: the
+    phase ``instantiated_layers`` chooses."""
     where = os.fsdecode(path)
+    effects.check_code(net_param, where)
     known = set(caffe().layer_type_list())
     blobs = set(net_param.input)
     for layer in instantiated_layers(net_param) if phase is None else layers_in_phase(net_param, phase):
@@ -529,7 +526,7 @@ def probe_construct(prototxt, phase="test", where=None) -> None:
         faulthandler.disable()   # its own copy of stderr would print the expected abort
         try:
             caffe().set_mode_cpu()
-            caffe().Net(str(prototxt), _phase_value(phase))
+            caffe().Net(str(prototxt), phase_value(phase))
             code = 0
         except BaseException:
             code = 3
@@ -565,16 +562,21 @@ def load_net(prototxt, weights=None, phase="test", probe=True, where=None):
 
 
 def _build(net_param, prototxt: Path, weights, phase, probe, where):
-    """The caffe.Net of ``prototxt``, whose parsed form is ``net_param``."""
+    """The caffe.Net of ``prototxt``, whose parsed form is ``net_param``; a layer that would write a
+    file when built (HDF5Output) is built as one that writes nothing (layers.effects.inert)."""
     import tempfile
     cf = caffe()
     check_net(net_param, phase, where)
     weights_param = read_caffemodel(weights) if weights is not None else None
+    inert, replaced = effects.inert(net_param, where)
     with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
+        if replaced:
+            prototxt = Path(tmp) / "inert.prototxt"
+            prototxt.write_text(str(inert))
         proto = _caffe_safe(prototxt, Path(tmp))
         if probe:
             probe_construct(proto, phase, where)
-        net = cf.Net(proto, _phase_value(phase))
+        net = cf.Net(proto, phase_value(phase))
         if weights_param is not None:
             check_weights(net, weights_param, weights)
             net.copy_from(_caffe_safe(Path(weights), Path(tmp)))

@@ -4,7 +4,9 @@ A run (caffe_prune.pruning) lives in a directory of plain files that need no cod
 
 - ``config.json``: the header: the configuration, the sha256 of the definition, the weights and
   the data, the protocol and versions; written atomically (caffe_prune.fsio). An empty or torn one
-  (a kill during its first write) reads as absent, and the run rebuilds it from the command;
+  (a kill during its first write, a damaged copy) reads as absent (``header_torn`` tells the two
+  apart), and the run rebuilds it from the command, but only when the steps already there agree
+  with the command (caffe_prune.pruning);
 - ``steps.jsonl``: one JSON object per completed step (caffe_prune.steps: its schema), appended
   and fsync'ed; step 0 is the unpruned net. A torn last line (a kill during the append) is cut off when the file is read;
   nothing is ever rewritten in place;
@@ -63,6 +65,10 @@ class RunDir:
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from None
         return header if isinstance(header, dict) and isinstance(header.get("config"), dict) else None
+
+    def header_torn(self) -> bool:
+        """Whether config.json is there but unreadable as a header (empty, torn, not a run's)."""
+        return (self.path / CONFIG).is_file() and self.header() is None
 
     def write_header(self, header: dict) -> None:
         fsio.write_json(self.path / CONFIG, header)

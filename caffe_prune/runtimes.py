@@ -35,7 +35,8 @@ import numpy as np
 
 from caffe_prune import onnx_export
 from caffe_prune.errors import InputError, one_line
-from caffe_prune.pycaffe import layers_in_phase, read_prototxt
+from caffe_prune.phases import layers_in_phase
+from caffe_prune.pycaffe import load_net, read_prototxt
 
 RUNTIMES = ("caffe", "opencv", "onnxruntime")
 # what to install when a runtime is missing (the lower bounds are the first releases with numpy 2
@@ -132,6 +133,8 @@ def opencv_differs(layer) -> str | None:
     if layer.type == "Pooling" and layer.pooling_param.HasField("round_mode"):
         return ("sets round_mode, which OpenCV's Caffe importer cannot run (drop round_mode: CEIL, "
                 "Caffe's default; FLOOR has no OpenCV form)")
+    if layer.type == "Clip":      # measured with OpenCV 4.14: "Can't create layer ... of type Clip"
+        return "is a Clip, which OpenCV's Caffe importer has no layer for"
     return None
 
 
@@ -199,8 +202,7 @@ class OnnxRuntimeRunner(Runner):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if onnx_path is None:
-            import caffe
-            net = caffe.Net(str(self.prototxt), str(_is_file(caffemodel, self.runtime)), caffe.TEST)
+            net = load_net(self.prototxt, _is_file(caffemodel, self.runtime))    # checked: no Python layer runs
             params = {layer: [blob.data for blob in blobs] for layer, blobs in net.params.items()}
             model = onnx_export.to_onnx(self.net_param, params, self.input_shape)
             source, self.onnx_path = model.SerializeToString(), None

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_prune import evaluate, netdef, networks, pycaffe
+from caffe_prune.layers import effects
+from caffe_prune import evaluate, forks, netdef, networks, pycaffe
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.data.transform import Transform
 from caffe_prune.graph import ChannelGraph
@@ -50,7 +51,9 @@ class Network:
         self._shapes = {}
 
     @classmethod
-    def open(cls, spec, input_shape=None) -> "Network":
+    def open(cls, spec, input_shape=None, fork_layers: bool = False) -> "Network":
+        """``fork_layers``: rewrite the fork layers of public models as stock ones (caffe_prune.forks),
+        with a note; without it they are refused in one line, as every type stock Caffe lacks."""
         spec = os.fsdecode(spec)
         if spec in networks.NETWORKS:
             return cls(networks.train_test(spec), spec, spec, input_shape or networks.IMAGE_SHAPE)
@@ -58,9 +61,17 @@ class Network:
         if not path.exists():
             raise InputError(f"{spec} is neither a file nor one of the built-in networks "
                                      f"({', '.join(networks.NETWORKS)})")
-        param = pycaffe.read_caffemodel(path) if path.suffix == ".caffemodel" else pycaffe.read_prototxt(path)
+        reader = forks.read_prototxt if fork_layers else pycaffe.read_prototxt
+        if path.name.endswith(".caffemodel.h5"):
+            raise InputError(f"{spec} is an HDF5 caffemodel, which holds weights but no network definition; "
+                             f"give the net's prototxt as NET and {path.name} as WEIGHTS")
+        param = pycaffe.read_caffemodel(path) if path.suffix == ".caffemodel" else reader(path)
         if not param.layer and not param.input:
             raise InputError(f"{spec} defines no layers: not a network prototxt")
+        if fork_layers:
+            param, notes = forks.rewrite(param, input_shape, spec)
+            if notes:
+                warnings.warn(f"{spec}: --fork-layers rewrote {'; '.join(notes)}", stacklevel=2)
         pycaffe.check_net(param, None, spec)
         return cls(param, spec, None, input_shape)
 
@@ -163,17 +174,26 @@ class Session:
     def open(cls, net, weights=None, data=None, *, transform: dict | None = None, data_root: str = "",
              input_shape=None, logits: str | None = None, batch_size: int = 128, mode: str = "auto",
              device: int = 0, val_split: str = "seeded", holdout: bool = True, with_data: bool = True,
-             form: str = "evaluation", progress: bool = True) -> "Session":
+             form: str = "evaluation", progress: bool = True, allow_python_layers: bool | None = None,
+             fork_layers: bool = False, val_transform: dict | None = None, channel_order: str | None = None,
+             val_from: str = "train") -> "Session":
         """The session every command and entry point opens: ``net`` a Network or what Network.open
         takes; ``data`` what caffe_prune.data.dataset.open_dataset takes (None: the net's own data
         layers, CIFAR-10 for the built-in networks); ``transform`` the transform flags as plain data
         ({scale, mean_value, mean_file, crop_size}: Transform.from_fields), replacing the data
-        layers'; ``with_data`` False opens no dataset (export with random inputs, structure only)."""
-        network = net if isinstance(net, Network) else Network.open(net, parse_shape(input_shape))
+        layers'; ``with_data`` False opens no dataset (export with random inputs, structure only);
+        ``allow_python_layers`` lets Caffe build the net's Python layers in this process from now on
+        (True), refuses them (False), or leaves the process's choice (None: layers.effects.allow_python_layers);
+        ``fork_layers``: Network.open's; ``val_transform`` the validation split's transform flags,
+        ``channel_order`` and ``val_from``: open_dataset's."""
+        if allow_python_layers is not None:
+            effects.allow_python_layers(allow_python_layers)
+        network = net if isinstance(net, Network) else Network.open(net, parse_shape(input_shape), fork_layers)
         if form == "evaluation":
             network.head(logits)                  # a net with no head is refused before any data is read
         dataset = open_dataset(network, data, Transform.from_fields(transform), data_root, progress=progress,
-                               holdout=holdout, val_split=val_split) if with_data else None
+                               holdout=holdout, val_split=val_split, val_transform=Transform.from_fields(val_transform),
+                               channel_order=channel_order, val_from=val_from) if with_data else None
         return cls(network, None if weights is None else os.fsdecode(weights), dataset, batch_size, logits, mode,
                    device=device, form=form)
 
@@ -185,7 +205,10 @@ class Session:
         return cls.open(config.net, weights if weights is not None else config.weights, config.data,
                         transform=config.transform, data_root=config.data_root, input_shape=config.input_shape,
                         logits=config.logits, batch_size=config.batch_size, mode=mode,
-                        val_split=config.val_split, progress=progress)
+                        val_split=config.val_split, progress=progress,
+                        allow_python_layers=getattr(config, "allow_python_layers", False),
+                        fork_layers=config.fork_layers, val_transform=config.val_transform,
+                        channel_order=config.channel_order, val_from=config.val_from)
 
     def evaluate(self, x, y=None, batches: int | None = None, progress: bool = False) -> dict:
         """Scores of images ``x`` with labels ``y``, or of a dataset split ``x`` (streamed)."""

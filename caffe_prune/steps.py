@@ -75,6 +75,11 @@ def first_proposer(record: dict) -> str | None:
     return proposers[0][0][0] if proposers and proposers[0] else None
 
 
+def proposer_names(records) -> set:
+    """Every constituent the records name as a proposer: a metric run's metric, an oracle's constituents."""
+    return {pair[0] for record in records for group in proposers_of(record) for pair in group if pair}
+
+
 def pruned_of(records) -> list:
     """Every group the records removed, in the order they were removed."""
     return [g for record in records for g in groups_of(record)]

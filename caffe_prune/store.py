@@ -84,7 +84,7 @@ def _v1(db) -> None:
         CREATE TABLE steps (
             run_id TEXT NOT NULL REFERENCES runs(id),
             step INTEGER NOT NULL,
-            grp INTEGER,                    -- the (first) group pruned (NULL for step 0); record: all of them
+            grp INTEGER,                    -- the (first) group pruned (NULL for step 0), record: all of them
             top1 REAL, top5 REAL, loss REAL,  -- NULL when the step was not measured
             percent_conv_removed REAL,
             conv_weights INTEGER,
@@ -166,6 +166,9 @@ class Store:
             if not create:
                 raise StoreError(f"no results store at {self.path}; run `caffe-prune sweep` into that directory first")
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not create and self.path.stat().st_size == 0:   # SQLite would take it as a new store and write it
+            raise StoreError(f"{self.path} is empty (0 bytes): not a results store (a copy cut short?); copy it "
+                             f"again, or rerun `caffe-prune sweep` into that directory")
         self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from caffe_prune import layers, pycaffe
+from caffe_prune import layers, phases, pycaffe
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CAFFE_PRUNE_TEST_SHARED", REPO.parent / "shared"))
@@ -126,7 +126,7 @@ def conv_weight_count(net_param, channels: int = 3) -> int:
     layers that keep channels (ReLU, Pooling, BatchNorm, ...)."""
     width = {top: None for top in net_param.input}
     total = 0
-    for layer in pycaffe.layers_in_phase(net_param, "test"):
+    for layer in phases.layers_in_phase(net_param, "test"):
         bottoms = [width.get(b) for b in layer.bottom]
         if layer.type == "Input":
             out = [shape.dim[1] if len(shape.dim) > 1 else None for shape in layer.input_param.shape]

@@ -334,8 +334,10 @@ CASES = [
     # ---- import ----
     ("import: pooling kernel 0 in the embedded definition", "import", pooling_zero_model, ["import", "model"], 2,
      "kernel_size must be at least 1"),
-    ("import: Python layer module missing", "import", python_layer_model, ["import", "model"], 2,
-     "Caffe cannot build this net"),
+    ("import: Python layer module missing", "import", python_layer_model, ["import", "model", "--allow-python-layers"],
+     2, "Caffe cannot build this net"),
+    ("import: Python layer not allowed", "import", python_layer_model, ["import", "model"], 2,
+     "layer 'pool1' is a Python layer: building it would import and run no_such_module_anywhere.Pool"),
     ("import: two caffemodels", "import", two_caffemodels, ["import", "model"], 2, "must hold exactly one caffemodel"),
     ("import: unknown --net", "import", {}, ["import", str(PUBLISHED / "LeNet-5-CIFAR10"), "--net", "LeNet-6"], 2,
      "unknown network 'LeNet-6'"),

@@ -152,7 +152,18 @@ def test_lmdb_metadata_check_rejects_rgb_and_missing_json(prepared, tmp_path, wr
     with pytest.raises(DataError, match=r"rgb-lmdb/caffe-prune.json records channel_order 'RGB', not 'BGR'"):
         cifar10_convert.check_lmdb(rgb)
     proto = write_net(DATA_LAYER.format(phase="TEST", mirror="false", n=4, source=rgb))
-    with pytest.raises(DataError, match=r"net.prototxt: layer 'data': .*channel_order 'RGB'"):
+    assert cifar10_convert.check_data_layers(pycaffe.read_prototxt(proto), proto) == "RGB"
+    mixed = write_net(DATA_LAYER.format(phase="TRAIN", mirror="false", n=4, source=out / "cifar10-train-lmdb")
+                      + DATA_LAYER.replace('name: "data"', 'name: "data_test"').format(
+                          phase="TEST", mirror="false", n=4, source=rgb), name="mixed.prototxt")
+    with pytest.raises(DataError, match=r"mixed.prototxt: its data layers read different channel orders "
+                                        r"\('data' reads BGR, 'data_test' reads RGB\)"):
+        cifar10_convert.check_data_layers(pycaffe.read_prototxt(mixed), mixed)
+    broken = rgb.parent / "broken-lmdb"
+    shutil.copytree(rgb, broken)
+    (broken / cifar10_convert.META).write_text("{")
+    proto = write_net(DATA_LAYER.format(phase="TEST", mirror="false", n=4, source=broken), name="broken.prototxt")
+    with pytest.raises(DataError, match=r"broken.prototxt: layer 'data': .*caffe-prune.json is not JSON"):
         cifar10_convert.check_data_layers(pycaffe.read_prototxt(proto), proto)
     (rgb / cifar10_convert.META).unlink()
     with pytest.raises(DataError, match=r"rgb-lmdb has no caffe-prune.json"):

@@ -138,7 +138,7 @@ def test_export_reports_costs_and_times_both_networks(caffe, tmp_path):
                            "--threads", "1"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.split("\n}\n")[0] + "\n}")
-    written = netdef.structure_form(pycaffe.read_prototxt(out / "LeNet-5.prototxt"), networks.IMAGE_SHAPE)
+    written = netdef.structure_form(pycaffe.read_prototxt(out / "deploy.prototxt"), networks.IMAGE_SHAPE)
     small = pycaffe.net_from_param(written, out / "LeNet-5.caffemodel")
     counted = counted_by_caffe(small)
     assert (report["macs"], report["params"]) == (counted["macs"], counted["params"]) == (g.costs(pruned).macs,

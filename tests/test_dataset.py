@@ -83,7 +83,7 @@ def test_streamed_splits_are_the_records_transformed(stream):
     CIFAR-10's, and held out of the test split; every way of reading a split gives the records
     read whole, transformed, bit for bit, and the split's sha256 is theirs."""
     net, _, lmdb = stream
-    dataset = open_dataset(Network.open(net), progress=False)
+    dataset = open_dataset(Network.open(net), progress=False, val_from="test")
     layer = pycaffe.read_prototxt(net).layer[1]
     whole = layer_records.read(layer, progress=False)
     val = validation.validation_indices(300, 0)
@@ -204,7 +204,7 @@ def test_an_lmdb_that_changes_during_a_run_stops_it_and_the_resume_sees_it(strea
     net, weights, lmdb = stream
     out = lmdb.parent / "run"
     argv = ["prune", net, weights, "--metric", "weights/x/l1/none", "--no-drop-stop", "--batch-size", "16",
-            "--test-size", "15", "--workers", "1", "--quiet", "--out", out]
+            "--test-size", "15", "--workers", "1", "--quiet", "--val-from", "test", "--out", out]
     proc = cli(*argv, wait=False)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (out / "steps.jsonl").is_file():

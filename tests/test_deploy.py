@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import zoo
-from caffe_prune import cli, export, masking, networks, pycaffe
+from caffe_prune import cli, export, masking, pycaffe
 from caffe_prune.errors import InputError
 from caffe_prune.networks import SOURCES
-from caffe_prune.session import Network, Session
+from caffe_prune.session import Network
 from conftest import PUBLISHED, SUBSET
 
 cv2 = pytest.importorskip("cv2", reason="OpenCV is not installed (pip install 'opencv-python-headless<5')")

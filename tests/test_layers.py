@@ -203,6 +203,7 @@ def test_a_custom_layer_is_one_registered_rule(caffe, monkeypatch):
     conv a is pruned across it, and the export equals the masked net in Caffe."""
     from caffe_prune.metrics import plugins
     monkeypatch.syspath_prepend(str(CUSTOM))                 # where Caffe imports the layer's module
+    monkeypatch.setattr(layers.effects, "_python_layers_allowed", True)   # --allow-python-layers, for this test
     monkeypatch.setattr(layers, "RULES", dict(layers.RULES))   # the registration stays in this test
     param, net, g = built(python_tap_net())
     assert len(g.groups) == 5 and set(g.barriers) == {"tap"}

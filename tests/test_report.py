@@ -207,7 +207,8 @@ def test_an_archive_reports_as_its_store(tmp_path, capsys):
                 for s, v in ((0, base), (1, base + 1 / 3))]
     directory = fake_store(tmp_path / "sweep", results)
     assert cli.main(["results", str(directory), "--archive", str(tmp_path / "archive")]) == 0
-    assert f"wrote 8 finished runs (24 steps) to {tmp_path / 'archive'}" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"{tmp_path / 'archive'}: 8 finished runs (24 steps), 8 of them added from " \
+                                      f"{directory}\n"
     assert sorted(p.name for p in (tmp_path / "archive").iterdir()) == ["runs.csv", "steps.csv.gz"]
     from_store = report.write_reports(directory, tmp_path / "a")
     from_archive = report.write_reports(tmp_path / "archive", tmp_path / "b")

@@ -167,7 +167,7 @@ def decisions(steps):
     """The records without their timings (a retraining's too)."""
     out = []
     for s in steps:
-        record = {k: v for k, v in s.items() if k not in ("seconds", "phase_seconds")}
+        record = {k: v for k, v in s.items() if k not in ("seconds", "phase_seconds", "peak_rss_mib")}
         if "retrain" in record:
             record["retrain"] = {k: v for k, v in record["retrain"].items() if k != "seconds"}
         out.append(record)

@@ -12,7 +12,7 @@ from caffe_prune import pruning, pycaffe
 from caffe_prune.data.dataset import open_dataset
 from caffe_prune.graph import Channel
 from caffe_prune.session import Network, Session
-from caffe_prune.errors import InputError
+from caffe_prune.errors import DataError, InputError
 from caffe_prune.steps import pruned_of
 from conftest import evaluation
 from test_caffe_models import export_random_fraction
@@ -292,7 +292,10 @@ def test_validation_of_a_single_source_is_held_out(images_net):
     out of its test split; every image is in exactly one of the two, as Caffe's layer reads it."""
     path, weights, batches = images_net
     x, y, _ = caffe_reference(path, weights, batches)
-    data = open_dataset(Network.open(path), progress=False)
+    with pytest.raises(DataError, match=r"images_net.prototxt has no TRAIN-phase data layer: .*--val-from test"):
+        open_dataset(Network.open(path), progress=False)
+    data = open_dataset(Network.open(path), progress=False, val_from="test")
+    assert data.sources.startswith("validation 8 images from the test source (--val-from test), test 32 images")
     val = data.validation
     assert len(val.y) == 8 and len(data.test.y) == 32      # one fifth, as CIFAR-10's 10,000 of 50,000
     rows = {tuple(row.ravel()[:64]): i for i, row in enumerate(x)}
@@ -304,7 +307,7 @@ def test_validation_of_a_single_source_is_held_out(images_net):
 def test_prune_with_a_metric_on_these_datasets(request, tmp_path, net):
     path, weights, batches = request.getfixturevalue(net)
     config = pruning.Config(net=str(path), weights=str(weights), metric="weights/x/l2/count", test_size=8,
-                            batch_size=16, max_steps=4, max_drop=None)
+                            batch_size=16, max_steps=4, max_drop=None, val_from="test")
     steps = pruning.Run(config, tmp_path / "run", progress=False).run()
     run = pruning.Run(config, tmp_path / "again", progress=False)
     x, y = run.test.x, run.test.y

@@ -303,7 +303,7 @@ RETRAIN = [sys.executable, "-m", "caffe_prune", "prune", "LeNet-5", str(LENET), 
 
 def without_times(steps):
     def clean(step):
-        out = {k: v for k, v in step.items() if k not in ("seconds", "phase_seconds")}
+        out = {k: v for k, v in step.items() if k not in ("seconds", "phase_seconds", "peak_rss_mib")}
         if "retrain" in out:
             out["retrain"] = {k: v for k, v in out["retrain"].items() if k != "seconds"}
         return out

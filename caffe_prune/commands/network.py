@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from caffe_prune import fsio, masking, profile, published_weights, pycaffe, runtimes
+from caffe_prune import caffemodel, fsio, masking, profile, published_weights, pycaffe, runtimes
 from caffe_prune.commands import options
 from caffe_prune.errors import InputError
 from caffe_prune.steps import pruned_of
@@ -94,7 +94,9 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(scores))
     else:
         print_scores(os.fsdecode(args.weights), scores)
-        print(f"  data: {scores['data']}; logits {scores['logits']!r} ({scores['classes']} classes)")
+        order = session.dataset.channel_order
+        print(f"  data: {scores['data']}" + (f", {order.upper()} planes" if order else "")
+              + f"; transform {session.dataset.transform.where}; logits {scores['logits']!r} ({scores['classes']} classes)")
     return 0
 
 
@@ -118,10 +120,11 @@ def cmd_init(args) -> int:
     pycaffe.caffe().set_random_seed(args.seed)
     session = options.session(argparse.Namespace(**vars(args), weights=None, logits=None), with_data=False,
                               form="structure")
-    with fsio.replacing(args.out) as tmp:
-        session.net.save(str(tmp))
+    changed = caffemodel.for_measurement(session.net, args.seed)
+    fsio.write_bytes(args.out, caffemodel.serialize(session.param, caffemodel.arrays_of(session.net)))
     params = sum(b.data.size for blobs in session.net.params.values() for b in blobs)
-    print(f"{args.out}: {params:,} parameters of {session.network.name} from its fillers (seed {args.seed})")
+    print(f"{args.out}: {params:,} parameters of {session.network.name} from its fillers (seed {args.seed}); "
+          f"{len(changed)} layers made fit for measuring (BatchNorm as identity, unfilled weights He-normal)")
     return 0
 
 

@@ -12,7 +12,7 @@ import os
 import warnings
 
 from caffe_prune import engines, masking, metrics, oracle
-from caffe_prune.data.dataset import VAL_SPLITS
+from caffe_prune.data.dataset import CHANNEL_ORDERS, VAL_FROM, VAL_SPLITS
 from caffe_prune.metrics.methods import DEFAULT_FORMS, PAPER_FORMS
 from caffe_prune.errors import InputError
 from caffe_prune.pruning import Config
@@ -33,6 +33,11 @@ def positive(text) -> int:
     return value
 
 
+def step_number(text):
+    """A run's step: a whole number of at least 1, or ``last`` (-1: its last step)."""
+    return -1 if str(text).strip().lower() == "last" else positive(text)
+
+
 def add_network(p, weights: bool = True, weights_required: bool = True) -> None:
     p.add_argument("net", help="a built-in network (LeNet-5, CIFAR10, ResNet-20, NIN, AlexNet, SqueezeNet), "
                                "a prototxt, or a caffemodel whose embedded definition is used")
@@ -51,7 +56,7 @@ def add_network(p, weights: bool = True, weights_required: bool = True) -> None:
 def add_trust(p) -> None:
     """``--allow-python-layers``: a Python layer is its module's code, run when Caffe builds the net
     (caffe_prune.layers.effects); without the flag such a definition is refused (caffe_prune.cli sets
-    pycaffe.allow_python_layers from it, and a run's Config records it)."""
+    layers.effects.allow_python_layers from it, and a run's Config records it)."""
     p.add_argument("--allow-python-layers", action="store_true",
                    help="let Caffe build the net's Python layers, which imports and runs the modules they name "
                         "with your rights (only for a definition you trust)")
@@ -78,6 +83,14 @@ def add_data(p) -> None:
                    help="transform_param mean_value (once, or once per channel in B,G,R order)")
     p.add_argument("--mean-file", default=None, help="transform_param mean_file (a binaryproto)")
     p.add_argument("--crop-size", type=int, default=None, help="transform_param crop_size (the centre, as in TEST)")
+    for flag, kind, what in (("scale", float, "scale"), ("mean-value", float, "mean_value"),
+                             ("mean-file", str, "mean_file"), ("crop-size", int, "crop_size")):
+        p.add_argument(f"--val-{flag}", type=kind, default=None, metavar="V" if flag == "mean-value" else None,
+                       action="append" if flag == "mean-value" else None,
+                       help=f"transform_param {what} of the validation images only (their TRAIN phase's)")
+    p.add_argument("--channel-order", choices=CHANNEL_ORDERS, default=None,
+                   help="CIFAR-10's plane order as the net was trained on it: bgr (the authors' PNG pipeline; default "
+                        "for the six built-in networks) or rgb (Caffe's convert_cifar_data; default for any other net)")
 
 
 def add_mode(p) -> None:
@@ -176,6 +189,9 @@ def add_prune(p, schedule_steps: bool = True) -> None:
                    help="validation images: seeded (default; 10,000 random training images, the same fraction of a "
                         "set smaller than CIFAR-10's 50,000) or authors (CIFAR-10 only: the 5,000 the authors' release "
                         "lists, those present)")
+    p.add_argument("--val-from", choices=VAL_FROM, default=d("val_from"),
+                   help="where the validation images come from: train (default: the training images) or test (drawn "
+                        "from the test source and held out of it, when there are no training images)")
     add_forms(p)
     add_head(p)
     add_data(p)
@@ -212,10 +228,10 @@ def mode(args) -> tuple:
     return ("cpu" if getattr(args, "cpu", False) else "auto"), 0
 
 
-def transform_fields(args) -> dict | None:
-    """The transform flags as plain data (what a run's config records), or None when none was given."""
-    fields = {"scale": args.scale, "mean_value": args.mean_value, "mean_file": args.mean_file,
-              "crop_size": args.crop_size}
+def transform_fields(args, prefix: str = "") -> dict | None:
+    """The transform flags as plain data (what a run's config records), or None when none was given;
+    ``prefix`` "val_": the validation split's own (--val-*)."""
+    fields = {key: getattr(args, prefix + key, None) for key in ("scale", "mean_value", "mean_file", "crop_size")}
     fields = {k: v for k, v in fields.items() if v is not None}
     return fields or None
 
@@ -228,7 +244,9 @@ def session(args, with_data: bool = True, batch_size: int = 128, progress=True, 
             form: str = "evaluation") -> Session:
     chosen, device = mode(args)
     return Session.open(network(args), args.weights, args.data if with_data else None,
-                        transform=transform_fields(args), data_root=args.data_root, logits=getattr(args, "logits", None),
+                        transform=transform_fields(args), val_transform=transform_fields(args, "val_"),
+                        channel_order=getattr(args, "channel_order", None), val_from=getattr(args, "val_from", "train"),
+                        data_root=args.data_root, logits=getattr(args, "logits", None),
                         batch_size=batch_size, mode=chosen, device=device, holdout=holdout, with_data=with_data,
                         form=form, progress=progress)
 
@@ -268,6 +286,7 @@ def prune_config(args, net, weights, metric=None, oracle=None, seed=None) -> Con
     given.update(net=os.fsdecode(net), weights=os.fsdecode(weights), metric=metric, oracle=list(oracle or []),
                  max_drop=None if getattr(args, "no_drop_stop", False) else args.max_drop,
                  seed=args.seed if seed is None else seed, transform=transform_fields(args),
+                 val_transform=transform_fields(args, "val_"),
                  input_shape=getattr(args, "input_shape", None))
     return Config(**given)
 

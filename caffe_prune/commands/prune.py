@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from caffe_prune import analysis, bench, finetune, published_weights
+from caffe_prune import analysis, bench, finetune, fsio, published_weights
 from caffe_prune.commands import options
 from caffe_prune.errors import InputError
 
@@ -44,14 +44,16 @@ def register(sub) -> None:
 
     p = sub.add_parser("finetune", help="fine-tune a pruning run's network at step N, its pruned groups held at zero")
     p.add_argument("run", help="a pruning run directory (caffe-prune prune ... --out DIR)")
-    p.add_argument("--step", type=options.positive, default=None,
-                   help="fine-tune the net of steps 1..N (default: the last step within the run's drop)")
+    p.add_argument("--step", type=options.step_number, default=None, metavar="N|last",
+                   help="fine-tune the net of steps 1..N, or of all its steps (last; default: the last step within the "
+                        "run's drop)")
     p.add_argument("--net", default=None,
                    help="train this definition instead of the run's own (a network name, a train/test prototxt or "
                         "a solver); its layers must fit the run's")
     p.add_argument("--weights", default=None, help="start from these weights instead of the run's")
     options.add_training(p)
     p.add_argument("--out", default=None, help="training run directory (default DIR/finetune-N)")
+    p.add_argument("--json", default=None, metavar="F", help="also write the result (top-1 before and after) to F")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="check the engine, evaluate the published LeNet-5, prune it, report")
@@ -64,6 +66,7 @@ def register(sub) -> None:
 def run_one(config, out, args) -> list:
     from caffe_prune import pruning
     run = pruning.Run(config, out, force=args.force, progress=not args.quiet)
+    print(f"{out}: {run.session.dataset.sources}; {len(run.test)} test images measured per step", flush=True)
     steps = run.run()
     if run.unreachable:                 # the steps taken are kept; the budget cannot be met as constrained
         raise InputError(f"{out}: {run.unreachable}")
@@ -102,7 +105,10 @@ def cmd_finetune(args) -> int:
           f"{done['test_images']} test images: top-1 {100 * done['before']['top1']:.2f}% before, "
           f"{100 * done['after']['top1']:.2f}% after {done['iterations']} iterations ({done['seconds']:.0f} s); "
           f"{done['held_zero']['values']} pruned values, {done['held_zero']['nonzero_after']} not zero")
-    print(json.dumps({k: v for k, v in done.items() if k not in ("groups", "test_net")}, indent=2))
+    result = {k: v for k, v in done.items() if k not in ("groups", "test_net")}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        fsio.write_json(args.json, result, indent=1)
     return 0
 
 

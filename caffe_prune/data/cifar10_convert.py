@@ -27,13 +27,15 @@ from caffe_prune import fsio, layers, pycaffe
 from caffe_prune.data.cifar10 import (CACHE_DIR, OFFICIAL_COUNTS, SPLIT_FILES, binary_dir, fetch, read_split,
                                       record_sha256, summary)
 from caffe_prune.data.validation import VAL_FILE, load_validation_indices, save_validation_indices, validation_indices
+from caffe_prune.data import lmdb_meta
 from caffe_prune.errors import DataError
 
-def caffe_input(images_rgb: np.ndarray, mean_values=(), scale: float = 1.0) -> np.ndarray:
-    """What ImageData + transform_param hand the net for these images: BGR, minus mean, times scale.
+def caffe_input(images_rgb: np.ndarray, mean_values=(), scale: float = 1.0, order: str = "bgr") -> np.ndarray:
+    """What ImageData + transform_param hand the net for these images: BGR (``order`` "rgb": the
+    release's planes, as convert_cifar_data's LMDB holds them), minus mean, times scale.
 
-    ``mean_values`` follows Caffe: none, one for all channels, or one per (BGR) channel."""
-    bgr = images_rgb[:, ::-1].astype(np.float32)
+    ``mean_values`` follows Caffe: none, one for all channels, or one per channel (in that order)."""
+    bgr = (images_rgb[:, ::-1] if order == "bgr" else images_rgb).astype(np.float32)
     mean = np.asarray(mean_values, dtype=np.float32)
     if mean.size not in (0, 1, 3):
         raise DataError(f"transform_param has {mean.size} mean_value entries; Caffe accepts 1 or one per channel")
@@ -43,13 +45,19 @@ def caffe_input(images_rgb: np.ndarray, mean_values=(), scale: float = 1.0) -> n
 
 
 META = "caffe-prune.json"
-CHANNEL_ORDER = "BGR"
+# the two layouts `caffe-prune data cifar10` writes: the authors' (BGR planes, as OpenCV's imread gave
+# their ImageData layer; the six built-in networks), and Caffe's own example's (convert_cifar_data:
+# the release's RGB planes, keys format_int(i, 5), LMDBs named as create_cifar10.sh makes them, and
+# mean.binaryproto as compute_image_mean writes it)
+LAYOUTS = {"bgr": {"lmdb": "cifar10-{split}-lmdb", "key": "%08d", "order": "BGR"},
+           "rgb": {"lmdb": "cifar10_{split}_lmdb", "key": "%05d", "order": "RGB"}}
+MEAN_FILE = "mean.binaryproto"
 STORAGE = "uint8, untransformed: transform_param of the reading prototxt applies"
 SHAPE = [3, 32, 32]
-KEY = "%08d"   # zero-padded, so that LMDB's byte order is the dataset's order
 # why each recorded fact matters, for the error that finds it different
 WHY = {
-    "channel_order": "the prototxts' mean_value and the published weights expect BGR, as OpenCV imread gave it",
+    "channel_order": "a net fed another plane order than it was trained on scores silently worse (the built-in "
+                     "nets' weights expect BGR, as OpenCV imread gave it; Caffe's own CIFAR-10 example wrote RGB)",
     "storage": "the Data layer applies transform_param itself, so transformed records would be transformed twice",
     "shape": "CIFAR-10 images are 3x32x32",
     "split": "a train LMDB read as test, or the reverse",
@@ -60,18 +68,20 @@ REDO = "recreate it with `caffe-prune data cifar10`"
 
 
 def write_lmdb(path, images_rgb: np.ndarray, labels: np.ndarray, split: str, sources: dict,
-               progress: bool = True) -> Path:
-    """Write images (uint8 (N, 3, 32, 32), RGB as read from the binary release) as Datum records
-    in BGR plane order, keys ``%08d``, then the metadata; built in ``PATH.partial`` and renamed, so
-    an interrupted run never leaves a plausible-looking LMDB. `sources` maps record file names to
-    their sha256 (cifar10.record_sha256)."""
+               progress: bool = True, order: str = "bgr") -> Path:
+    """Write images (uint8 (N, 3, 32, 32), RGB as read from the binary release) as Datum records in
+    the plane order and with the keys of ``LAYOUTS[order]`` (zero-padded: LMDB's byte order is the
+    dataset's), then the metadata; built in ``PATH.partial`` and renamed, so an interrupted run
+    never leaves a plausible-looking LMDB. `sources` maps record file names to their sha256
+    (cifar10.record_sha256)."""
+    layout = LAYOUTS[order]
     path = Path(path)
     images_rgb, labels = np.asarray(images_rgb), np.asarray(labels)
     if images_rgb.dtype != np.uint8 or list(images_rgb.shape[1:]) != SHAPE or len(labels) != len(images_rgb):
         raise DataError(f"{path}: cannot write {images_rgb.dtype}{images_rgb.shape} images with "
                         f"{len(labels)} labels; expected uint8 (N, 3, 32, 32) and N labels")
     datum = pycaffe.caffe_pb2().Datum(channels=SHAPE[0], height=SHAPE[1], width=SHAPE[2])
-    bgr = images_rgb[:, ::-1]
+    bgr = images_rgb[:, ::-1] if order == "bgr" else images_rgb       # the planes as written
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -84,12 +94,12 @@ def write_lmdb(path, images_rgb: np.ndarray, labels: np.ndarray, split: str, sou
                     for i in range(start, min(start + 1000, len(bgr))):
                         datum.data = bgr[i].tobytes()
                         datum.label = int(labels[i])
-                        txn.put((KEY % i).encode(), datum.SerializeToString())
+                        txn.put((layout["key"] % i).encode(), datum.SerializeToString())
                 bar.update(min(1000, len(bgr) - start))
     finally:
         env.close()
-    meta = {"written_by": "caffe-prune data cifar10", "format": "LMDB of caffe_pb2.Datum, keys " + KEY,
-            "split": split, "images": len(bgr), "shape": SHAPE, "channel_order": CHANNEL_ORDER,
+    meta = {"written_by": "caffe-prune data cifar10", "format": "LMDB of caffe_pb2.Datum, keys " + layout["key"],
+            "split": split, "images": len(bgr), "shape": SHAPE, "channel_order": layout["order"],
             "storage": STORAGE, "label_counts": np.bincount(labels, minlength=10).tolist(),
             "source_sha256": dict(sources)}
     fsio.write_json(partial / META, meta)
@@ -98,10 +108,12 @@ def write_lmdb(path, images_rgb: np.ndarray, labels: np.ndarray, split: str, sou
     return path
 
 
-def check_lmdb(path, split: str | None = None, images: int | None = None, sources: dict | None = None) -> dict:
-    """The metadata of a CIFAR-10 LMDB, after checking it says BGR, untransformed uint8, 3x32x32,
-    and as many records as the LMDB holds; and, when given, this split, this many images and these
-    source files. Raises a one-line DataError naming what differs and why it matters."""
+def check_lmdb(path, split: str | None = None, images: int | None = None, sources: dict | None = None,
+               order: str | None = "bgr") -> dict:
+    """The metadata of a CIFAR-10 LMDB, after checking it says this channel ``order`` (None: either),
+    untransformed uint8, 3x32x32, and as many records as the LMDB holds; and, when given, this
+    split, this many images and these source files. Raises a one-line DataError naming what differs
+    and why it matters."""
     path = Path(path)
     if not (path / "data.mdb").is_file():
         raise DataError(f"{path} is not an LMDB (no data.mdb); create it with `caffe-prune data cifar10`")
@@ -113,13 +125,14 @@ def check_lmdb(path, split: str | None = None, images: int | None = None, source
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
         raise DataError(f"{meta_path} is not JSON ({exc}); {REDO}") from None
-    expected = {"channel_order": CHANNEL_ORDER, "storage": STORAGE, "shape": SHAPE,
+    expected = {"channel_order": LAYOUTS[order]["order"] if order else None, "storage": STORAGE, "shape": SHAPE,
                 "split": split, "images": images, "source_sha256": sources}
     for key, want in expected.items():
         have = meta.get(key) if isinstance(meta, dict) else None
         if want is not None and have != want:
             shown = "" if key == "source_sha256" else f" {have!r}, not {want!r}"
             raise DataError(f"{meta_path} records {key}{shown}: {WHY[key]}; {REDO}")
+    lmdb_meta.check(path, "the CIFAR-10 LMDB")   # Caffe's reads of a truncated data.mdb fault (SIGBUS)
     try:
         with lmdb.open(str(path), readonly=True, lock=False) as env:
             entries = env.stat()["entries"]
@@ -130,40 +143,55 @@ def check_lmdb(path, split: str | None = None, images: int | None = None, source
     return meta
 
 
-def check_data_layers(net_param, prototxt) -> None:
+def check_data_layers(net_param, prototxt) -> str | None:
     """check_lmdb on the source of every LMDB ``Data`` layer of a net, so that a prototxt is never
-    trained or scored on records whose channel order or transform differ from what it assumes.
-    Sources are relative to the working directory, as for Caffe."""
+    trained or scored on records whose transform differs from what it assumes, nor trained on one
+    channel order and tested on the other. Returns the channel order they share ("BGR", "RGB"; None
+    without such layers). Sources are relative to the working directory, as for Caffe."""
     lmdb_backend = pycaffe.caffe_pb2().DataParameter.LMDB
+    orders = {}
     for layer in net_param.layer:
         if layers.reader(layer) == "db" and layer.data_param.backend == lmdb_backend:
             try:
-                check_lmdb(layer.data_param.source)
+                orders[layer.name] = check_lmdb(layer.data_param.source, order=None)["channel_order"]
             except DataError as exc:
                 raise DataError(f"{prototxt}: layer {layer.name!r}: {exc}") from None
+    if len(set(orders.values())) > 1:
+        shown = ", ".join(f"{name!r} reads {order}" for name, order in orders.items())
+        raise DataError(f"{prototxt}: its data layers read different channel orders ({shown}): "
+                        f"{WHY['channel_order']}; {REDO} with one --channel-order")
+    return next(iter(orders.values()), None)
 
 
-def prepare(source=None, out_dir=None, seed: int = 0, cache_dir=None, progress: bool = True) -> dict:
+def prepare(source=None, out_dir=None, seed: int = 0, cache_dir=None, progress: bool = True,
+            order: str = "bgr") -> dict:
     """Fetch CIFAR-10 (see fetch) and write, in `out_dir` (default: the cache), what training and
-    pruning read: ``cifar10-train-lmdb`` and ``cifar10-test-lmdb`` for Caffe's Data layer, and
+    pruning read: the train and test LMDBs for Caffe's Data layer in the layout of ``order``
+    (``LAYOUTS``: "bgr" ``cifar10-{train,test}-lmdb``, the authors'; "rgb" ``cifar10_{train,test}_lmdb``
+    and ``mean.binaryproto``, exactly what Caffe's examples/cifar10/create_cifar10.sh makes), and
     ``val-indices.txt``. Whatever is already there and checks out against the records found is
     kept, so a second run only hashes the record files."""
+    if order not in LAYOUTS:
+        raise DataError(f"--channel-order must be one of {', '.join(LAYOUTS)}, got {order!r}")
     out = Path(out_dir) if out_dir is not None else CACHE_DIR
     root = fetch(source, cache_dir, progress=progress)
     counts = summary(root)
     result = {"source": str(binary_dir(root)), "counts": counts, "official": dict(OFFICIAL_COUNTS),
-              "paths": {}, "actions": {}}
+              "paths": {}, "actions": {}, "channel_order": order}
     for split in SPLIT_FILES:
-        path = out / f"cifar10-{split}-lmdb"
+        path = out / LAYOUTS[order]["lmdb"].format(split=split)
         sources = record_sha256(split, root)
         try:
-            check_lmdb(path, split=split, images=counts[split], sources=sources)
+            check_lmdb(path, split=split, images=counts[split], sources=sources, order=order)
             action = "kept"
         except DataError:
             images, labels = read_split(split, root)
-            write_lmdb(path, images, labels, split, sources, progress)
+            write_lmdb(path, images, labels, split, sources, progress, order)
             action = "written"
         result["paths"][split], result["actions"][split] = str(path), action
+    if order == "rgb":
+        result["paths"]["mean"], result["actions"]["mean"] = str(write_mean(out / MEAN_FILE, read_split("train", root)[0])), \
+            "written"
     val_path = out / VAL_FILE
     try:
         indices = load_validation_indices(val_path, seed=seed, n_train=counts["train"])
@@ -175,3 +203,15 @@ def prepare(source=None, out_dir=None, seed: int = 0, cache_dir=None, progress: 
     result["paths"]["validation"], result["actions"]["validation"] = str(val_path), action
     result.update(validation=len(indices), seed=seed)
     return result
+
+
+def write_mean(path, images: np.ndarray) -> Path:
+    """The per-pixel mean of ``images`` (uint8 (N, C, H, W), the planes as stored) as Caffe's
+    compute_image_mean writes it: a BlobProto (1, C, H, W) of float32 sums divided by the count (the
+    sums of uint8 are exact in float32 up to 65,793 images of 255, as CIFAR-10's 50,000 are)."""
+    images = np.asarray(images)
+    blob = pycaffe.caffe_pb2().BlobProto(num=1, channels=images.shape[1], height=images.shape[2],
+                                        width=images.shape[3])
+    mean = images.sum(axis=0, dtype=np.int64).astype(np.float32) / np.float32(len(images))
+    blob.data.extend(mean.ravel())
+    return fsio.write_bytes(path, blob.SerializeToString())

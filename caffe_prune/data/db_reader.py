@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from caffe_prune import layers, pycaffe
-from caffe_prune.data import base_reader, base_reader as base, caffe_reading
+from caffe_prune.data import base_reader, base_reader as base, caffe_reading, lmdb_meta
 from caffe_prune.errors import DataError
 from caffe_prune.data.base_reader import FAULT_SLACK, Reader
 from caffe_prune.data.caffe_reading import WHERE_PATHS
@@ -304,6 +304,7 @@ class Lmdb(_Db):
 
     def _open(self, verify: bool = True) -> None:
         import lmdb
+        lmdb_meta.check(self.source, self.where)   # a truncated data.mdb would fault (SIGBUS) when mapped
         try:
             self._env = lmdb.open(self.source, readonly=True, lock=False)
         except lmdb.Error as exc:
@@ -336,6 +337,7 @@ class Lmdb(_Db):
         if _liblmdb() is None:
             return super()._walk(visit)
         count, after = 0, None
+        lmdb_meta.check(self.source, self.where)
         with self._turn():
             while True:
                 spent = 0

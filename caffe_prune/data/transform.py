@@ -144,7 +144,8 @@ class Transform:
             c, h, w = self.mean.shape
             raise DataError(f"{self.where}: mean_file {self.mean_file} holds a {c}x{h}x{w} mean, the "
                             f"records are {channels}x{height}x{width} (the mean is of the uncropped "
-                            f"images); compute it from these records with compute_image_mean")
+                            f"images); compute it from these records with compute_image_mean, or give this phase's "
+                            f"mean with --mean-file (test images) or --val-mean-file (validation images)")
         if self.crop_size:
             return channels, self.crop_size, self.crop_size
         return channels, height, width

@@ -54,6 +54,7 @@ class OnChannels(Rule):
             width = tracer.shape(top, layer)[1]
             outs.append(Tensor(x.channels[start:start + width], x.block))
             start += width
+        tracer.add_slice(layer, outs)
         return outs
 
 

@@ -5,6 +5,7 @@ on, its OBD Hessian strategy and the buffers its forward keeps."""
 from __future__ import annotations
 
 from caffe_prune.layers.rule import Rule
+from caffe_prune.layers.units import Tensor
 
 
 class Pass(Rule):
@@ -27,8 +28,12 @@ class Pass(Rule):
 
 
 class ScaleBias(Pass):
-    """Scale and Bias: riders on the channel axis; a second bottom (a factor from another blob) or
-    another axis makes them a barrier; num_axes 0 (one scalar) rides on nothing."""
+    """Scale and Bias: riders on the channel axis; another axis makes them a barrier; num_axes 0 (one
+    scalar) rides on nothing. A Scale with a second bottom on axis 0 (an SE block's per-image gate
+    of shape (N, C), as caffe_prune.forks writes Axpy) multiplies channel c by channel c of the
+    factor: like an Eltwise, channel c of both falls together (a removed channel of either leaves
+    a zero product); a second bottom otherwise, or to a Bias (x + b is not zero when x is), is a
+    barrier."""
 
     def __init__(self, field: str, riders, zeroes):
         super().__init__(riders, zeroes, in_place=True, hessian="diagonal")
@@ -36,12 +41,32 @@ class ScaleBias(Pass):
 
     def barrier(self, layer, axis):
         param = getattr(layer, self.field)
-        if len(layer.bottom) > 1 or axis(param.axis, layer.bottom[0]) != 1:
-            return f"{layer.type} with a second bottom or on an axis other than channels"
+        where = axis(param.axis, layer.bottom[0])
+        if len(layer.bottom) > 1 and not (self.field == "scale_param" and where == 0):
+            return f"{layer.type} with a second bottom, other than a Scale's on axis 0"
+        if len(layer.bottom) == 1 and where != 1:
+            return f"{layer.type} on an axis other than channels"
         return None
+
+    def trace(self, tracer, layer, bottoms):
+        if len(bottoms) == 1:
+            return super().trace(tracer, layer, bottoms)
+        x, factor = bottoms
+        shape = tracer.shapes.get(layer.bottom[1], ())
+        if len(shape) < 2 or len(factor.channels) != len(x.channels) or layer.scale_param.bias_term:
+            return tracer.barrier(layer, bottoms, f"Scale by a second bottom of shape {shape} (bias_term "
+                                                  f"{layer.scale_param.bias_term}), not a gate of one value per "
+                                                  f"image and channel of its input")
+        why = f"is multiplied by Scale {layer.name!r} with a channel no convolution produces"
+        for c in range(len(x.channels)):
+            tracer.tie([x.channels[c], factor.channels[c]], why)
+        merged = Tensor(tuple(a | b for a, b in zip(x.channels, factor.channels)), x.block)
+        return [tracer.same_channels(merged, top) for top in layer.top]
 
     def rider_blobs(self, layer):
         param = getattr(layer, self.field)
+        if len(layer.bottom) > 1:          # a gate: no blob of its own (a bias would be (N, C): a barrier)
+            return ()
         if param.num_axes == 0:
             return ()
         if self.field == "scale_param" and not param.bias_term:

@@ -17,7 +17,9 @@ SPEC) defining, at module level:
 - optionally ``SCALING``: the built-in scaling it uses by default (``none`` unless given), or a
   function ``scale(values, layer)`` of its own, with ``layer`` the taxonomy's ``Layer`` (element
   counts, what is present, Θ_C and MACs of each item's group);
-- optionally ``NAME`` (default: the file's name without ``.py``).
+- optionally ``NAME`` (default: the file's name without ``.py``);
+- optionally ``TIMEOUT``: the most seconds one call of its functions may take (the run ends in one
+  line when a call takes longer).
 
 It is used as ``plugin:NAME`` (its own scaling) or ``plugin:NAME/SCALING`` (a built-in scaling),
 alone, as an oracle constituent, or as ``domino-AGG:plugin:NAME``. A run records each plugin's path
@@ -32,14 +34,20 @@ rules only registers them and is no metric.
 
 Errors are one line naming the plugin (``PluginError``): a missing file, an import that raises, a
 missing ``reduce`` (in a file without LAYER_RULES), rules that are not Rules, and values of the
-wrong shape or not finite.
+wrong shape, not numbers (a dict, a string) or not finite. ``sys.exit`` in plugin code is an error
+too, never a clean stop of the run; a call that takes longer than its time limit (``TIMEOUT``
+seconds in the file, or ``--plugin-timeout``: set_timeout; the smaller wins) is stopped by SIGALRM
+and is an error. A plugin is code: it runs with the user's rights, like a Python layer.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import re
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,6 +61,41 @@ NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 NEEDS = "xgh"
 
 _LOADED: dict = {}        # name -> Plugin, in this process
+_TIMEOUT_S = None         # --plugin-timeout: the most seconds one plugin call may take, in this process and its forks
+
+
+def set_timeout(seconds: float | None) -> None:
+    """The most seconds any plugin call may take from now on in this process (None: no limit but the
+    plugins' own TIMEOUT)."""
+    global _TIMEOUT_S
+    if seconds is not None and (isinstance(seconds, bool) or not seconds > 0):
+        raise PluginError(f"--plugin-timeout {seconds}: give a number of seconds above 0")
+    _TIMEOUT_S = None if seconds is None else float(seconds)
+
+
+class _TimedOut(BaseException):
+    """Raised by SIGALRM inside a plugin call (a BaseException, so the plugin's own ``except
+    Exception`` cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """SIGALRM after ``seconds`` raises _TimedOut in the call (main thread only: signals reach no
+    other; there the call runs without a limit). Python code is stopped at once; a call inside C
+    (one long numpy operation) is stopped when it returns to Python."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(*_):
+        raise _TimedOut()
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass(frozen=True)
@@ -67,17 +110,37 @@ class Plugin:
     combine: Callable | None
     scaling: str | None          # the built-in scaling of plain ``plugin:NAME`` (None: ``scale``)
     scale: Callable | None
+    timeout: float | None = None  # TIMEOUT: the most seconds one call may take
 
     def __str__(self):
         return f"plugin {self.name} ({self.path})"
 
+    def _call(self, what: str, fn, args, where: str):
+        """``fn(*args)`` within the time limit; whatever it raises, SystemExit included, is one line."""
+        limit = min((t for t in (self.timeout, _TIMEOUT_S) if t), default=None)
+        try:
+            with _time_limit(limit):
+                return fn(*args)
+        except _TimedOut:
+            raise PluginError(f"{self}: {what} took longer than its time limit of {limit:g} s on {where} "
+                              f"(TIMEOUT in the plugin, --plugin-timeout)") from None
+        except SystemExit as exc:
+            raise PluginError(f"{self}: {what} called sys.exit({exc.code!r}) on {where}; a plugin ends the run "
+                              f"only by raising an error") from None
+        except Exception as exc:
+            raise PluginError(f"{self}: {what} raised {type(exc).__name__}: {exc} on {where}") from None
+
+    def _numbers(self, what: str, out, where: str) -> np.ndarray:
+        """What a plugin function returned as float64, or one line saying it is not numbers."""
+        try:
+            return np.asarray(out, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise PluginError(f"{self}: {what} returned a {type(out).__name__}, not an array of numbers, on "
+                              f"{where}") from None
+
     def values(self, x, g, h, axes, where: str) -> np.ndarray:
         """``reduce`` on one batch, checked: one finite value per sample and item."""
-        try:
-            out = self.reduce(x, g, h, axes)
-        except Exception as exc:
-            raise PluginError(f"{self}: reduce raised {type(exc).__name__}: {exc} on {where}") from None
-        out = np.asarray(out, dtype=np.float64)
+        out = self._numbers("reduce", self._call("reduce", self.reduce, (x, g, h, axes), where), where)
         expected = tuple(n for i, n in enumerate(np.shape(x)) if i not in axes)
         if out.shape != expected:
             raise PluginError(f"{self}: reduce returned shape {out.shape} on {where}; expected {expected}, "
@@ -90,10 +153,7 @@ class Plugin:
         """The value over all samples: ``combine`` (checked) or the mean."""
         if self.combine is None:
             return values.mean(axis=0)
-        try:
-            out = np.asarray(self.combine(values), dtype=np.float64)
-        except Exception as exc:
-            raise PluginError(f"{self}: combine raised {type(exc).__name__}: {exc} on {where}") from None
+        out = self._numbers("combine", self._call("combine", self.combine, (values,), where), where)
         if out.shape != values.shape[1:]:
             raise PluginError(f"{self}: combine returned shape {out.shape} on {where}; expected {values.shape[1:]}, "
                               f"one value per item")
@@ -103,10 +163,7 @@ class Plugin:
 
     def scaled(self, values: np.ndarray, layer, where: str) -> np.ndarray:
         """The plugin's own ``scale``, checked for shape (NaN stays allowed: unprunable items)."""
-        try:
-            out = np.asarray(self.scale(values, layer), dtype=np.float64)
-        except Exception as exc:
-            raise PluginError(f"{self}: scale raised {type(exc).__name__}: {exc} on {where}") from None
+        out = self._numbers("scale", self._call("scale", self.scale, (values, layer), where), where)
         if out.shape != values.shape:
             raise PluginError(f"{self}: scale returned shape {out.shape} on {where}; expected {values.shape}")
         return out
@@ -132,6 +189,8 @@ def load(path, replace: bool = False) -> Plugin | None:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:
+        raise PluginError(f"plugin {location}: importing it called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise PluginError(f"plugin {location}: importing it raised {type(exc).__name__}: {exc}") from None
     sys.modules[module_name] = module
@@ -176,8 +235,11 @@ def _plugin(module, location: Path, sha: str) -> Plugin:
     scaling = getattr(module, "SCALING", None if scale else "none")
     if scale is not None and scaling is not None:
         raise PluginError(f"{where}: define SCALING or scale(values, layer), not both")
+    timeout = getattr(module, "TIMEOUT", None)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise PluginError(f"{where}: TIMEOUT must be a number of seconds above 0, got {timeout!r}")
     return Plugin(name, str(location), sha, getattr(module, "INPUT", None), frozenset(needs), reduce, combine,
-                  scaling, scale)
+                  scaling, scale, timeout)
 
 
 def get(name: str) -> Plugin:

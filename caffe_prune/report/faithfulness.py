@@ -13,7 +13,17 @@ there and ``--check`` only says which differ.
 - ``macs``: the scalings by Θ_C and by MACs against none, read by % of weights and % of MACs;
 - ``entropy-lenet``: the example plugin metric beside the oracle and built-in metrics;
 - ``deployment``: a run pruned to a MACs budget and its export, timed (README, Pruning for deployment);
-- ``zoo-bench``, ``bench``: one oracle step's cost on the zoo's ImageNet nets, and ResNet-20's bench.
+- ``zoo-bench``, ``bench``: one oracle step's cost on the zoo's ImageNet nets, and ResNet-20's bench;
+- ``table2``: papers/004 Table 2's columns for LeNet-5, CIFAR10, ResNet-20 and NIN from their sweeps'
+  archives (the five in the Table-2 forms and the oracle over them), each figure beside the paper's,
+  and where ours falls outside the paper's band;
+- ``figure6``: Figure 6 for the networks whose whole curves are archived, drawn into ``figures/``
+  beside the README (95% bands over seeds, the paper's Table-2 points marked);
+- ``forms``, ``shortlist``: the five as the authors' code computes them against the equations as
+  printed, and the oracle's shortlist as the text states it against the authors' release.
+
+A block may read several archives of one folder (``table2`` and ``figure6`` do); the figures are
+written only when the README is rebuilt (``--check`` compares the text).
 """
 from __future__ import annotations
 
@@ -23,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from caffe_prune import archive, fsio
+from caffe_prune.report.figures import figure6
 from caffe_prune.report.oracle import table
+from caffe_prune.report.published_figures import PAPER_ROWS, PUBLISHED_ROW, published_table2
 from caffe_prune.metrics.taxonomy import PAPER_SCALINGS
 from caffe_prune.report.stats import component_effects, components, difference_ci, mean_ci, scores_of
 from caffe_prune.report.taxonomy import best_table
@@ -43,17 +55,21 @@ def _resnet_oracle(runs) -> str:
 
 
 def _taxonomy(runs) -> str:
-    """The best table, and each scaling's paired effect per network (report.stats.component_effects)."""
-    lines = [best_table(runs), "", "Each scaling's paired effect on the % of conv weights removed (points, ± 95% CI): "
-             "a composition's score minus the mean of those that differ from it in the scaling only:", "",
-             "| network | " + " | ".join(PAPER_SCALINGS) + " |", "| --- |" + " ---: |" * len(PAPER_SCALINGS)]
-    for net in dict.fromkeys(r["net"] for r in runs if r["metric"]):
-        means = {m: float(np.mean(list(v.values())))
-                 for m, v in scores_of([r for r in runs if r["net"] == net and r["metric"]]).items()}
-        effects = {row[0]: row[4:6] for row in component_effects(means, "scaling")}
-        lines.append(f"| {net} | " + " | ".join(f"{effects[s][0]:+.1f} ± {effects[s][1]:.1f}"
-                                                if s in effects and not np.isnan(effects[s][0]) else "-"
-                                                for s in PAPER_SCALINGS) + " |")
+    """The best table, and each reduction's and each scaling's paired effect per network
+    (report.stats.component_effects; a composition's score is its mean over seeds)."""
+    from caffe_prune.metrics.taxonomy import REDUCTIONS
+    lines = [best_table(runs)]
+    for component, levels in (("reduction", REDUCTIONS), ("scaling", PAPER_SCALINGS)):
+        lines += ["", f"Each {component}'s paired effect on the % of conv weights removed (points, ± 95% CI): a "
+                      f"composition's score minus the mean of those that differ from it in the {component} only:", "",
+                  "| network | seeds | " + " | ".join(levels) + " |", "| --- | ---: |" + " ---: |" * len(levels)]
+        for net in dict.fromkeys(r["net"] for r in runs if r["metric"]):
+            mine = [r for r in runs if r["net"] == net and r["metric"]]
+            means = {m: float(np.mean(list(v.values()))) for m, v in scores_of(mine).items()}
+            effects = {row[0]: row[4:6] for row in component_effects(means, component)}
+            lines.append(f"| {net} | {len({r['seed'] for r in mine})} | "
+                         + " | ".join(f"{effects[x][0]:+.1f} ± {effects[x][1]:.1f}"
+                                      if x in effects and not np.isnan(effects[x][0]) else "-" for x in levels) + " |")
     return "\n".join(lines)
 
 
@@ -166,6 +182,219 @@ def _bench(path: Path) -> str:
     return "\n".join(lines)
 
 
+# papers/004's networks in its column order, and the archive of each Table-2 column
+TABLE2_NETS = ("LeNet-5", "CIFAR10", "ResNet-20", "NIN")
+TABLE2_ARCHIVES = {"table2": None, "table2-resnet": None, "resnet-oracle": "oracle (table2 forms)", "table2-nin": None}
+FIGURE6_ARCHIVES = {"table2": ("LeNet-5", "CIFAR10"), "resnet-figure6": ("ResNet-20",)}
+FIGURES = "figures"
+
+
+def _table2_runs(results_dir: Path) -> list:
+    runs = []
+    for name, method in TABLE2_ARCHIVES.items():
+        if archive.is_archive(results_dir / name):
+            runs += [r for r in archive.read(results_dir / name) if method is None or r["method"] == method]
+    return sorted(runs, key=lambda r: TABLE2_NETS.index(r["net"]) if r["net"] in TABLE2_NETS else len(TABLE2_NETS))
+
+
+def _table2(results_dir: Path) -> str:
+    """Table 2 from the archives, then each figure the paper's band does not hold: the oracle's
+    mean outside the paper's mean ± both intervals, a metric's published value outside our 95% CI."""
+    runs = _table2_runs(results_dir)
+    lines = [table(runs), ""]
+    published = published_table2()
+    outside = []
+    for (method, net), values in sorted(_by_method_net(runs).items()):
+        paper = published.get(PUBLISHED_ROW.get(method, ""))
+        if paper is None or net not in published["columns"]:
+            continue
+        i = published["columns"].index(net)
+        mean, half = mean_ci(values)
+        if isinstance(paper, dict):
+            low, high = paper["mean"][i] - paper["ci95"][i] - half, paper["mean"][i] + paper["ci95"][i] + half
+            if not low <= mean <= high:
+                outside.append(f"{net}, {PAPER_ROWS.get(method, method)}: {mean:.1f} ± {half:.1f} against "
+                               f"{paper['mean'][i]} ± {paper['ci95'][i]}")
+        elif len(values) > 1 and not mean - half <= paper[i] <= mean + half:
+            outside.append(f"{net}, {PAPER_ROWS.get(method, method)}: {mean:.1f} ± {half:.1f} against {paper[i]}")
+    lines.append("Outside the paper's band (ours, mean ± 95% CI, against the published figure): "
+                 + ("; ".join(outside) if outside else "none") + ".")
+    return "\n".join(lines)
+
+
+def _by_method_net(runs) -> dict:
+    out = {}
+    for run in runs:
+        out.setdefault((run["method"], run["net"]), []).append(removed_at_drop(run["steps"], DEFAULT_DROP))
+    return out
+
+
+def _figure6(results_dir: Path, readme_dir: Path | None = None) -> str:
+    """Links to figures/figure6-NET.png for every network with archived whole curves; with
+    ``readme_dir`` the figures are drawn there too."""
+    lines = []
+    for name, nets in FIGURE6_ARCHIVES.items():
+        if not archive.is_archive(results_dir / name):
+            continue
+        runs = archive.read(results_dir / name)
+        for net in nets:
+            group = [r for r in runs if r["net"] == net]
+            if not group:
+                continue
+            seeds = len({r["seed"] for r in group})
+            path = f"{FIGURES}/figure6-{net}.png"
+            if readme_dir is not None:
+                figure6(group, readme_dir / path, f"{net}: test top-1 while pruning ({seeds} seeds, "
+                                                  f"{'whole curves' if name != 'resnet-figure6' else 'to a top-1 of 30%'})",
+                        published=True)
+            lines.append(f"![Figure 6, {net}]({path})")
+    return "\n\n".join(lines)
+
+
+def _forms(runs) -> str:
+    """The five in the authors' code's forms and as printed (eq. 1-5), per network, beside Table 2."""
+    from caffe_prune.metrics.taxonomy import AS_PRINTED
+    five = list(AS_PRINTED)                          # the aliases, in the paper's order
+    printed = [AS_PRINTED[m][0] for m in five]
+    results = _by_method_net(runs)
+    published = published_table2()
+    lines = ["| % conv weights removed | " + " | ".join(PAPER_ROWS[m] for m in five) + " |",
+             "| --- |" + " ---: |" * len(five)]
+    for net in [n for n in TABLE2_NETS if any(k[1] == n for k in results)]:
+        i = published["columns"].index(net)
+        lines.append(f"| {net}, Table 2 | " + " | ".join(str(published[PAPER_ROWS[m]][i]) for m in five) + " |")
+        for label, names in (("code's forms", five), ("as printed", printed)):
+            cells = []
+            for m in names:
+                values = results.get((m, net))
+                cells.append(f"{mean_ci(values)[0]:.1f} ± {mean_ci(values)[1]:.1f} (n={len(values)})" if values else "-")
+            lines.append(f"| {net}, {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _shortlist(results_dir: Path) -> str:
+    """The oracle with the authors' released shortlist minus the text's, paired by seed, per network."""
+    paper = archive.read(results_dir / "shortlist") if archive.is_archive(results_dir / "shortlist") else []
+    code = archive.read(results_dir / "shortlist-authors") if archive.is_archive(results_dir / "shortlist-authors") else []
+    lines = ["| network | the text's shortlist | the authors' release | release minus text, paired by seed |",
+             "| --- | ---: | ---: | ---: |"]
+    for net in [n for n in TABLE2_NETS if any(r["net"] == n for r in paper + code)]:
+        a = {r["seed"]: removed_at_drop(r["steps"], DEFAULT_DROP) for r in code if r["net"] == net}
+        b = {r["seed"]: removed_at_drop(r["steps"], DEFAULT_DROP) for r in paper if r["net"] == net}
+        cells = [f"{mean_ci(list(v.values()))[0]:.1f} ± {mean_ci(list(v.values()))[1]:.1f} (n={len(v)})" if v else "-"
+                 for v in (b, a)]
+        diff = f"{difference_ci(a, b)[0]:+.1f} ± {difference_ci(a, b)[1]:.1f}" if a and b else "-"
+        lines.append(f"| {net} | {cells[0]} | {cells[1]} | {diff} |")
+    return "\n".join(lines)
+
+
+def _schedule_of(config: dict) -> str:
+    """A run's schedule in words (caffe_prune.schedule)."""
+    if config.get("in_steps"):
+        return f"{config['in_steps']} steps (geometric)"
+    per_step = config.get("per_step")
+    if per_step is None:
+        return "1 group a step (Algorithm 1)"
+    if per_step.endswith("%macs"):
+        return f"{per_step[:-5]}% of the MACs left a step"
+    return f"{per_step} of the channels a step" if per_step.endswith("%") else f"{per_step} groups a step"
+
+
+def _schedules(path: Path) -> str:
+    """Quality against speed: each (network, method, schedule) pruned to its MACs budget, mean over
+    seeds: steps, test top-1 at the budget and after the fine-tune (schedules-finetune/ID.json, when
+    there), MACs left, wall time; the figure figures/schedules-NET.png is drawn by ``_schedules_figure``."""
+    import json
+    runs = archive.read(path)
+    tuned = {}
+    for file in sorted((path.parent / "schedules-finetune").glob("*.json")):
+        done = json.loads(file.read_text())
+        tuned[file.stem] = done
+    rows = {}
+    for run in runs:
+        rows.setdefault((run["net"], PAPER_ROWS.get(run["method"], run["method"]), _schedule_of(run["config"])),
+                        []).append(run)
+    lines = ["| network | method | schedule | runs | steps | groups a step | test top-1 at the budget (%) | "
+             "after 300 masked iterations (%) | MACs left | wall time (s) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (net, method, schedule), group in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], _order(kv[0][2]))):
+        steps = [len(r["steps"]) - 1 for r in group]
+        per_step = [np.mean([len(s["groups"]) for s in r["steps"][1:]]) for r in group]
+        final = [r["final_top1"] for r in group]                         # % (runs.csv)
+        left = [r["steps"][-1]["macs"] / r["steps"][0]["macs"] for r in group]
+        after = [100 * tuned[r["id"][:16]]["after"]["top1"] for r in group if r["id"][:16] in tuned]
+        wall = [r["wall_s"] for r in group if r.get("wall_s")]
+        lines.append(f"| {net} | {method} | {schedule} | {len(group)} | {np.mean(steps):.0f} | {np.mean(per_step):.1f} | "
+                     f"{_pm(final)} | {_pm(after) if after else '-'} | {np.mean(left):.3f} | "
+                     + (f"{np.mean(wall):.0f} |" if wall else "- |"))
+    return "\n".join(lines)
+
+
+def _order(schedule: str) -> int:
+    return 0 if schedule.startswith("1 group") else 3 if "geometric" in schedule else 1 if schedule.startswith("1%") else 2
+
+
+def _pm(values) -> str:
+    mean, half = mean_ci(values)
+    return f"{mean:.1f} ± {half:.1f}"
+
+
+def _resnet50(folder: Path) -> str:
+    """ResNet-50 (the zoo's deploy prototxt, random weights, a synthetic 224x224 LMDB) pruned to half
+    its MACs: each run directory under ``folder`` (config.json, steps.jsonl) and the export of its
+    last step (export.json: the MACs Caffe's shapes give for the compact net)."""
+    import json
+    from caffe_prune.rundir import RunDir
+    lines = ["| method | schedule | steps | groups removed | wall time (min) | peak memory per process (GiB) | "
+             "MACs left (run's record) | MACs left (compact net, Caffe's shapes) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run_dir in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        header, steps = RunDir(run_dir).read()
+        config = header["config"]
+        exported = json.loads((run_dir.parent / f"{run_dir.name}-export.json").read_text()) \
+            if (run_dir.parent / f"{run_dir.name}-export.json").is_file() else {}
+        peak = max(max(s.get("peak_rss_mib", {}).get("main", 0), s.get("peak_rss_mib", {}).get("worker", 0))
+                   for s in steps)
+        method = config["metric"] or "oracle over the Table-2 forms"
+        original = header["original"]["macs"]
+        counted = exported.get("macs_counted_on_the_compact_net")
+        lines.append(f"| {method} | {_schedule_of(config)} | {len(steps) - 1} | {sum(len(s['groups']) for s in steps)} | "
+                     f"{sum(s.get('seconds') or 0 for s in steps) / 60:.1f} | {peak / 1024:.2f} | "
+                     f"{steps[-1]['macs'] / original:.3f} ({steps[-1]['macs']:,}) | "
+                     + (f"{counted / original:.3f} ({counted:,})" if counted else "-") + " |")
+    return "\n".join(lines)
+
+
+def _deploy(folder: Path) -> str:
+    """`export --json` reports with `--runtime caffe,opencv,onnxruntime`: the MACs ratio beside the
+    measured speed-up in each runtime, batch 1 and 32, 1 and 2 threads; then, for pycaffe, the
+    layers that gain least."""
+    import json
+    lines = ["| network | MACs fewer | runtime | batch | threads | original (ms) | compact (ms) | "
+             "speed-up (quartile range) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    notes = []
+    for path in sorted(folder.glob("*.json")):
+        report = json.loads(path.read_text())
+        ratio = report["speedup_in_macs"]
+        for r in report.get("served") or []:
+            low, high = r["speedup_range"]
+            lines.append(f"| {path.stem} | {ratio:.2f}x | {r['runtime']} | {r['batch']} | {r['threads']} | "
+                         f"{r['original_ms']:.2f} | {r['compact_ms']:.2f} | {r['speedup']:.2f}x ({low:.2f}-{high:.2f}) |")
+        runs = (report.get("latency") or {}).get("runs") or []
+        if runs:
+            ref = max(runs, key=lambda r: (r["batch"], -r["threads"]))
+            layers = [l for l in ref.get("layers", []) if l["original_ms"] and l["compact_ms"]]
+            total = sum(l["original_ms"] for l in layers) or 1
+            slow = sorted((l for l in layers if l["original_ms"] > 0.05 * total), key=lambda l: l["speedup"] or 0)[:3]
+            notes.append(f"{path.stem} (pycaffe, batch {ref['batch']}, {ref['threads']} thread): "
+                         + ", ".join(f"{l['name']} ({l['type']}, {100 * l['original_ms'] / total:.0f}% of the time) "
+                                     f"{l['speedup']:.2f}x" for l in slow))
+    if notes:
+        lines += ["", "The layers that gain least, among those taking at least 5% of the original's forward: "
+                  + "; ".join(notes) + "."]
+    return "\n".join(lines)
+
+
 def _archived(builder):
     return lambda folder: builder(archive.read(folder))
 
@@ -177,12 +406,20 @@ BLOCKS = {"resnet-oracle": ("resnet-oracle", _archived(_resnet_oracle)),
           "entropy-lenet": ("entropy-lenet", _archived(_entropy)),
           "deployment": ("deployment/export.json", _deployment),
           "zoo-bench": ("zoo-bench", _zoo_bench),
-          "bench": ("zoo-bench/resnet20.json", _bench)}
+          "bench": ("zoo-bench/resnet20.json", _bench),
+          "table2": ("table2", lambda path: _table2(path.parent)),
+          "figure6": ("table2", lambda path: _figure6(path.parent)),
+          "forms": ("forms", _archived(_forms)),
+          "shortlist": ("shortlist", lambda path: _shortlist(path.parent)),
+          "schedules": ("schedules", _schedules),
+          "resnet50-schedule": ("resnet50-schedule", _resnet50),
+          "deploy": ("deploy", _deploy)}
 
 
 def _present(path: Path) -> bool:
-    """An archive, a file, or a folder of bench results (what each block reads)."""
-    return archive.is_archive(path) or path.is_file() or (path.is_dir() and any(path.glob("*.json")))
+    """An archive, a file, or a folder of results (JSON files or run directories: what each block reads)."""
+    return archive.is_archive(path) or path.is_file() or \
+        (path.is_dir() and (any(path.glob("*.json")) or any(path.glob("*/config.json"))))
 
 
 def rebuild(results_dir) -> dict:
@@ -212,6 +449,9 @@ def update(readme, results_dir, check: bool = False) -> dict:
         new = f"{markdown}\n"
         outcome["same" if found.group(2) == new else "changed"].append(block)
         text = text[:found.start(2)] + new + text[found.end(2):]
-    if outcome["changed"] and not check:
-        fsio.write_text(readme, text)
+    if not check:
+        if "figure6" in built:
+            _figure6(Path(results_dir), readme.parent)            # the figures the block links to
+        if outcome["changed"]:
+            fsio.write_text(readme, text)
     return outcome

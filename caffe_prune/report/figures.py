@@ -23,11 +23,13 @@ def save_figure(fig, path) -> Path:
     return Path(path)
 
 
-def figure6(runs, path, title, x: str = "weights") -> Path:
+def figure6(runs, path, title, x: str = "weights", published: bool = False) -> Path:
     """papers/004 Figure 6: single metrics dashed, the oracle solid; a method with several runs is
     drawn as its mean with the 95% band (the paper bands the oracle's 8 runs). Prune-retrain runs
     (not in the paper) are a curve of their own per schedule, each retraining an arrow from the
-    top-1 before it to the top-1 after it (a marker), where the run continued from."""
+    top-1 before it to the top-1 after it (a marker), where the run continued from. ``published``:
+    each method's Table-2 figure for the network marked on the 5-point-drop line in its colour
+    (an x for the paper's point; the oracle's with its interval)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -54,10 +56,14 @@ def figure6(runs, path, title, x: str = "weights") -> Path:
         for at, before, after in marked:
             ax.annotate("", xy=(at, after), xytext=(at, before),
                         arrowprops=dict(arrowstyle="->", color=color, lw=0.9, shrinkA=0, shrinkB=0))
+        if published:
+            _mark_table2(ax, method, group, color, x)
         if marked:
             done = sorted({s["retrain"]["iters"] for run in group for s in run["steps"] if "retrain" in s})
             ax.scatter([m[0] for m in marked], [m[2] for m in marked], color=color, marker="^", s=22, zorder=3,
                        label=f"{label}: after retraining ({'/'.join(map(str, done))} iterations)")
+    if published:
+        ax.plot([], [], color="black", marker="x", ls="none", label="papers/004 Table 2 (at the 5-point drop)")
     initial = np.mean([100 * r["steps"][0]["test"]["top1"] for r in runs])
     ax.axhline(initial - 5, color="grey", lw=0.8, ls=":", label="5-point drop")
     ax.set_xlabel(AXIS_LABELS[x])
@@ -65,6 +71,20 @@ def figure6(runs, path, title, x: str = "weights") -> Path:
     ax.set_title(title)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def _mark_table2(ax, method, group, color, x) -> None:
+    from caffe_prune.report.published_figures import PUBLISHED_ROW, published_table2
+    table2, net = published_table2(), group[0]["net"]
+    value = table2.get(PUBLISHED_ROW.get(method, ""))
+    if value is None or net not in table2["columns"] or x != "weights":
+        return
+    i = table2["columns"].index(net)
+    at = np.mean([100 * r["steps"][0]["test"]["top1"] for r in group]) - 5
+    if isinstance(value, dict):
+        ax.errorbar([value["mean"][i]], [at], xerr=[value["ci95"][i]], color=color, marker="x", ms=8, capsize=3, lw=1)
+    else:
+        ax.plot([value[i]], [at], color=color, marker="x", ms=8, ls="none")
 
 
 def phases(runs, path, title) -> Path | None:

@@ -152,7 +152,7 @@ def parse_protocol(given: dict) -> dict:
     for key, value in given.items():
         kind = _kind(key, defaults[key])
         accepted = (int, float) if kind is float else kind
-        if isinstance(value, bool) or (value is not None and not isinstance(value, accepted)):
+        if isinstance(value, bool) != (kind is bool) or (value is not None and not isinstance(value, accepted)):
             raise SweepError(f"protocol {key} must be {kind.__name__}, got {value!r}")
         protocol[key] = float(value) if kind is float and value is not None else value
     if protocol["stop"] not in STOPS:

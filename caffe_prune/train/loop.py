@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caffe_prune import fsio, layers, netdef, pycaffe
+from caffe_prune import fsio, layers, netdef, phases, pycaffe
 from caffe_prune.download import digest
 from caffe_prune.layers import DATA_TYPES, LOSS_TYPES
 from caffe_prune.train.heldzero import HeldZero
@@ -40,7 +40,7 @@ def latest_solverstate(out_dir) -> Path | None:
 def _loss_blobs(net_param) -> list:
     """(top, loss weight) of the TRAIN net's losses, as Caffe sums them into the displayed loss."""
     out = []
-    for layer in pycaffe.layers_in_phase(net_param, "train"):
+    for layer in phases.layers_in_phase(net_param, "train"):
         if layer.type in LOSS_TYPES or (layer.loss_weight and layer.loss_weight[0]):
             weight = layer.loss_weight[0] if layer.loss_weight else 1.0
             if weight and layer.top:
@@ -50,7 +50,7 @@ def _loss_blobs(net_param) -> list:
 
 def _top1_blob(net_param) -> str | None:
     """The TEST net's top-1 Accuracy output (the first Accuracy layer with top_k 1)."""
-    for layer in pycaffe.layers_in_phase(net_param, "test"):
+    for layer in phases.layers_in_phase(net_param, "test"):
         if layers.role(layer.type) == "accuracy" and layer.accuracy_param.top_k == 1 and layer.top:
             return layer.top[0]
     return None
@@ -81,7 +81,7 @@ def _advance(net, net_param, phase: str, batches: int) -> None:
     if batches <= 0:
         return
     names = list(net._layer_names)
-    data = {l.name for l in pycaffe.layers_in_phase(net_param, phase) if l.type in DATA_TYPES and not layers.is_fed(l)}
+    data = {l.name for l in phases.layers_in_phase(net_param, phase) if l.type in DATA_TYPES and not layers.is_fed(l)}
     for index in [i for i, n in enumerate(names) if n in data]:
         for _ in range(batches):
             net._forward(index, index)

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caffe_prune import layers, networks, pycaffe
+from caffe_prune import layers, networks, phases, pycaffe
 from caffe_prune.data import layer_records
 from caffe_prune.layers import DATA_TYPES
 from caffe_prune.errors import InputError
@@ -131,8 +131,8 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
             solver_given=False) -> Recipe:
     from caffe_prune.data import cifar10_convert
     source["definition_sha256"] = _sha256(net_param)
-    train_layers = [l for l in pycaffe.layers_in_phase(net_param, "train") if l.type in DATA_TYPES]
-    test_layers = [l for l in pycaffe.layers_in_phase(net_param, "test") if l.type in DATA_TYPES]
+    train_layers = [l for l in phases.layers_in_phase(net_param, "train") if l.type in DATA_TYPES]
+    test_layers = [l for l in phases.layers_in_phase(net_param, "test") if l.type in DATA_TYPES]
     if not train_layers or all(layers.is_fed(l) for l in train_layers):
         raise TrainError(f"{where} has no data layer in the TRAIN phase to read training images from: train a "
                          f"train/test definition (Data, ImageData or HDF5Data layers), not a deploy one")
@@ -152,7 +152,7 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
                              f"include {{ phase: TRAIN }} (and a TEST layer) so that it reads the training images")
         prepared = cifar10_convert.prepare(location, data_out, progress=progress)
         net_param = _with_sources(net_param, prepared["paths"]["train"], prepared["paths"]["test"])
-        cifar10_convert.check_data_layers(net_param, where)   # BGR uint8 LMDBs written by caffe_prune.data
+        cifar10_convert.check_data_layers(net_param, where)   # uint8 LMDBs written by caffe_prune.data, one order
         data_record = {"kind": "cifar10", "source": prepared["source"], "counts": prepared["counts"],
                        "lmdb": {k: prepared["paths"][k] for k in ("train", "test")}}
         test_images = prepared["counts"]["test"]
