@@ -136,7 +136,46 @@ def test_the_channel_order_is_stated_and_only_for_cifar10(caffe, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--channel-order rgb: records of " in err and "are fed as they are stored" in err
     assert cli.main(["evaluate", "CIFAR10", "published", "--batches", "1"]) == 0
-    assert "BGR planes; transform " in capsys.readouterr().out         # a built-in net: the authors' order
+    assert "BGR planes (the built-in networks' published weights expect it; --channel-order to choose); " \
+           "transform " in capsys.readouterr().out                  # a built-in net: the authors' order
+
+
+IMAGE_DATA = """layer { name: "data" type: "ImageData" top: "data" top: "label" include { phase: TEST }
+  image_data_param { source: "absent-list.txt" batch_size: 4 } }
+"""
+LMDB_DATA = """layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  data_param { source: "%s" batch_size: 4 backend: LMDB } }
+"""
+INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }\n'
+BODY = """layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc" inner_product_param { num_output: 10 } }
+"""
+
+
+def test_the_default_channel_order_follows_what_the_nets_data_layers_read(caffe, tmp_path):
+    """Not a built-in net: BGR where its own data layers say so (ImageData reads through OpenCV; an
+    LMDB `data cifar10` recorded as BGR), RGB otherwise (what convert_cifar_data writes); the
+    records read are the release's planes in that order."""
+    bgr_lmdb = cifar10_convert.prepare(SUBSET, tmp_path / "prepared", progress=False)["paths"]["test"]
+    rgb_lmdb = cifar10_convert.prepare(SUBSET, tmp_path / "caffe-way", progress=False, order="rgb")["paths"]["test"]
+    cases = {"image-data": (IMAGE_DATA, "bgr", "its data layer 'data' (ImageData) reads images through OpenCV, BGR"),
+             "bgr-lmdb": (LMDB_DATA % bgr_lmdb, "bgr", f"its data layer 'data' reads {bgr_lmdb}, recorded as BGR"),
+             "rgb-lmdb": (LMDB_DATA % rgb_lmdb, "rgb", f"its data layer 'data' reads {rgb_lmdb}, recorded as RGB"),
+             "deploy": (INPUT, "rgb", "as Caffe's convert_cifar_data wrote CIFAR-10 for a net trained the Caffe way")}
+    from caffe_prune.data import cifar10
+    release = cifar10.read_split("test", cifar10.fetch(SUBSET, progress=False))[0]
+    for name, (data_layer, order, why) in cases.items():
+        path = tmp_path / f"{name}.prototxt"
+        path.write_text(data_layer + BODY)
+        dataset = open_dataset(Network.open(path), data=str(SUBSET), progress=False, holdout=False)
+        assert dataset.channel_order == order and f"{order.upper()} planes ({why}; --channel-order to choose)" \
+            in dataset.sources, (name, dataset.sources)
+        first = dataset._test.read([0, 1])[0]
+        np.testing.assert_array_equal(first, release[:2, ::-1] if order == "bgr" else release[:2])
+        asked = open_dataset(Network.open(path), data=str(SUBSET), progress=False, holdout=False,
+                             channel_order="bgr")
+        assert "BGR planes (as --channel-order asks)" in asked.sources
 
 
 def single_source_net(tmp_path, train_source):

@@ -88,14 +88,14 @@ def print_scores(name, scores) -> None:
 
 def cmd_evaluate(args) -> int:
     scores, session = run_evaluation(args, progress=not args.json)
+    planes = session.dataset.planes
     scores = {**scores, "data": session.dataset.description, "logits": session.head.logits,
-              "classes": session.classes}
+              "classes": session.classes, **({"channel_order": session.dataset.channel_order} if planes else {})}
     if args.json:
         print(json.dumps(scores))
     else:
         print_scores(os.fsdecode(args.weights), scores)
-        order = session.dataset.channel_order
-        print(f"  data: {scores['data']}" + (f", {order.upper()} planes" if order else "")
+        print(f"  data: {scores['data']}" + (f", {planes}" if planes else "")
               + f"; transform {session.dataset.transform.where}; logits {scores['logits']!r} ({scores['classes']} classes)")
     return 0
 

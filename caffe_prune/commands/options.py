@@ -90,7 +90,8 @@ def add_data(p) -> None:
                        help=f"transform_param {what} of the validation images only (their TRAIN phase's)")
     p.add_argument("--channel-order", choices=CHANNEL_ORDERS, default=None,
                    help="CIFAR-10's plane order as the net was trained on it: bgr (the authors' PNG pipeline; default "
-                        "for the six built-in networks) or rgb (Caffe's convert_cifar_data; default for any other net)")
+                        "for the six built-in networks and a net whose data layers read through OpenCV) or rgb "
+                        "(Caffe's convert_cifar_data; default for any other net)")
 
 
 def add_mode(p) -> None:

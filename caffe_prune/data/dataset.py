@@ -263,11 +263,15 @@ class Dataset:
         return shape
 
     @property
+    def planes(self) -> str:
+        """The channel order CIFAR-10 is fed in, and why, in words ("" for records fed as stored)."""
+        return f"{self.channel_order.upper()} planes ({self.order_why})" if self.channel_order else ""
+
+    @property
     def sources(self) -> str:
         """Where the validation and test images come from, in words (every run's first line)."""
         val = "the training images" if self._train is not None else "the test source (--val-from test)"
-        order = f"; {self.channel_order.upper()} planes ({self.order_why})" \
-            if self.channel_order else ""
+        order = f"; {self.planes}" if self.planes else ""
         transforms = f"transform {self.transform.where}" if self.val_transform is self.transform else \
             f"transforms: validation {self.val_transform.where}, test {self.transform.where}"
         return (f"validation {len(self.validation)} images from {val}, test {len(self.test)} images, of "
