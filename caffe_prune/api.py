@@ -97,8 +97,9 @@ def published_weights(net: str) -> str:
     return str(published_weights.caffemodel(net))
 
 
-def load_plugin(path) -> plugins.Plugin:
-    """Register the plugin metric in ``path``; it is then ``plugin:NAME`` everywhere."""
+def load_plugin(path) -> plugins.Plugin | None:
+    """Register the plugin metric in ``path`` (it is then ``plugin:NAME`` everywhere) and its layer
+    rules (``LAYER_RULES``); None for a file of layer rules only."""
     return plugins.load(path)
 
 

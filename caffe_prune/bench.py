@@ -74,18 +74,26 @@ class Mode:
         self.records, self.seconds, self.cpu = [], [], []
         self.phases = {phase: [] for phase in PHASES}
 
-    def step(self, step: int, pruned: set) -> dict:
-        """The run's own step (pruning.Run.advance) from the state ``pruned``, timed."""
+    def step(self, step: int, pruned: set) -> dict | None:
+        """The run's own step (pruning.Run.advance) from the state ``pruned``, timed; None (and
+        nothing recorded) when the run may take no group there."""
         run = self.run
         pids = run.engine.worker_pids() if hasattr(run.engine, "worker_pids") else []
         wall, cpu = time.perf_counter(), _cpu_seconds(pids)
         choice = run.advance(step, set(pruned))
+        if choice is None:
+            return None
         self.seconds.append(time.perf_counter() - wall)
         self.cpu.append(_cpu_seconds(run.engine.worker_pids() if pids else []) - cpu)
         for phase in PHASES:
             self.phases[phase].append(run.timing.get(phase, 0.0))
         self.records.append(choice)
         return choice
+
+    def unrecord(self) -> None:
+        """Forget the last step's figures (another mode could not take it)."""
+        for figures in (self.records, self.seconds, self.cpu, *self.phases.values()):
+            figures.pop()
 
 
 def _fill(run: pruning.Run, images: int) -> None:
@@ -125,9 +133,15 @@ def bench(config: pruning.Config, steps: int, modes, workers: int | None = None,
         for step in range(1, steps + 1):
             if not graph.prunable(pruned):
                 break
+            taken = []
             for mode in runs.values():
                 _set_threads(mode)
-                mode.step(step, pruned)
+                taken.append(mode.step(step, pruned))
+            if None in taken:           # the constraints allow no group here: every mode ends at the last step
+                for mode, choice in zip(runs.values(), taken):
+                    if choice is not None:
+                        mode.unrecord()
+                break
             pruned.update(next(iter(runs.values())).records[-1]["groups"])
             if progress:
                 print(f"step {step}: " + "  ".join(f"{m.name} {m.seconds[-1]:.2f}s" for m in runs.values()), flush=True)

@@ -23,11 +23,7 @@ class Constraints:
     def __init__(self, graph, keep=None, min_channels=None, max_layer_fraction=None, round_to=None):
         self.graph = graph
         self.original = {name: info.num_output for name, info in graph.producers.items()}
-        for name, value, low in (("--min-channels", min_channels, 1), ("--round-to", round_to, 1)):
-            if value is not None and value < low:
-                raise InputError(f"{name} must be at least {low}, got {value}")
-        if max_layer_fraction is not None and not 0 < max_layer_fraction <= 1:
-            raise InputError(f"--max-layer-fraction must be in (0, 1], got {max_layer_fraction}")
+        self.check(min_channels, max_layer_fraction, round_to)
         self.kept = set()
         for pattern in keep or ():
             matched = fnmatch.filter(self.original, pattern)
@@ -36,6 +32,15 @@ class Constraints:
                 raise InputError(f"--keep {pattern}: no convolution of the net matches it (they are {shown})")
             self.kept.update(matched)
         self.min_channels, self.max_fraction, self.round_to = min_channels, max_layer_fraction, round_to
+
+    @staticmethod
+    def check(min_channels=None, max_layer_fraction=None, round_to=None) -> None:
+        """Refuse values no net could meet, in one line naming the flag."""
+        for name, value, low in (("--min-channels", min_channels, 1), ("--round-to", round_to, 1)):
+            if value is not None and value < low:
+                raise InputError(f"{name} must be at least {low}, got {value}")
+        if max_layer_fraction is not None and not 0 < max_layer_fraction <= 1:
+            raise InputError(f"--max-layer-fraction must be in (0, 1], got {max_layer_fraction}")
 
     @classmethod
     def of(cls, config, graph) -> "Constraints":

@@ -20,6 +20,10 @@ class DataError(ValueError):
     """Data that cannot be read or used as given; the message is one line naming the source."""
 
 
+class NoDataset(DataError):
+    """A network that names no readable dataset (no --data, and its data layers read nothing here)."""
+
+
 class MetricError(ValueError):
     """An unknown or invalid metric name; the message is one line listing the valid names."""
 

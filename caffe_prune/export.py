@@ -281,7 +281,11 @@ def export_session(session, pruned, out_dir, semantics: str = "zero-downstream",
     g, network = session.graph, session.network
     masker = masking.Masker(g, [session.net], semantics)
     dataset = session.dataset
-    original_scores = _top1(session.net, dataset, eval_images) if dataset is not None else None
+    try:
+        logits = network.head().logits
+    except InputError:        # a net without a classifier head: its outputs are compared
+        logits = None
+    original_scores = _top1(session.net, dataset, eval_images, logits) if dataset is not None else None
     timing = dict(timing) if timing is not None else None
     served_names = (timing or {}).pop("runtimes", None) or []
     original_files = deploy_files(network.param, caffemodel.arrays_of(session.net), session.input_shape,
@@ -289,10 +293,6 @@ def export_session(session, pruned, out_dir, semantics: str = "zero-downstream",
     for group_id in sorted(pruned):
         masker.commit(group_id)
     inputs = dataset.test.head(images).x if dataset is not None else None
-    try:
-        logits = network.head().logits
-    except InputError:        # a net without a classifier head: its outputs are compared
-        logits = None
     sources = builtin_sources(network)
     done = export(network.param, g, pruned, session.net, out_dir, network.name, session.input_shape, inputs,
                   network.where, seed, logits, onnx=onnx, sources=sources)
@@ -385,5 +385,7 @@ def builtin_sources(network) -> dict | None:
     if network.builtin is None:
         return None
     from caffe_prune.data.cifar10 import CACHE_DIR
+    from caffe_prune.data.cifar10_convert import LAYOUTS
     from caffe_prune.networks import SOURCES
-    return {value: str(CACHE_DIR / f"cifar10-{phase}-lmdb") for phase, value in SOURCES.items()}
+    lmdb = LAYOUTS["bgr"]["lmdb"]          # the layout the built-in nets' weights expect
+    return {value: str(CACHE_DIR / lmdb.format(split=phase)) for phase, value in SOURCES.items()}

@@ -80,8 +80,10 @@ def session_at(run_dir, step: int | None = None, progress: bool = True) -> dict:
 
 def finetune(run_dir, step: int | None = None, spec=None, weights=None, iters: int | None = None, solver_set=(),
              data=None, data_out=None, out=None, resume=None, mode: str = "auto", device: int = 0,
-             progress: bool = True) -> dict:
-    """Train the run's network at ``step`` with its pruned groups held at zero; see the module docstring."""
+             progress: bool = True, channel_order: str | None = None) -> dict:
+    """Train the run's network at ``step`` with its pruned groups held at zero; see the module docstring.
+    CIFAR-10 is written in the planes the run was measured in (``channel_order``, when given, must be
+    those)."""
     run_dir = Path(run_dir)
     state = session_at(run_dir, step, progress)
     session, masker, step, config = state["session"], state["masker"], state["step"], state["config"]
@@ -89,8 +91,13 @@ def finetune(run_dir, step: int | None = None, spec=None, weights=None, iters: i
     before = session.evaluate(test, progress=False)
     held = train.HeldZero.of(masker, masker.committed, f"the pruning run {run_dir} (steps 1..{step})")
     data = data if data is not None else config.data
-    recipe = train.recipe(spec, data, data_out, solver_set, progress) if spec is not None else \
-        train.recipe_of(session.network, data, data_out, solver_set, progress)
+    order = session.dataset.channel_order                  # the planes the run was measured in
+    if channel_order is not None and channel_order != order:
+        measured = f"{order.upper()} planes" if order else "records fed as stored"
+        raise InputError(f"--channel-order {channel_order}: the run {run_dir} was measured on {measured}; "
+                         f"fine-tuning it on other planes would train it for another input")
+    recipe = train.recipe(spec, data, data_out, solver_set, progress, order) if spec is not None else \
+        train.recipe_of(session.network, data, data_out, solver_set, progress, order)
     out = Path(out) if out is not None else run_dir / f"finetune-{step}"
     done = train.train(recipe, out, weights=weights or state["weights"], max_iter=iters, resume=resume, held=held,
                        mode=mode, device=device, progress=progress)

@@ -41,7 +41,8 @@ naming the layer.
 """
 from __future__ import annotations
 
-from caffe_prune import layers as rules
+from caffe_prune import fsio, layers as rules
+from caffe_prune.caffemodel import arrays_of as caffemodel_arrays
 from caffe_prune.errors import InputError
 from caffe_prune.onnx_layers import BATCH, CONVERTERS, Builder, Value, refuse
 from caffe_prune.phases import layers_in_phase
@@ -180,7 +181,6 @@ def prototxt_to_onnx(prototxt, caffemodel, path, input_shape=None, opset: int = 
     """Write ``path`` (.onnx) for a deploy prototxt and its caffemodel, the weights read by Caffe."""
     net_param = read_prototxt(prototxt)
     net = load_net(prototxt, caffemodel)          # checked first: no Python layer runs, no file is written
-    params = {layer: [blob.data for blob in blobs] for layer, blobs in net.params.items()}
-    model = to_onnx(net_param, params, input_shape, opset, extra_outputs=extra_outputs)
-    _onnx().save(model, str(path))
+    model = to_onnx(net_param, caffemodel_arrays(net), input_shape, opset, extra_outputs=extra_outputs)
+    fsio.write_bytes(path, model.SerializeToString())
     return model

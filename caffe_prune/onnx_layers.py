@@ -194,7 +194,7 @@ def _pooling(b, layer, xs, blobs, outs):
         return [Value(y, x.shape[:2] + (1, 1))]
     kernel, stride, pad = (_spatial(layer, pp, "kernel", 0), _spatial(layer, pp, "stride", 1),
                            _spatial(layer, pp, "pad", 0))
-    ceil = pp.round_mode == 0
+    ceil = getattr(pp, "round_mode", 0) == 0      # a build without the field rounds up
     size = [pooled_size(i, k, s, p, ceil) for i, k, s, p in zip(height_width, kernel, stride, pad)]
     for i, k, s, p, o in zip(height_width, kernel, stride, pad, size):
         if (o - 1) * s - p >= i:   # only without padding, stride > kernel: Caffe pools an empty window

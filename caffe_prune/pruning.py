@@ -156,11 +156,7 @@ class Config:
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         Schedule.check(self.per_step, self.in_steps, self.target)
-        for name, value, low in (("min_channels", self.min_channels, 1), ("round_to", self.round_to, 1)):
-            if value is not None and value < low:
-                raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-        if self.max_layer_fraction is not None and not 0 < self.max_layer_fraction <= 1:
-            raise InputError(f"--max-layer-fraction must be in (0, 1], got {self.max_layer_fraction}")
+        Constraints.check(self.min_channels, self.max_layer_fraction, self.round_to)
         for key, fraction in (self.target or {}).items():
             if key not in TARGETS:
                 raise InputError(f"--target {key}: budgets are {', '.join(TARGETS)} (fractions left, e.g. "
@@ -233,7 +229,8 @@ class Run:
             self.retraining = None
             if config.retrain_every:           # the training form, checked before any step is taken
                 from caffe_prune import train
-                self.retraining = train.recipe_of(network, config.data, progress=progress)
+                self.retraining = train.recipe_of(network, config.data, progress=progress,
+                                                  channel_order=dataset.channel_order)
             self.steps = self._open(force)
             self.test = dataset.test.head(test_images)
             self.engine = engines.make(config.engine, self.session, self.masker, self.test, config.workers,

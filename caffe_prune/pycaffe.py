@@ -274,7 +274,7 @@ FORK_FIELDS = {
     "convolution_mask_param": "the myopic-oracle authors' Caffe fork (`caffe-prune import` reads their files)",
     "ceil_mode": "Caffe forks that choose the pooling rounding (stock Caffe rounds up unless round_mode: FLOOR); --fork-layers rewrites it",
     "shuffle_channel_param": "ShuffleNet's Caffe fork (--fork-layers rewrites ShuffleChannel as stock Slice and Concat)",
-    "round_mode": "Caffe forks that choose the pooling rounding, e.g. NVIDIA Caffe (stock Caffe always rounds up)",
+    "round_mode": "Caffe forks that choose the pooling rounding, e.g. NVIDIA Caffe (stock Caffe 1.0 always rounds up; BVLC master, this build, has it)",
     "bn_param": "forks with a combined BN layer (e.g. yjxiong/caffe); stock Caffe uses BatchNorm then Scale",
 }
 FORK_TYPES = {
@@ -336,15 +336,19 @@ def read_prototxt(path, message=None):
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def read_caffemodel(path):
+def read_caffemodel(path, shapes: bool = False):
     """Parse a caffemodel (a NetParameter with blobs); a V1 one is upgraded by Caffe. One that Caffe
     wrote as HDF5 (``snapshot_format: HDF5``: ``NAME.caffemodel.h5``, which Caffe's
-    CopyTrainedLayersFrom reads by its signature) gives its layers' names and blob shapes (HDF5
-    snapshots hold no definition)."""
+    CopyTrainedLayersFrom reads by its signature) holds no definition and is read only for
+    ``shapes`` (what checking weights against a net needs): its layers' names and blob shapes;
+    otherwise it is refused in one line."""
     from google.protobuf.message import DecodeError
     path = _existing(path, "caffemodel")
     data = _read(path, "caffemodel")
     if data[:8] == HDF5_SIGNATURE:
+        if not shapes:
+            raise InputError(f"{os.fsdecode(path)} is an HDF5 caffemodel, which holds weights but no network "
+                             f"definition; give the net's prototxt as NET and this file as WEIGHTS")
         return _hdf5_caffemodel(path)
     net = caffe_pb2().NetParameter()
     try:
@@ -567,7 +571,7 @@ def _build(net_param, prototxt: Path, weights, phase, probe, where):
     import tempfile
     cf = caffe()
     check_net(net_param, phase, where)
-    weights_param = read_caffemodel(weights) if weights is not None else None
+    weights_param = read_caffemodel(weights, shapes=True) if weights is not None else None
     inert, replaced = effects.inert(net_param, where)
     with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
         if replaced:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_prune import onnx_export
+from caffe_prune.caffemodel import arrays_of
 from caffe_prune.errors import InputError, one_line
 from caffe_prune.phases import layers_in_phase
 from caffe_prune.pycaffe import load_net, read_prototxt
@@ -48,12 +49,17 @@ INSTALL = {
 }
 
 
+class NotChecked(InputError):
+    """A runtime that cannot check this export here: not installed, or one that computes or names a
+    layer otherwise (OpenCV's limits, not the export's). Any other load failure is the export's."""
+
+
 def _require(module: str, runtime: str):
     try:
         return importlib.import_module(module)
     except ImportError:
         what, pip = INSTALL[runtime]
-        raise InputError(f"{what} is not installed: {pip}") from None
+        raise NotChecked(f"{what} is not installed: {pip}") from None
 
 
 def _is_file(path, runtime: str) -> Path:
@@ -147,18 +153,18 @@ class OpenCVRunner(Runner):
         super().__init__(prototxt, threads)
         cv2 = _require("cv2", "opencv")
         if not hasattr(getattr(cv2, "dnn", None), "readNetFromCaffe"):
-            raise InputError(f"OpenCV {cv2.__version__} has no Caffe importer (cv2.dnn.readNetFromCaffe; OpenCV 5 "
+            raise NotChecked(f"OpenCV {cv2.__version__} has no Caffe importer (cv2.dnn.readNetFromCaffe; OpenCV 5 "
                              f"dropped it): {INSTALL['opencv'][1]}")
         self.cv2 = cv2
         caffemodel = _is_file(caffemodel, self.runtime)
         for layer in layers_in_phase(self.net_param, "test"):
             why = opencv_differs(layer)
             if why:
-                raise InputError(f"opencv: layer {layer.name!r} ({layer.type}) {why} in {self.prototxt}")
+                raise NotChecked(f"opencv: layer {layer.name!r} ({layer.type}) {why} in {self.prototxt}")
         try:
             self.net = cv2.dnn.readNetFromCaffe(str(self.prototxt), str(caffemodel))
         except cv2.error as e:
-            raise InputError(f"opencv cannot load {self.prototxt} with {caffemodel}: {one_line(e)}") from None
+            raise NotChecked(f"opencv cannot load {self.prototxt} with {caffemodel}: {one_line(e)}") from None
         self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
         writer = {}
@@ -167,7 +173,7 @@ class OpenCVRunner(Runner):
                 writer[top] = (layer.name, j)
         if any(writer[blob][1] for blob in self.outputs):
             blob = next(b for b in self.outputs if writer[b][1])
-            raise InputError(f"opencv: output blob {blob!r} is top {writer[blob][1]} of layer {writer[blob][0]!r}; "
+            raise NotChecked(f"opencv: output blob {blob!r} is top {writer[blob][1]} of layer {writer[blob][0]!r}; "
                              "OpenCV's forward names a layer's first output only")
         self.layer_names = [writer[blob][0] for blob in self.outputs]
 
@@ -203,8 +209,7 @@ class OnnxRuntimeRunner(Runner):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if onnx_path is None:
             net = load_net(self.prototxt, _is_file(caffemodel, self.runtime))    # checked: no Python layer runs
-            params = {layer: [blob.data for blob in blobs] for layer, blobs in net.params.items()}
-            model = onnx_export.to_onnx(self.net_param, params, self.input_shape)
+            model = onnx_export.to_onnx(self.net_param, arrays_of(net), self.input_shape)
             source, self.onnx_path = model.SerializeToString(), None
         else:
             self.onnx_path = _is_file(onnx_path, self.runtime)
@@ -293,10 +298,11 @@ def check(runtime: str, prototxt, caffemodel, onnx_path, inputs, reference: dict
     """The deploy files run in ``runtime`` on ``inputs`` beside Caffe's ``reference`` outputs:
     {runtime, version, images, max_relative_deviation, within} (relative to each output's scale,
     ``compare``), or {runtime, skipped: why} when the runtime is not installed here or computes
-    one of the net's layers otherwise (``opencv_differs``)."""
+    one of the net's layers otherwise (``opencv_differs``, ``NotChecked``); any other failure to load
+    (ONNX Runtime refusing the graph the export wrote) is raised."""
     try:
         runner = load(runtime, prototxt, caffemodel, onnx_path)
-    except InputError as exc:
+    except NotChecked as exc:
         return {"runtime": runtime, "skipped": one_line(exc)}
     outputs = runner.forward(np.asarray(inputs, dtype=np.float32))
     shared = {blob: value for blob, value in reference.items() if blob in outputs}

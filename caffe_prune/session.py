@@ -206,7 +206,8 @@ class Session:
                         transform=config.transform, data_root=config.data_root, input_shape=config.input_shape,
                         logits=config.logits, batch_size=config.batch_size, mode=mode,
                         val_split=config.val_split, progress=progress,
-                        allow_python_layers=getattr(config, "allow_python_layers", False),
+                        # a run's record may allow Python layers, never take back what this process allowed
+                        allow_python_layers=True if getattr(config, "allow_python_layers", False) else None,
                         fork_layers=config.fork_layers, val_transform=config.val_transform,
                         channel_order=config.channel_order, val_from=config.val_from)
 

@@ -9,10 +9,10 @@ A sweep directory's ``results.sqlite`` holds, for every run its SPEC expanded to
   conv weights removed at the end and at ``report_drop`` points below the start (papers/004
   Table 2's figure, ``removed_at_drop``). The metric's taxonomy components (input, pointwise,
   reduction, scaling, domino) are columns, so results group by component in SQL.
-- ``steps``: one row per step of a finished run (the first group pruned, ``grp``; the step's
-  whole record, with every group it removed, in ``record``: caffe_prune.steps; test top-1/top-5/loss, weights
-  left, % removed, MACs per image and parameters left, % of MACs removed, seconds) and the step's
-  whole record as JSON.
+- ``steps``: one row per step of a finished run: the first group pruned (``grp``), test
+  top-1/top-5/loss, weights left, % removed, MACs per image and parameters left, % of MACs removed,
+  seconds, and the step's whole record as JSON (``record``, with every group it removed:
+  caffe_prune.steps).
 - ``attempts``: one row per time a worker was given the run (host, pid, executor, the driver that
   gave it, start, end, outcome: ``done``, ``failed``, ``died``, ``busy``, ``interrupted``, ``lost``).
   ``runs.completions`` counts the attempts that finished it: 1 for every run done exactly once.

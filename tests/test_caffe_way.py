@@ -126,6 +126,13 @@ def test_hdf5_weights_that_do_not_fit_are_one_line(caffe, tmp_path, capsys):
         assert err.count("\n") == 1 and message in err, err
     assert cli.main(["graph", str(tmp_path / "w.caffemodel.h5")]) == 2
     assert "an HDF5 caffemodel, which holds weights but no network definition" in capsys.readouterr().err
+    named = tmp_path / "hdf5-inside.caffemodel"                 # the name of a binary one, HDF5 inside
+    named.write_bytes((tmp_path / "w.caffemodel.h5").read_bytes())
+    for argv in (["graph", str(named)], ["import", str(named), "--out", str(tmp_path / "imported")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{named} is an HDF5 caffemodel, which holds weights but no network " \
+                                           f"definition" in err, err
 
 
 def test_the_channel_order_is_stated_and_only_for_cifar10(caffe, tmp_path, capsys):
@@ -159,6 +166,8 @@ def test_the_default_channel_order_follows_what_the_nets_data_layers_read(caffe,
     records read are the release's planes in that order."""
     bgr_lmdb = cifar10_convert.prepare(SUBSET, tmp_path / "prepared", progress=False)["paths"]["test"]
     rgb_lmdb = cifar10_convert.prepare(SUBSET, tmp_path / "caffe-way", progress=False, order="rgb")["paths"]["test"]
+    again = cifar10_convert.prepare(SUBSET, tmp_path / "caffe-way", progress=False, order="rgb")
+    assert again["actions"] == {"train": "kept", "test": "kept", "mean": "kept", "validation": "kept"}
     cases = {"image-data": (IMAGE_DATA, "bgr", "its data layer 'data' (ImageData) reads images through OpenCV, BGR"),
              "bgr-lmdb": (LMDB_DATA % bgr_lmdb, "bgr", f"its data layer 'data' reads {bgr_lmdb}, recorded as BGR"),
              "rgb-lmdb": (LMDB_DATA % rgb_lmdb, "rgb", f"its data layer 'data' reads {rgb_lmdb}, recorded as RGB"),
@@ -264,3 +273,26 @@ def test_a_run_that_failed_before_step_1_does_not_block_the_command(caffe, tmp_p
     # with a pruning step recorded, another configuration is still refused
     with pytest.raises(Exception, match="holds a run with a different configuration"):
         pruning.Run(pruning.Config(**{**base, "seed": 7}), out, progress=False)
+
+
+def test_training_writes_cifar10_in_the_order_the_net_will_be_fed(caffe, tmp_path):
+    """`train --data`: the built-in nets' LMDBs are BGR, another net's RGB (what evaluate and prune
+    then feed it), --channel-order chooses; a net whose own TRAIN and TEST LMDBs were written in
+    different orders is refused in one line."""
+    from caffe_prune import train
+    text = (REPO / "prototxt" / "CIFAR10" / "train_test.prototxt").read_text()
+    mine = tmp_path / "mine.prototxt"
+    mine.write_text(text.replace("{train_lmdb}", "absent-train").replace("{test_lmdb}", "absent-test"))
+    out = tmp_path / "lmdbs"
+    for spec, order, asked in (("CIFAR10", "bgr", None), (mine, "rgb", None), (mine, "bgr", "bgr")):
+        recipe = train.recipe(str(spec), SUBSET, out, progress=False, channel_order=asked)
+        assert recipe.data["channel_order"] == order
+        assert recipe.data["lmdb"]["test"] == str(out / cifar10_convert.LAYOUTS[order]["lmdb"].format(split="test"))
+    mixed = tmp_path / "mixed.prototxt"
+    mixed.write_text(text.replace("{train_lmdb}", str(out / "cifar10-train-lmdb"))
+                     .replace("{test_lmdb}", str(out / "cifar10_test_lmdb")))
+    assert cli.main(["train", str(mixed), "--iters", "1", "--out", str(tmp_path / "run")]) == 2
+    from caffe_prune.errors import DataError
+    with pytest.raises(DataError, match=r"mixed.prototxt: its data layers read different channel orders "
+                                        r"\('data' reads BGR, 'data' reads RGB\)"):
+        train.recipe(str(mixed), progress=False)

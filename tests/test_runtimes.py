@@ -161,6 +161,13 @@ def test_files_a_runtime_cannot_load(models, tmp_path):
         with pytest.raises(InputError, match=pattern) as error:
             call()
         assert "\n" not in str(error.value)
+    # check (export's): OpenCV's limits and a missing package say what was not checked; a graph ONNX
+    # Runtime refuses is the export's failure, raised
+    x, reference = np.zeros((1, 3, 32, 32), np.float32), {}
+    skipped = runtimes.check("opencv", prototxt, broken, None, x, reference, 1e-4)
+    assert skipped["runtime"] == "opencv" and skipped["skipped"].startswith(f"opencv cannot load {prototxt}")
+    with pytest.raises(InputError, match=rf"^onnxruntime cannot load {broken}: "):
+        runtimes.check("onnxruntime", prototxt, caffemodel, broken, x, reference, 1e-4)
 
 
 @pytest.mark.parametrize("param, message", [

@@ -10,7 +10,8 @@ from caffe_prune.errors import DataError
 
 
 def register(subparsers) -> None:
-    """Add `data cifar10 [--source DIR|ARCHIVE|URL] [--out DIR] [--seed N]` to `subparsers`."""
+    """Add `data cifar10 [--source DIR|ARCHIVE|URL] [--out DIR] [--seed N] [--channel-order bgr|rgb]` and
+    `data synthetic` to `subparsers`."""
     data = subparsers.add_parser("data", help="fetch a dataset and convert it for Caffe's Data layer")
     datasets = data.add_subparsers(dest="dataset", required=True)
     p = datasets.add_parser("cifar10", help="CIFAR-10 as train/test LMDBs (uint8, BGR or RGB) and the validation split",

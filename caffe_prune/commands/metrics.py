@@ -33,6 +33,7 @@ def register(subparsers) -> None:
                    help="which tensor activation metrics read (default: the authors')")
     options.add_head(p)
     options.add_data(p)
+    options.add_val_from(p)
     options.add_mode(p)
     p.add_argument("--top", type=int, default=5, help="rows printed at each end of the ranking")
     p.add_argument("--csv", default=None, metavar="F", help="write every channel's saliency and rank")

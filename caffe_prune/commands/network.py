@@ -182,6 +182,8 @@ def cmd_export(args) -> int:
     report = export.export_session(session, chosen_groups(session.graph, args, session.network), args.out,
                                    args.semantics, args.images, args.seed, timing, onnx=args.onnx,
                                    eval_images=args.eval_images)
+    if args.run is not None:                          # what was exported, for the report's reader
+        report = {"run": os.fsdecode(args.run), "step": args.step if args.step is not None else "last", **report}
     notes, latency, served = report.pop("notes"), report.pop("latency", None), report.pop("served", None)
     if latency is not None:
         report["speedup_measured"] = {f"batch {r['batch']}, {r['threads']} thread(s)": r["speedup"]

@@ -14,7 +14,7 @@ import warnings
 from caffe_prune import engines, masking, metrics, oracle
 from caffe_prune.data.dataset import CHANNEL_ORDERS, VAL_FROM, VAL_SPLITS
 from caffe_prune.metrics.methods import DEFAULT_FORMS, PAPER_FORMS
-from caffe_prune.errors import InputError
+from caffe_prune.errors import InputError, NoDataset
 from caffe_prune.pruning import Config
 from caffe_prune.session import Network, Session, parse_shape
 
@@ -88,10 +88,21 @@ def add_data(p) -> None:
         p.add_argument(f"--val-{flag}", type=kind, default=None, metavar="V" if flag == "mean-value" else None,
                        action="append" if flag == "mean-value" else None,
                        help=f"transform_param {what} of the validation images only (their TRAIN phase's)")
+    add_channel_order(p)
+
+
+def add_channel_order(p) -> None:
     p.add_argument("--channel-order", choices=CHANNEL_ORDERS, default=None,
-                   help="CIFAR-10's plane order as the net was trained on it: bgr (the authors' PNG pipeline; default "
-                        "for the six built-in networks and a net whose data layers read through OpenCV) or rgb "
-                        "(Caffe's convert_cifar_data; default for any other net)")
+                   help="CIFAR-10's plane order as the net was (or is) trained on it: bgr (the authors' PNG pipeline; "
+                        "default for the six built-in networks and a net whose data layers read through OpenCV or an "
+                        "LMDB recorded as BGR) or rgb (Caffe's convert_cifar_data; default for any other net)")
+
+
+def add_val_from(p, default: str = VAL_FROM[0]) -> None:
+    """--val-from: what draws validation images (prune, sweep, saliency)."""
+    p.add_argument("--val-from", choices=VAL_FROM, default=default,
+                   help="where the validation images come from: train (default: the training images) or test (drawn "
+                        "from the test source and held out of it, when there are no training images)")
 
 
 def add_mode(p) -> None:
@@ -112,6 +123,7 @@ def add_training(p) -> None:
                    help="CIFAR-10 (cifar10, a directory, archive or URL) for the net's Data layers, written as LMDBs "
                         "(default: the built-in networks read CIFAR-10, other nets their own data layers)")
     p.add_argument("--data-out", default=None, help="where the CIFAR-10 LMDBs go (default: the data cache)")
+    add_channel_order(p)
     p.add_argument("--resume", default=None, help="a .solverstate, or 'latest' (the newest snapshot in the run directory)")
     add_mode(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -190,9 +202,7 @@ def add_prune(p, schedule_steps: bool = True) -> None:
                    help="validation images: seeded (default; 10,000 random training images, the same fraction of a "
                         "set smaller than CIFAR-10's 50,000) or authors (CIFAR-10 only: the 5,000 the authors' release "
                         "lists, those present)")
-    p.add_argument("--val-from", choices=VAL_FROM, default=d("val_from"),
-                   help="where the validation images come from: train (default: the training images) or test (drawn "
-                        "from the test source and held out of it, when there are no training images)")
+    add_val_from(p, d("val_from"))
     add_forms(p)
     add_head(p)
     add_data(p)
@@ -254,12 +264,13 @@ def session(args, with_data: bool = True, batch_size: int = 128, progress=True, 
 
 def export_session(args) -> Session:
     """The structure-form session `export` checks on: ``--data``, else the net's own data layers (or
-    CIFAR-10 for a built-in net), else none (random inputs, with a note saying why)."""
+    CIFAR-10 for a built-in net), else none (random inputs, with a note saying why). Every image of
+    the test source is a test image, as for `evaluate` (export draws no validation images)."""
     if args.data is not None:
-        return session(args, form="structure")
+        return session(args, form="structure", holdout=False)
     try:
         return session(args, form="structure", holdout=False)
-    except (InputError, ValueError) as exc:
+    except NoDataset as exc:          # only a net without readable data: any other error is the user's to fix
         warnings.warn(f"the export is compared on random inputs: {' '.join(str(exc).split())}")
         return session(args, with_data=False, form="structure")
 

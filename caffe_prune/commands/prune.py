@@ -100,7 +100,8 @@ def cmd_bench(args) -> int:
 
 def cmd_finetune(args) -> int:
     done = finetune.finetune(args.run, args.step, args.net, args.weights, args.iters, args.solver_set or (), args.data,
-                             args.data_out, args.out, args.resume, *options.mode(args), progress=not args.quiet)
+                             args.data_out, args.out, args.resume, *options.mode(args), progress=not args.quiet,
+                             channel_order=args.channel_order)
     print(f"{args.run} step {done['step']} ({done['percent_conv_removed']:.1f}% conv weights removed), "
           f"{done['test_images']} test images: top-1 {100 * done['before']['top1']:.2f}% before, "
           f"{100 * done['after']['top1']:.2f}% after {done['iterations']} iterations ({done['seconds']:.0f} s); "

@@ -24,7 +24,8 @@ def cmd_train(args) -> int:
     """Train NET (a built-in network, a train/test prototxt or a solver) with Caffe's solver, from
     scratch or from --weights; then score the final weights on the test images."""
     from caffe_prune import train
-    recipe = train.recipe(args.net, args.data, args.data_out, args.solver_set or (), progress=not args.quiet)
+    recipe = train.recipe(args.net, args.data, args.data_out, args.solver_set or (), progress=not args.quiet,
+                          channel_order=args.channel_order)
     out = args.out or f"runs/train-{recipe.name}"
     mode, device = options.mode(args)
     done = train.train(recipe, out, weights=args.weights, max_iter=args.iters, resume=args.resume,

@@ -6,8 +6,8 @@ HDF5Data layer) holds ``len(reader)`` records in Caffe's TEST-phase order (a DB'
 is its cursor's; the list's order; the rows of the listed HDF5 files in turn; no shuffle,
 rand_skip ignored). ``read(indices)`` returns any of them in any order, ``chunks`` streams runs of
 them with the next runs read ahead in a thread, ``scan`` hashes them in one pass. Each kind of
-source supplies ``_fetch`` (caffe_prune.data.layer_records: image lists, HDF5; records_db: LMDB,
-LevelDB), reading as caffe_prune.data.caffe_reading states Caffe reads.
+source supplies ``_fetch`` (caffe_prune.data.db_reader: LMDB, LevelDB; list_reader: image lists;
+hdf5_reader: HDF5 lists), reading as caffe_prune.data.caffe_reading states Caffe reads.
 
 Why it is built as it is:
 

@@ -23,7 +23,7 @@ Paths (source, root_folder, the listed files) are relative to the working direct
 Caffe reads bad input with CHECKs that abort the interpreter. Here everything that can be checked
 in Python is checked before Caffe sees it, and the Caffe reading itself runs in a forked child
 (as pycaffe.probe_construct does), so that an image OpenCV cannot decode becomes a one-line
-:class:`~caffe_prune.data.cifar10.DataError` carrying glog's message, never an abort.
+:class:`~caffe_prune.errors.DataError` carrying glog's message, never an abort.
 """
 from __future__ import annotations
 

@@ -151,6 +151,14 @@ def fetch(source=None, cache_dir=None, expected_md5="official", progress=True) -
     raise DataError(f"{path} does not exist; pass a CIFAR-10 directory, a .tar.gz or a URL as --source")
 
 
+def names_cifar10(data) -> bool:
+    """Whether a --data value names CIFAR-10: ``cifar10``, a URL, an archive, or a directory of its
+    batches (what ``fetch`` reads)."""
+    data = os.fsdecode(data)
+    return data == "cifar10" or "://" in data or data.endswith((".tar.gz", ".tgz")) or \
+        (Path(data).is_dir() and holds_batches(Path(data)))
+
+
 def holds_batches(path: Path) -> bool:
     """Whether ``path`` holds CIFAR-10 batches (binary or python, in a sub-directory or itself)."""
     return any((path / sub / name).is_file() for sub, name in

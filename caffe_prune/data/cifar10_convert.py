@@ -35,13 +35,13 @@ def caffe_input(images_rgb: np.ndarray, mean_values=(), scale: float = 1.0, orde
     release's planes, as convert_cifar_data's LMDB holds them), minus mean, times scale.
 
     ``mean_values`` follows Caffe: none, one for all channels, or one per channel (in that order)."""
-    bgr = (images_rgb[:, ::-1] if order == "bgr" else images_rgb).astype(np.float32)
+    planes = (images_rgb[:, ::-1] if order == "bgr" else images_rgb).astype(np.float32)
     mean = np.asarray(mean_values, dtype=np.float32)
     if mean.size not in (0, 1, 3):
         raise DataError(f"transform_param has {mean.size} mean_value entries; Caffe accepts 1 or one per channel")
     if mean.size:
-        bgr -= mean.reshape(1, -1, 1, 1) if mean.size == 3 else mean
-    return bgr * np.float32(scale)
+        planes -= mean.reshape(1, -1, 1, 1) if mean.size == 3 else mean
+    return planes * np.float32(scale)
 
 
 META = "caffe-prune.json"
@@ -81,25 +81,25 @@ def write_lmdb(path, images_rgb: np.ndarray, labels: np.ndarray, split: str, sou
         raise DataError(f"{path}: cannot write {images_rgb.dtype}{images_rgb.shape} images with "
                         f"{len(labels)} labels; expected uint8 (N, 3, 32, 32) and N labels")
     datum = pycaffe.caffe_pb2().Datum(channels=SHAPE[0], height=SHAPE[1], width=SHAPE[2])
-    bgr = images_rgb[:, ::-1] if order == "bgr" else images_rgb       # the planes as written
+    planes = images_rgb[:, ::-1] if order == "bgr" else images_rgb       # the planes as written
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     # map_size is an upper bound, not an allocation: twice the payload leaves room for LMDB's pages
-    env = lmdb.open(str(partial), map_size=2 * len(bgr) * (bgr[0].nbytes + 64) + (1 << 22))
+    env = lmdb.open(str(partial), map_size=2 * len(planes) * (planes[0].nbytes + 64) + (1 << 22))
     try:
-        with tqdm(total=len(bgr), unit="img", desc=f"lmdb {split}", disable=not progress, leave=False) as bar:
-            for start in range(0, len(bgr), 1000):
+        with tqdm(total=len(planes), unit="img", desc=f"lmdb {split}", disable=not progress, leave=False) as bar:
+            for start in range(0, len(planes), 1000):
                 with env.begin(write=True) as txn:
-                    for i in range(start, min(start + 1000, len(bgr))):
-                        datum.data = bgr[i].tobytes()
+                    for i in range(start, min(start + 1000, len(planes))):
+                        datum.data = planes[i].tobytes()
                         datum.label = int(labels[i])
                         txn.put((layout["key"] % i).encode(), datum.SerializeToString())
-                bar.update(min(1000, len(bgr) - start))
+                bar.update(min(1000, len(planes) - start))
     finally:
         env.close()
     meta = {"written_by": "caffe-prune data cifar10", "format": "LMDB of caffe_pb2.Datum, keys " + layout["key"],
-            "split": split, "images": len(bgr), "shape": SHAPE, "channel_order": layout["order"],
+            "split": split, "images": len(planes), "shape": SHAPE, "channel_order": layout["order"],
             "storage": STORAGE, "label_counts": np.bincount(labels, minlength=10).tolist(),
             "source_sha256": dict(sources)}
     fsio.write_json(partial / META, meta)
@@ -143,24 +143,26 @@ def check_lmdb(path, split: str | None = None, images: int | None = None, source
     return meta
 
 
-def check_data_layers(net_param, prototxt) -> str | None:
-    """check_lmdb on the source of every LMDB ``Data`` layer of a net, so that a prototxt is never
+def check_data_layers(net_param, prototxt, recorded_only: bool = False) -> str | None:
+    """check_lmdb on the source of every LMDB ``Data`` layer of a net (``recorded_only``: of those
+    holding this module's metadata; LMDBs of other tools are the user's), so that a prototxt is never
     trained or scored on records whose transform differs from what it assumes, nor trained on one
     channel order and tested on the other. Returns the channel order they share ("BGR", "RGB"; None
     without such layers). Sources are relative to the working directory, as for Caffe."""
     lmdb_backend = pycaffe.caffe_pb2().DataParameter.LMDB
-    orders = {}
+    orders = []                       # (layer, order): a TRAIN and a TEST layer may share a name
     for layer in net_param.layer:
-        if layers.reader(layer) == "db" and layer.data_param.backend == lmdb_backend:
+        if layers.reader(layer) == "db" and layer.data_param.backend == lmdb_backend and \
+                not (recorded_only and not (Path(layer.data_param.source) / META).is_file()):
             try:
-                orders[layer.name] = check_lmdb(layer.data_param.source, order=None)["channel_order"]
+                orders.append((layer.name, check_lmdb(layer.data_param.source, order=None)["channel_order"]))
             except DataError as exc:
                 raise DataError(f"{prototxt}: layer {layer.name!r}: {exc}") from None
-    if len(set(orders.values())) > 1:
-        shown = ", ".join(f"{name!r} reads {order}" for name, order in orders.items())
+    if len({order for _, order in orders}) > 1:
+        shown = ", ".join(f"{name!r} reads {order}" for name, order in orders)
         raise DataError(f"{prototxt}: its data layers read different channel orders ({shown}): "
                         f"{WHY['channel_order']}; {REDO} with one --channel-order")
-    return next(iter(orders.values()), None)
+    return orders[0][1] if orders else None
 
 
 def prepare(source=None, out_dir=None, seed: int = 0, cache_dir=None, progress: bool = True,
@@ -189,9 +191,14 @@ def prepare(source=None, out_dir=None, seed: int = 0, cache_dir=None, progress: 
             write_lmdb(path, images, labels, split, sources, progress, order)
             action = "written"
         result["paths"][split], result["actions"][split] = str(path), action
-    if order == "rgb":
-        result["paths"]["mean"], result["actions"]["mean"] = str(write_mean(out / MEAN_FILE, read_split("train", root)[0])), \
-            "written"
+    if order == "rgb":           # the mean of the training records: kept while they are
+        mean = out / MEAN_FILE
+        if result["actions"]["train"] == "kept" and mean.is_file():
+            result["actions"]["mean"] = "kept"
+        else:
+            write_mean(mean, read_split("train", root)[0])
+            result["actions"]["mean"] = "written"
+        result["paths"]["mean"] = str(mean)
     val_path = out / VAL_FILE
     try:
         indices = load_validation_indices(val_path, seed=seed, n_train=counts["train"])

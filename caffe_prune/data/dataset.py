@@ -23,7 +23,7 @@ net's, else none (with a note).
 CIFAR-10 read from its binary release is fed in a stated channel order (``channel_order``):
 ``bgr`` as the authors' ImageData layer read their PNG files, or ``rgb`` as the release stores it
 and Caffe's own ``convert_cifar_data`` writes it into ``cifar10_{train,test}_lmdb``. Unasked
-(``_default_order``), BGR for the six built-in networks (their published weights expect it) and
+(``default_channel_order``), BGR for the six built-in networks (their published weights expect it) and
 for a net whose own data layers say BGR (ImageData reads through OpenCV; an LMDB recorded as BGR),
 RGB for every other net: a CIFAR-10 model trained with Caffe's own example saw RGB. Records of an
 LMDB, a list or HDF5 are fed as stored.
@@ -52,7 +52,7 @@ import numpy as np
 
 from caffe_prune import layers, phases, pycaffe
 from caffe_prune.data import cifar10, cifar10_convert, layer_records, validation
-from caffe_prune.errors import DataError
+from caffe_prune.errors import DataError, NoDataset
 from caffe_prune.data.transform import Transform
 
 
@@ -217,7 +217,7 @@ class Dataset:
         same = val_transform is None or (transform is not None and _fields(val_transform) == _fields(transform))
         self.val_transform = transform if same else val_transform
         self.channel_order = channel_order         # CIFAR-10 from its binary release: "bgr" or "rgb"
-        self.order_why = order_why                 # why that order, in words (caffe_prune.data.dataset._default_order)
+        self.order_why = order_why                 # why that order, in words (caffe_prune.data.dataset.default_channel_order)
         self._test, self._train, self.holdout = test, train, holdout
         # pick(labels) -> validation indices into the training records; None: seeded
         self.val_split, self._pick = val_split, pick
@@ -317,7 +317,7 @@ def _fields(t: Transform) -> dict:
 
 # ---- where the records come from -----------------------------------------------------------------
 
-CHANNEL_ORDERS = ("bgr", "rgb")
+CHANNEL_ORDERS = tuple(cifar10_convert.LAYOUTS)      # "bgr", "rgb"
 
 
 def _cifar(location, progress, order: str = "bgr") -> tuple:
@@ -396,14 +396,14 @@ def _phase_layer(net_param, phase):
     return next((l for l in found if l.type in layers.DATA_TYPES), None)
 
 
-def _default_order(network) -> tuple:
-    """The channel order CIFAR-10 is fed to a net in when none is asked for, and why: BGR for the
-    built-in networks and for a net whose own data layers read images through OpenCV (ImageData)
-    or an LMDB recorded as BGR; RGB otherwise, as Caffe's convert_cifar_data wrote the LMDBs of a
-    net trained with Caffe's own CIFAR-10 example."""
-    if network.builtin:
+def default_channel_order(net_param, builtin: bool) -> tuple:
+    """(order, why): the channel order CIFAR-10 is fed to a net in (and written in for training it)
+    when none is asked for: BGR for the built-in networks and for a net whose own data layers read
+    images through OpenCV (ImageData) or an LMDB recorded as BGR; RGB otherwise, as Caffe's
+    convert_cifar_data wrote the LMDBs of a net trained with Caffe's own CIFAR-10 example."""
+    if builtin:
         return "bgr", "the built-in networks' published weights expect it"
-    for layer in network.param.layer:
+    for layer in net_param.layer:
         if layers.reader(layer) == "list":
             return "bgr", f"its data layer {layer.name!r} ({layer.type}) reads images through OpenCV, BGR"
         if layers.reader(layer) == "db":
@@ -450,8 +450,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
     data = None if data is None else str(data)
     if data is None and network.builtin:
         data = "cifar10"
-    is_cifar = data is not None and (data == "cifar10" or "://" in data or data.endswith((".tar.gz", ".tgz")) or
-                                     (Path(data).is_dir() and cifar10.holds_batches(Path(data))))
+    is_cifar = data is not None and cifar10.names_cifar10(data)
     if channel_order is not None and not is_cifar:
         raise DataError(f"--channel-order {channel_order}: records of {data or network.where + chr(39) + 's data layers'} "
                         f"are fed as they are stored; the channel order is chosen only for CIFAR-10 read from its "
@@ -462,7 +461,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
         if test_layer is None or not layers.is_reader(test_layer) or not _readable(test_layer):
             what = f"its data layer {test_layer.name!r} reads {layers.source(test_layer) or 'nothing'}, which " \
                    f"does not exist" if test_layer is not None and not layers.is_fed(test_layer) else "it is fed by an Input layer"
-            raise DataError(f"{network.where} names no dataset to use: {what}; pass --data (cifar10, an LMDB or "
+            raise NoDataset(f"{network.where} names no dataset to use: {what}; pass --data (cifar10, an LMDB or "
                             f"LevelDB, an image list, an HDF5 list, or a prototxt with data layers)")
         train = _training(train_layer, test_layer, network.where, holdout, val_from, progress)
         test_transform = transform or own_transform
@@ -472,7 +471,7 @@ def open_dataset(network, data=None, transform=None, root: str = "", seed: int =
         if channel_order:
             order, why = channel_order, "as --channel-order asks"
         else:
-            order, why = _default_order(network)
+            order, why = default_channel_order(network.param, bool(network.builtin))
             why += "; --channel-order to choose"
         description, test, train, counts = _cifar(None if data == "cifar10" else data, progress, order)
         pick = (lambda source: validation.authors_validation_indices(len(source), counts, source.labels)) \

@@ -8,7 +8,7 @@ from the source. The keys are walked once (LMDB: at the first read, through libl
 py-lmdb steps over values without touching them; LevelDB, which keeps no count: at open) and kept
 packed (:class:`Keys`); each record is then a get by key. Both DBs are memory-mapped, so what a
 walk or a read may have mapped is counted and the DB reopened after base_reader.REOPEN_BYTES (see
-records' docstring).
+base_reader's docstring).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from caffe_prune import layers, pycaffe
-from caffe_prune.data import base_reader, base_reader as base, caffe_reading, lmdb_meta
+from caffe_prune.data import base_reader, caffe_reading, lmdb_meta
 from caffe_prune.errors import DataError
 from caffe_prune.data.base_reader import FAULT_SLACK, Reader
 from caffe_prune.data.caffe_reading import WHERE_PATHS
@@ -436,7 +436,7 @@ class LevelDb(_Db):
         except ImportError:
             raise DataError(f"{self.where}: reading the LevelDB {self.source} needs plyvel; "
                             f"`pip install plyvel`") from None
-        deadline = time.monotonic() + base.LEVELDB_WAIT_S
+        deadline = time.monotonic() + base_reader.LEVELDB_WAIT_S
         while True:
             try:
                 self._db = plyvel.DB(self.source, create_if_missing=False)
@@ -449,7 +449,7 @@ class LevelDb(_Db):
                     raise DataError(f"{self.where}: {self.source} is not a LevelDB ({why}){hint}") from None
                 if time.monotonic() > deadline:
                     raise DataError(f"{self.where}: LevelDB {self.source} stayed open elsewhere for "
-                                    f"{base.LEVELDB_WAIT_S:g} s ({why}); LevelDB allows one opener at a time: "
+                                    f"{base_reader.LEVELDB_WAIT_S:g} s ({why}); LevelDB allows one opener at a time: "
                                     f"let the other finish, or copy the DB") from None
                 time.sleep(0.05)
 

@@ -279,6 +279,9 @@ def resolve(metrics, given: dict | None) -> dict | None:
     for name in names_in(metrics):
         if given and name in given:
             plugin = load(given[name], replace=True)
+            if plugin is None:
+                raise PluginError(f"plugin {given[name]}: it now holds layer rules only, no metric; the run expects "
+                                  f"the metric {name!r} from it")
             if plugin.name != name:
                 raise PluginError(f"plugin {given[name]}: its NAME is {plugin.name!r}, the run expects {name!r}")
         else:

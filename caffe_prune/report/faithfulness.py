@@ -370,15 +370,24 @@ def _deploy(folder: Path) -> str:
     measured speed-up in each runtime, batch 1 and 32, 1 and 2 threads; then, for pycaffe, the
     layers that gain least."""
     import json
-    lines = ["| network | MACs fewer | runtime | batch | threads | original (ms) | compact (ms) | "
-             "speed-up (quartile range) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    reports = {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+    summary = ["| network | MACs fewer | parameters fewer | conv weights removed | test top-1 (%), original -> compact |",
+               "| --- | ---: | ---: | ---: | --- |"]
+    for name, report in reports.items():
+        test = report.get("test")
+        top1 = f"{100 * test['top1_original']:.1f} -> {100 * test['top1_compact']:.1f} ({test['images']} images)" \
+            if test else "-"
+        summary.append(f"| {name} | {report['speedup_in_macs']:.2f}x | "
+                       f"{report['params_original'] / max(report['params'], 1):.2f}x | "
+                       f"{report['percent_conv_removed']:.1f}% | {top1} |")
+    lines = summary + ["", "| network | MACs fewer | runtime | batch | threads | original (ms) | compact (ms) | "
+                           "speed-up (quartile range) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     notes = []
-    for path in sorted(folder.glob("*.json")):
-        report = json.loads(path.read_text())
+    for name, report in reports.items():
         ratio = report["speedup_in_macs"]
         for r in report.get("served") or []:
             low, high = r["speedup_range"]
-            lines.append(f"| {path.stem} | {ratio:.2f}x | {r['runtime']} | {r['batch']} | {r['threads']} | "
+            lines.append(f"| {name} | {ratio:.2f}x | {r['runtime']} | {r['batch']} | {r['threads']} | "
                          f"{r['original_ms']:.2f} | {r['compact_ms']:.2f} | {r['speedup']:.2f}x ({low:.2f}-{high:.2f}) |")
         runs = (report.get("latency") or {}).get("runs") or []
         if runs:
@@ -386,7 +395,7 @@ def _deploy(folder: Path) -> str:
             layers = [l for l in ref.get("layers", []) if l["original_ms"] and l["compact_ms"]]
             total = sum(l["original_ms"] for l in layers) or 1
             slow = sorted((l for l in layers if l["original_ms"] > 0.05 * total), key=lambda l: l["speedup"] or 0)[:3]
-            notes.append(f"{path.stem} (pycaffe, batch {ref['batch']}, {ref['threads']} thread): "
+            notes.append(f"{name} (pycaffe, batch {ref['batch']}, {ref['threads']} thread): "
                          + ", ".join(f"{l['name']} ({l['type']}, {100 * l['original_ms'] / total:.0f}% of the time) "
                                      f"{l['speedup']:.2f}x" for l in slow))
     if notes:

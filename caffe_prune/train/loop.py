@@ -100,7 +100,7 @@ def _load_weights(net, weights, where: str) -> list:
                                      f"and {theirs.data.shape} in the net it starts from")
                 mine.data[...] = theirs.data
     else:
-        param = pycaffe.read_caffemodel(weights)
+        param = pycaffe.read_caffemodel(weights, shapes=True)
         have = {l.name for l in list(param.layer) + list(param.layers) if l.blobs}
         common = [n for n in net.params if n in have]
         if not common:
@@ -128,7 +128,7 @@ def _restore(solver, state: Path, where: str) -> None:
         proto.ParseFromString(state.read_bytes())
     except Exception:
         raise TrainError(f"{state} is not a solverstate") from None
-    pycaffe.check_weights(solver.net, pycaffe.read_caffemodel(model), model)
+    pycaffe.check_weights(solver.net, pycaffe.read_caffemodel(model, shapes=True), model)
     proto.learned_net = str(model.resolve())
     with tempfile.TemporaryDirectory(prefix="caffe-prune-") as tmp:
         path = Path(tmp) / "resume.solverstate"

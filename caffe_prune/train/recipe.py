@@ -19,6 +19,7 @@ from pathlib import Path
 
 from caffe_prune import layers, networks, phases, pycaffe
 from caffe_prune.data import layer_records
+from caffe_prune.data.dataset import default_channel_order
 from caffe_prune.layers import DATA_TYPES
 from caffe_prune.errors import InputError
 
@@ -53,20 +54,22 @@ class Recipe:
 
 
 def is_cifar10(data) -> bool:
-    """Whether a --data value names CIFAR-10 (as caffe_prune.data.dataset.open_dataset reads it)."""
+    """Whether a --data value names CIFAR-10 (caffe_prune.data.cifar10.names_cifar10)."""
     from caffe_prune.data import cifar10
-    data = os.fsdecode(data)
-    return data == "cifar10" or "://" in data or data.endswith((".tar.gz", ".tgz")) or \
-        (Path(data).is_dir() and cifar10.holds_batches(Path(data)))
+    return cifar10.names_cifar10(data)
 
 
-def recipe(spec, data=None, data_out=None, solver_set=(), progress: bool = True) -> Recipe:
-    """The Recipe for SPEC: a built-in network's name, a train/test prototxt, or a solver prototxt."""
+def recipe(spec, data=None, data_out=None, solver_set=(), progress: bool = True,
+           channel_order: str | None = None) -> Recipe:
+    """The Recipe for SPEC: a built-in network's name, a train/test prototxt, or a solver prototxt.
+    ``channel_order``: the planes CIFAR-10's LMDBs are written in for ``data`` (None: the network's
+    default, caffe_prune.data.dataset.default_channel_order, as evaluate and prune will feed it)."""
     spec = os.fsdecode(spec)
     if spec in networks.NETWORKS:
         solver = networks.solver(spec)
         return _finish(networks.train_test(spec), solver, spec, spec, {"kind": "network", "name": spec},
-                       data, data_out, solver_set, progress, builtin=spec, solver_given=False)
+                       data, data_out, solver_set, progress, builtin=spec, solver_given=False,
+                       channel_order=channel_order)
     path = Path(spec)
     if not path.is_file():
         raise TrainError(f"{spec} is neither a prototxt nor one of the built-in networks "
@@ -78,22 +81,24 @@ def recipe(spec, data=None, data_out=None, solver_set=(), progress: bool = True)
     if solver is None:
         net = pycaffe.read_prototxt(path)
         return _finish(net, networks.solver(DEFAULT_SCHEDULE), spec, net.name or path.stem,
-                       {"kind": "prototxt", "path": spec}, data, data_out, solver_set, progress, solver_given=False)
+                       {"kind": "prototxt", "path": spec}, data, data_out, solver_set, progress, solver_given=False,
+                       channel_order=channel_order)
     net, net_where = _solver_net(solver, spec)
     return _finish(net, solver, net_where, net.name or Path(net_where).stem,
                    {"kind": "solver", "path": spec, "net": net_where}, data, data_out, solver_set, progress,
-                   solver_given=True)
+                   solver_given=True, channel_order=channel_order)
 
 
-def recipe_of(network, data=None, data_out=None, solver_set=(), progress: bool = True) -> Recipe:
+def recipe_of(network, data=None, data_out=None, solver_set=(), progress: bool = True,
+              channel_order: str | None = None) -> Recipe:
     """The Recipe for a caffe_prune.session.Network (a pruning run's): a built-in network's own, or the
     definition the network was opened from (which must read training images)."""
     if network.builtin:
-        return recipe(network.builtin, data, data_out, solver_set, progress)
+        return recipe(network.builtin, data, data_out, solver_set, progress, channel_order)
     data = data if data is not None and is_cifar10(data) else None      # else: the net's own data layers
     return _finish(network.param, networks.solver(DEFAULT_SCHEDULE), network.where, network.name,
                    {"kind": "prototxt", "path": network.where}, data, data_out, solver_set, progress,
-                   solver_given=False)
+                   solver_given=False, channel_order=channel_order)
 
 
 def _as_solver(path: Path):
@@ -128,7 +133,7 @@ def _solver_net(solver, where: str) -> tuple:
 
 
 def _finish(net_param, solver, where, name, source, data, data_out, solver_set, progress, builtin=None,
-            solver_given=False) -> Recipe:
+            solver_given=False, channel_order: str | None = None) -> Recipe:
     from caffe_prune.data import cifar10_convert
     source["definition_sha256"] = _sha256(net_param)
     train_layers = [l for l in phases.layers_in_phase(net_param, "train") if l.type in DATA_TYPES]
@@ -150,16 +155,21 @@ def _finish(net_param, solver, where, name, source, data, data_out, solver_set, 
         if unphased:
             raise TrainError(f"--data: {where}'s data layer {unphased[0]!r} reads in both phases; give it "
                              f"include {{ phase: TRAIN }} (and a TEST layer) so that it reads the training images")
-        prepared = cifar10_convert.prepare(location, data_out, progress=progress)
+        order = channel_order or default_channel_order(net_param, bool(builtin))[0]
+        prepared = cifar10_convert.prepare(location, data_out, progress=progress, order=order)
         net_param = _with_sources(net_param, prepared["paths"]["train"], prepared["paths"]["test"])
         cifar10_convert.check_data_layers(net_param, where)   # uint8 LMDBs written by caffe_prune.data, one order
         data_record = {"kind": "cifar10", "source": prepared["source"], "counts": prepared["counts"],
-                       "lmdb": {k: prepared["paths"][k] for k in ("train", "test")}}
+                       "channel_order": order, "lmdb": {k: prepared["paths"][k] for k in ("train", "test")}}
         test_images = prepared["counts"]["test"]
     else:
+        if channel_order is not None:
+            raise TrainError(f"--channel-order {channel_order}: {where}'s own data layers are read as their records "
+                             f"are stored; the order is chosen only for CIFAR-10 written from its release (--data)")
         for phase in ("train", "test"):
             pycaffe.check_net(net_param, phase, where, sources=True)
-        data_record = {"kind": "the net's data layers",
+        recorded = cifar10_convert.check_data_layers(net_param, where, recorded_only=True)   # one order
+        data_record = {"kind": "the net's data layers", **({"channel_order": recorded} if recorded else {}),
                        "layers": [[l.name, l.type, layers.source(l)] for l in train_layers + test_layers]}
         test_images = None
         if test_layers and layers.is_reader(test_layers[0]):
