@@ -260,6 +260,7 @@ def _forms(runs) -> str:
     published = published_table2()
     lines = ["| % conv weights removed | " + " | ".join(PAPER_ROWS[m] for m in five) + " |",
              "| --- |" + " ---: |" * len(five)]
+    nearer = {"code's forms": [], "as printed": [], "neither": []}   # which form is nearer Table 2, per cell
     for net in [n for n in TABLE2_NETS if any(k[1] == n for k in results)]:
         i = published["columns"].index(net)
         lines.append(f"| {net}, Table 2 | " + " | ".join(str(published[PAPER_ROWS[m]][i]) for m in five) + " |")
@@ -269,6 +270,15 @@ def _forms(runs) -> str:
                 values = results.get((m, net))
                 cells.append(f"{mean_ci(values)[0]:.1f} ± {mean_ci(values)[1]:.1f} (n={len(values)})" if values else "-")
             lines.append(f"| {net}, {label} | " + " | ".join(cells) + " |")
+        for code, as_printed in zip(five, printed):
+            a, b = results.get((code, net)), results.get((as_printed, net))
+            if a and b:
+                paper = published[PAPER_ROWS[code]][i]
+                gap_code, gap_printed = abs(np.mean(a) - paper), abs(np.mean(b) - paper)
+                which = "neither" if gap_code == gap_printed else "code's forms" if gap_code < gap_printed else "as printed"
+                nearer[which].append(f"{net} {PAPER_ROWS[code]}")
+    lines += ["", "Nearer Table 2's figure (means): " + "; ".join(
+        f"{label}: {len(cells)} ({', '.join(cells)})" for label, cells in nearer.items() if cells) + "."]
     return "\n".join(lines)
 
 
@@ -380,24 +390,29 @@ def _deploy(folder: Path) -> str:
         summary.append(f"| {name} | {report['speedup_in_macs']:.2f}x | "
                        f"{report['params_original'] / max(report['params'], 1):.2f}x | "
                        f"{report['percent_conv_removed']:.1f}% | {top1} |")
-    lines = summary + ["", "| network | MACs fewer | runtime | batch | threads | original (ms) | compact (ms) | "
-                           "speed-up (quartile range) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    threads = sorted({r["threads"] for report in reports.values() for r in report.get("served") or []})
+    lines = summary + ["", "Latency, original -> compact (ms, median), and the speed-up (its quartile range):", "",
+                       "| network | runtime | batch | " + " | ".join(f"{t} thread(s)" for t in threads) + " |",
+                       "| --- | --- | ---: | " + " | ".join("---" for _ in threads) + " |"]
     notes = []
     for name, report in reports.items():
-        ratio = report["speedup_in_macs"]
+        cells = {}
         for r in report.get("served") or []:
             low, high = r["speedup_range"]
-            lines.append(f"| {name} | {ratio:.2f}x | {r['runtime']} | {r['batch']} | {r['threads']} | "
-                         f"{r['original_ms']:.2f} | {r['compact_ms']:.2f} | {r['speedup']:.2f}x ({low:.2f}-{high:.2f}) |")
+            cells.setdefault((r["runtime"], r["batch"]), {})[r["threads"]] = \
+                f"{r['original_ms']:.2f} -> {r['compact_ms']:.2f}: {r['speedup']:.2f}x ({low:.2f}-{high:.2f})"
+        for (runtime, batch), by_threads in cells.items():
+            lines.append(f"| {name} | {runtime} | {batch} | " + " | ".join(by_threads.get(t, "-") for t in threads) + " |")
         runs = (report.get("latency") or {}).get("runs") or []
         if runs:
             ref = max(runs, key=lambda r: (r["batch"], -r["threads"]))
             layers = [l for l in ref.get("layers", []) if l["original_ms"] and l["compact_ms"]]
             total = sum(l["original_ms"] for l in layers) or 1
             slow = sorted((l for l in layers if l["original_ms"] > 0.05 * total), key=lambda l: l["speedup"] or 0)[:3]
-            notes.append(f"{name} (pycaffe, batch {ref['batch']}, {ref['threads']} thread): "
-                         + ", ".join(f"{l['name']} ({l['type']}, {100 * l['original_ms'] / total:.0f}% of the time) "
-                                     f"{l['speedup']:.2f}x" for l in slow))
+            if slow:
+                notes.append(f"{name} (pycaffe, batch {ref['batch']}, {ref['threads']} thread): "
+                             + ", ".join(f"{l['name']} ({l['type']}, {100 * l['original_ms'] / total:.0f}% of the "
+                                         f"time) {l['speedup']:.2f}x" for l in slow))
     if notes:
         lines += ["", "The layers that gain least, among those taking at least 5% of the original's forward: "
                   + "; ".join(notes) + "."]
