@@ -313,7 +313,7 @@ def _schedule_of(config: dict) -> str:
 def _schedules(path: Path) -> str:
     """Quality against speed: each (network, method, schedule) pruned to its MACs budget, mean over
     seeds: steps, test top-1 at the budget and after the fine-tune (schedules-finetune/ID.json, when
-    there), MACs left, wall time; the figure figures/schedules-NET.png is drawn by ``_schedules_figure``."""
+    there), MACs left, wall time."""
     import json
     runs = archive.read(path)
     tuned = {}
