@@ -171,6 +171,10 @@ def test_the_default_channel_order_follows_what_the_nets_data_layers_read(caffe,
     cases = {"image-data": (IMAGE_DATA, "bgr", "its data layer 'data' (ImageData) reads images through OpenCV, BGR"),
              "bgr-lmdb": (LMDB_DATA % bgr_lmdb, "bgr", f"its data layer 'data' reads {bgr_lmdb}, recorded as BGR"),
              "rgb-lmdb": (LMDB_DATA % rgb_lmdb, "rgb", f"its data layer 'data' reads {rgb_lmdb}, recorded as RGB"),
+             "bgr-name": (LMDB_DATA % (tmp_path / "absent" / "cifar10-test-lmdb"), "bgr", "its data layer 'data' "
+                          "reads cifar10-test-lmdb, the name of the BGR LMDBs `caffe-prune data cifar10` writes"),
+             "rgb-name": (LMDB_DATA % (tmp_path / "absent" / "cifar10_test_lmdb"), "rgb", "its data layer 'data' "
+                          "reads cifar10_test_lmdb, the name of the RGB LMDBs `caffe-prune data cifar10` writes"),
              "deploy": (INPUT, "rgb", "as Caffe's convert_cifar_data wrote CIFAR-10 for a net trained the Caffe way")}
     from caffe_prune.data import cifar10
     release = cifar10.read_split("test", cifar10.fetch(SUBSET, progress=False))[0]

@@ -187,8 +187,9 @@ def test_finetune_masked_and_exported(caffe, data_out, pruned, tmp_path):
     # the exported form: the compact net of the same groups, fine-tuned the same way
     assert cli.main(["export", "LeNet-5", str(LENET), "--groups", ",".join(map(str, groups)),
                      "--out", str(tmp_path / "exported")]) == 0
-    compact = tmp_path / "exported" / "LeNet-5.prototxt"
+    compact = tmp_path / "exported" / "train_val.prototxt"        # the compact train/test definition
     recipe = train.recipe(compact, SUBSET, data_out, progress=False)
+    assert recipe.data["channel_order"] == "bgr"        # its sources are named as the BGR LMDBs
     small = train.train(recipe, tmp_path / "exported-ft", weights=tmp_path / "exported" / "LeNet-5.caffemodel",
                         max_iter=100, mode="cpu", progress=False)
     small_scores = train.score(recipe, small["weights"])

@@ -24,7 +24,8 @@ CIFAR-10 read from its binary release is fed in a stated channel order (``channe
 ``bgr`` as the authors' ImageData layer read their PNG files, or ``rgb`` as the release stores it
 and Caffe's own ``convert_cifar_data`` writes it into ``cifar10_{train,test}_lmdb``. Unasked
 (``default_channel_order``), BGR for the six built-in networks (their published weights expect it) and
-for a net whose own data layers say BGR (ImageData reads through OpenCV; an LMDB recorded as BGR),
+for a net whose own data layers say BGR (ImageData reads through OpenCV; an LMDB recorded, or
+named, as `caffe-prune data cifar10` writes the BGR layout: an exported built-in net's),
 RGB for every other net: a CIFAR-10 model trained with Caffe's own example saw RGB. Records of an
 LMDB, a list or HDF5 are fed as stored.
 
@@ -407,13 +408,18 @@ def default_channel_order(net_param, builtin: bool) -> tuple:
         if layers.reader(layer) == "list":
             return "bgr", f"its data layer {layer.name!r} ({layer.type}) reads images through OpenCV, BGR"
         if layers.reader(layer) == "db":
-            meta = Path(layers.source(layer)) / cifar10_convert.META
+            source = Path(layers.source(layer))
             try:
-                order = json.loads(meta.read_text())["channel_order"].lower()
+                order = json.loads((source / cifar10_convert.META).read_text())["channel_order"].lower()
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                continue
+                order = None
             if order in CHANNEL_ORDERS:
-                return order, f"its data layer {layer.name!r} reads {meta.parent}, recorded as {order.upper()}"
+                return order, f"its data layer {layer.name!r} reads {source}, recorded as {order.upper()}"
+            named = [o for o, layout in cifar10_convert.LAYOUTS.items()      # not there: its name says
+                     if source.name in {layout["lmdb"].format(split=split) for split in ("train", "test")}]
+            if named:
+                return named[0], f"its data layer {layer.name!r} reads {source.name}, the name of the " \
+                                 f"{named[0].upper()} LMDBs `caffe-prune data cifar10` writes"
     return "rgb", "as Caffe's convert_cifar_data wrote CIFAR-10 for a net trained the Caffe way"
 
 
