@@ -199,15 +199,18 @@ def test_a_missing_image_of_a_list_is_named(caffe, tmp_path):
 
 @pytest.mark.slow
 def test_an_lmdb_that_changes_during_a_run_stops_it_and_the_resume_sees_it(stream):
-    """A record added while a pruning run reads its LMDB: the run stops with one line naming the
-    LMDB; the same command then refuses to resume a run of other data (contents, not the path)."""
+    """A record added while a pruning run reads its LMDB, once it has taken a step: the run stops
+    with one line naming the LMDB; the same command then refuses to resume a run of other data
+    (contents, not the path). (A run stopped at step 0 has nothing to keep: its resume starts over.)"""
     net, weights, lmdb = stream
     out = lmdb.parent / "run"
     argv = ["prune", net, weights, "--metric", "weights/x/l1/none", "--no-drop-stop", "--batch-size", "16",
             "--test-size", "15", "--workers", "1", "--quiet", "--val-from", "test", "--out", out]
     proc = cli(*argv, wait=False)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out / "steps.jsonl").is_file():
+    def steps_taken():
+        return len((out / "steps.jsonl").read_text().splitlines()) - 1 if (out / "steps.jsonl").is_file() else 0
+    while time.time() < deadline and proc.poll() is None and steps_taken() < 1:
         time.sleep(0.05)
     import lmdb as lm
     import caffe.io
