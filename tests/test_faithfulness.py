@@ -1,7 +1,7 @@
 """The README's measured results are rebuilt from the results committed under experiments/results/
 (caffe_prune.report.faithfulness), never typed: the README equals what the committed data gives."""
 from caffe_prune import cli
-from caffe_prune.report import faithfulness
+from caffe_prune.report import faithfulness, figures
 from conftest import REPO
 from test_report import fake_store
 
@@ -66,3 +66,54 @@ def test_the_macs_block_pairs_macs_removed_with_each_scaling(tmp_path):
     assert "| LeNet-5 | none | 2 | +1.5 ± 6.4 | 2 / 0 |" in text
     assert "| LeNet-5 | weights_removed |" not in text
     assert "| activation/x/l1/macs_removed | 5.5 ± 6.4 (n=2) | - |" in text     # the MACs table: (5, 6)
+
+
+def test_the_schedules_rows_are_the_archives_runs(tmp_path, monkeypatch):
+    """The schedules block's figures, read straight from the committed CSVs (runs.csv: the final
+    top-1, the wall time, the schedule fields of each run's config; steps.csv.gz: a row per step, its
+    ;-joined groups, its MACs) and the fine-tune JSONs, equal the block's rows; the plot puts each row's mean
+    at (mean steps, mean top-1)."""
+    import csv
+    import gzip
+    import json
+    from collections import defaultdict
+
+    import numpy as np
+    import pytest
+    from matplotlib.axes import Axes
+
+    folder = RESULTS / "schedules"
+    steps = defaultdict(list)
+    with gzip.open(folder / "steps.csv.gz", "rt") as f:
+        for row in csv.DictReader(f):
+            steps[row["run_id"]].append(row)
+    expected = defaultdict(list)
+    for run in csv.DictReader(open(folder / "runs.csv")):
+        config = json.loads(run["config"])
+        rows = sorted(steps[run["id"]], key=lambda r: int(r["step"]))
+        tuned = folder.parent / "schedules-finetune" / f"{run['id'][:16]}.json"
+        expected[(run["net"], config.get("per_step"), config.get("in_steps"), bool(config.get("oracle")))].append(
+            (len(rows) - 1, np.mean([len(r["group"].split(";")) for r in rows[1:]]), float(run["final_top1"]),
+             int(rows[-1]["macs"]) / int(rows[0]["macs"]),
+             100 * json.loads(tuned.read_text())["after"]["top1"] if tuned.is_file() else None, float(run["wall_s"])))
+    got = faithfulness._schedule_rows(folder)
+    assert len(got) == len(expected) == 16 and all(row["runs"] == 2 for row in got)
+    names = {None: "1 group a step (Algorithm 1)", "1%": "1% of the channels a step", "5%": "5% of the channels a step"}
+    for (net, per_step, in_steps, oracle), runs in expected.items():
+        (row,) = [r for r in got if r["net"] == net and ("Oracle" in r["method"]) == oracle
+                  and r["schedule"] == (f"{in_steps} steps (geometric)" if in_steps else names[per_step])]
+        assert sorted(row["steps"]) == sorted(r[0] for r in runs)
+        assert sorted(row["per_step"]) == pytest.approx(sorted(r[1] for r in runs))
+        assert sorted(row["top1"]) == pytest.approx(sorted(r[2] for r in runs))
+        assert sorted(row["left"]) == pytest.approx(sorted(r[3] for r in runs)) and max(row["left"]) <= 0.5
+        assert sorted(row["tuned"]) == pytest.approx(sorted(r[4] for r in runs if r[4] is not None))
+        assert sorted(row["wall"]) == pytest.approx(sorted(r[5] for r in runs))
+    means = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **kw:
+                        (means.append((float(x[0]), float(y[0]), kw.get("mfc"))) if kw.get("ms") == 7 else None)
+                        or plot(self, x, y, *a, **kw))
+    figures.plot_schedules(got, tmp_path / "schedules.png")
+    assert np.allclose(sorted(m[:2] for m in means if m[2] is None),
+                       sorted((np.mean(r["steps"]), np.mean(r["top1"])) for r in got))
+    assert len([m for m in means if m[2] == "white"]) == len([r for r in got if r["tuned"]])

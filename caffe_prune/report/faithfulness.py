@@ -20,10 +20,12 @@ there and ``--check`` only says which differ.
 - ``figure6``: Figure 6 for the networks whose whole curves are archived, drawn into ``figures/``
   beside the README (95% bands over seeds, the paper's Table-2 points marked);
 - ``forms``, ``shortlist``: the five as the authors' code computes them against the equations as
-  printed, and the oracle's shortlist as the text states it against the authors' release.
+  printed, and the oracle's shortlist as the text states it against the authors' release;
+- ``schedules``, ``resnet50-schedule``, ``deploy``: pruning schedules, quality against speed (with
+  figures/schedules.png), ResNet-50 to half its MACs, and the exports timed in three runtimes.
 
-A block may read several archives of one folder (``table2`` and ``figure6`` do); the figures are
-written only when the README is rebuilt (``--check`` compares the text).
+A block may read several archives of one folder (``table2`` and ``figure6`` do); the figures
+(``DRAWINGS``) are written only when the README is rebuilt (``--check`` compares the text).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_prune import archive, fsio
-from caffe_prune.report.figures import figure6
+from caffe_prune.report.figures import figure6, plot_schedules
 from caffe_prune.report.oracle import table
 from caffe_prune.report.published_figures import PAPER_ROWS, PUBLISHED_ROW, published_table2
 from caffe_prune.metrics.taxonomy import PAPER_SCALINGS
@@ -310,34 +312,46 @@ def _schedule_of(config: dict) -> str:
     return f"{per_step} of the channels a step" if per_step.endswith("%") else f"{per_step} groups a step"
 
 
-def _schedules(path: Path) -> str:
-    """Quality against speed: each (network, method, schedule) pruned to its MACs budget, mean over
-    seeds: steps, test top-1 at the budget and after the fine-tune (schedules-finetune/ID.json, when
-    there), MACs left, wall time."""
+def _schedule_rows(path: Path) -> list:
+    """Each (network, method, schedule) of the schedules archive with its runs' figures, in the
+    table's order: steps, groups a step, test top-1 at the budget (%) and after the fine-tune
+    (schedules-finetune/ID.json, where there is one; tuned_steps: those runs' steps), MACs left, the
+    run's wall time."""
     import json
-    runs = archive.read(path)
-    tuned = {}
-    for file in sorted((path.parent / "schedules-finetune").glob("*.json")):
-        done = json.loads(file.read_text())
-        tuned[file.stem] = done
-    rows = {}
-    for run in runs:
-        rows.setdefault((run["net"], PAPER_ROWS.get(run["method"], run["method"]), _schedule_of(run["config"])),
-                        []).append(run)
+    tuned = {file.stem: json.loads(file.read_text()) for file in (path.parent / "schedules-finetune").glob("*.json")}
+    groups = {}
+    for run in archive.read(path):
+        groups.setdefault((run["net"], PAPER_ROWS.get(run["method"], run["method"]), _schedule_of(run["config"])),
+                          []).append(run)
+    return [{"net": net, "method": method, "schedule": schedule, "runs": len(group),
+             "steps": [len(r["steps"]) - 1 for r in group],
+             "per_step": [np.mean([len(s["groups"]) for s in r["steps"][1:]]) for r in group],
+             "top1": [r["final_top1"] for r in group],                                     # % (runs.csv)
+             "tuned": [100 * tuned[r["id"][:16]]["after"]["top1"] for r in group if r["id"][:16] in tuned],
+             "tuned_steps": [len(r["steps"]) - 1 for r in group if r["id"][:16] in tuned],
+             "left": [r["steps"][-1]["macs"] / r["steps"][0]["macs"] for r in group],
+             "wall": [r["wall_s"] for r in group if r.get("wall_s")]}
+            for (net, method, schedule), group in sorted(groups.items(),
+                                                         key=lambda kv: (kv[0][0], kv[0][1], _order(kv[0][2])))]
+
+
+def _schedules(path: Path, readme_dir: Path | None = None) -> str:
+    """Quality against speed: the table of _schedule_rows (means over seeds) and its plot,
+    figures/schedules.png (drawn there with ``readme_dir``)."""
+    rows = _schedule_rows(path)
     lines = ["| network | method | schedule | runs | steps | groups a step | test top-1 at the budget (%) | "
-             "after 300 masked iterations (%) | MACs left | wall time (s) |",
+             "after 300 masked iterations (%) | MACs left | wall time (s, the runs' range) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (net, method, schedule), group in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], _order(kv[0][2]))):
-        steps = [len(r["steps"]) - 1 for r in group]
-        per_step = [np.mean([len(s["groups"]) for s in r["steps"][1:]]) for r in group]
-        final = [r["final_top1"] for r in group]                         # % (runs.csv)
-        left = [r["steps"][-1]["macs"] / r["steps"][0]["macs"] for r in group]
-        after = [100 * tuned[r["id"][:16]]["after"]["top1"] for r in group if r["id"][:16] in tuned]
-        wall = [r["wall_s"] for r in group if r.get("wall_s")]
-        lines.append(f"| {net} | {method} | {schedule} | {len(group)} | {np.mean(steps):.0f} | {np.mean(per_step):.1f} | "
-                     f"{_pm(final)} | {_pm(after) if after else '-'} | {np.mean(left):.3f} | "
-                     + (f"{np.mean(wall):.0f} |" if wall else "- |"))
-    return "\n".join(lines)
+    for row in rows:
+        tuned, runs = row["tuned"], row["runs"]
+        tuned_cell = "-" if not tuned else _pm(tuned) + (f" (n={len(tuned)})" if len(tuned) < runs else "")
+        lines.append(f"| {row['net']} | {row['method']} | {row['schedule']} | {runs} | {np.mean(row['steps']):.0f} | "
+                     f"{np.mean(row['per_step']):.1f} | {_pm(row['top1'])} | {tuned_cell} | "
+                     f"{np.mean(row['left']):.3f} | {_range(row['wall'])} |")
+    plot = f"{FIGURES}/schedules.png"
+    if readme_dir is not None:
+        plot_schedules(rows, readme_dir / plot)
+    return "\n".join(lines) + f"\n\n![Quality against speed]({plot})"
 
 
 def _order(schedule: str) -> int:
@@ -347,6 +361,13 @@ def _order(schedule: str) -> int:
 def _pm(values) -> str:
     mean, half = mean_ci(values)
     return f"{mean:.1f} ± {half:.1f}"
+
+
+def _range(values) -> str:
+    if not values:
+        return "-"
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return low if low == high else f"{low}-{high}"
 
 
 def _resnet50(folder: Path) -> str:
@@ -440,6 +461,11 @@ BLOCKS = {"resnet-oracle": ("resnet-oracle", _archived(_resnet_oracle)),
           "deploy": ("deploy", _deploy)}
 
 
+# README block -> what draws its figures beside the README (results folder, README's folder)
+DRAWINGS = {"figure6": _figure6,
+            "schedules": lambda results_dir, readme_dir: _schedules(results_dir / "schedules", readme_dir)}
+
+
 def _present(path: Path) -> bool:
     """An archive, a file, or a folder of results (JSON files or run directories: what each block reads)."""
     return archive.is_archive(path) or path.is_file() or \
@@ -474,8 +500,9 @@ def update(readme, results_dir, check: bool = False) -> dict:
         outcome["same" if found.group(2) == new else "changed"].append(block)
         text = text[:found.start(2)] + new + text[found.end(2):]
     if not check:
-        if "figure6" in built:
-            _figure6(Path(results_dir), readme.parent)            # the figures the block links to
+        for block, draw in DRAWINGS.items():                      # the figures the blocks link to
+            if block in built:
+                draw(Path(results_dir), readme.parent)
         if outcome["changed"]:
             fsio.write_text(readme, text)
     return outcome

@@ -1,5 +1,5 @@
 """The reports' plots (matplotlib, written atomically as PNG): Figure 6, the oracle's phases, the
-taxonomy's ranking and component effects."""
+taxonomy's ranking and component effects, the schedules' quality against speed."""
 from __future__ import annotations
 
 import math
@@ -13,10 +13,11 @@ from caffe_prune.steps import first_proposer
 from caffe_prune.report.published_figures import PAPER_ROWS
 from caffe_prune.report.stats import AXIS_LABELS, MEASURES, band, curve, paper_five
 
-def save_figure(fig, path) -> Path:
-    """A matplotlib figure as a PNG, written atomically (caffe_prune.fsio), then closed."""
+def save_figure(fig, path, rect=(0, 0, 1, 1)) -> Path:
+    """A matplotlib figure as a PNG, laid out within ``rect`` (of the figure; the rest for a figure
+    legend), written atomically (caffe_prune.fsio), then closed."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     with fsio.replacing(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -71,6 +72,47 @@ def figure6(runs, path, title, x: str = "weights", published: bool = False) -> P
     ax.set_title(title)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plot_schedules(rows, path) -> Path:
+    """Quality against speed (README, Pruning schedules): a panel per network, test top-1 at the
+    budget against the steps taken (log scale): each run a small dot, each (method, schedule) its
+    mean, filled at the budget and hollow after the fine-tune (where there is one), joined by an
+    arrow. ``rows``: report.faithfulness's schedule rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    nets = sorted({row["net"] for row in rows})
+    methods = sorted({row["method"] for row in rows})
+    fig, axes = plt.subplots(1, len(nets), figsize=(5.5 * len(nets), 4.5), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        for row in (r for r in rows if r["net"] == net):
+            color = f"C{methods.index(row['method']) % 10}"
+            steps = np.mean(row["steps"])
+            ax.scatter(row["steps"], row["top1"], color=color, s=8, alpha=0.5)
+            ax.plot([steps], [np.mean(row["top1"])], color=color, marker="o", ms=7)
+            ax.annotate(row["schedule"].split(" (")[0].replace(" of the channels", "").replace(" a step", "/step"),
+                        (steps, np.mean(row["top1"])), textcoords="offset points", xytext=(6, -3), fontsize=6,
+                        color=color)
+            if row["tuned"]:
+                ax.scatter(row["tuned_steps"], row["tuned"], color=color, s=8, alpha=0.5)
+                ax.plot([steps], [np.mean(row["tuned"])], color=color, marker="o", ms=7, mfc="white")
+                ax.annotate("", xy=(steps, np.mean(row["tuned"])), xytext=(steps, np.mean(row["top1"])),
+                            arrowprops=dict(arrowstyle="->", color=color, lw=0.8, shrinkA=4, shrinkB=4))
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("steps to half the MACs (log scale)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(f"{net}: pruned to half its MACs")
+    for i, method in enumerate(methods):
+        axes[0][0].plot([], [], color=f"C{i % 10}", marker="o", ls="none", label=f"{method}: at the budget")
+        axes[0][0].plot([], [], color=f"C{i % 10}", marker="o", mfc="white", ls="none",
+                        label="then 300 masked iterations")
+    axes[0][0].scatter([], [], color="grey", s=8, label="each seed")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    return save_figure(fig, path, rect=(0, 0.1, 1, 1))
 
 
 def _mark_table2(ax, method, group, color, x) -> None:
