@@ -385,7 +385,7 @@ def builtin_sources(network) -> dict | None:
     if network.builtin is None:
         return None
     from caffe_prune.data.cifar10 import CACHE_DIR
-    from caffe_prune.data.cifar10_convert import LAYOUTS
+    from caffe_prune.data.cifar10_convert import lmdb_name
     from caffe_prune.networks import SOURCES
-    lmdb = LAYOUTS["bgr"]["lmdb"]          # the layout the built-in nets' weights expect
-    return {value: str(CACHE_DIR / lmdb.format(split=phase)) for phase, value in SOURCES.items()}
+    # the layout the built-in nets' weights expect
+    return {value: str(CACHE_DIR / lmdb_name("bgr", phase)) for phase, value in SOURCES.items()}

@@ -67,6 +67,16 @@ WHY = {
 REDO = "recreate it with `caffe-prune data cifar10`"
 
 
+def lmdb_name(order: str, split: str) -> str:
+    """The directory name of a split's LMDB in a layout (``LAYOUTS``)."""
+    return LAYOUTS[order]["lmdb"].format(split=split)
+
+
+def order_named(name: str) -> str | None:
+    """The layout whose LMDB of some split is called ``name``, or None."""
+    return next((order for order in LAYOUTS for split in SPLIT_FILES if lmdb_name(order, split) == name), None)
+
+
 def write_lmdb(path, images_rgb: np.ndarray, labels: np.ndarray, split: str, sources: dict,
                progress: bool = True, order: str = "bgr") -> Path:
     """Write images (uint8 (N, 3, 32, 32), RGB as read from the binary release) as Datum records in
@@ -181,7 +191,7 @@ def prepare(source=None, out_dir=None, seed: int = 0, cache_dir=None, progress: 
     result = {"source": str(binary_dir(root)), "counts": counts, "official": dict(OFFICIAL_COUNTS),
               "paths": {}, "actions": {}, "channel_order": order}
     for split in SPLIT_FILES:
-        path = out / LAYOUTS[order]["lmdb"].format(split=split)
+        path = out / lmdb_name(order, split)
         sources = record_sha256(split, root)
         try:
             check_lmdb(path, split=split, images=counts[split], sources=sources, order=order)

@@ -415,11 +415,10 @@ def default_channel_order(net_param, builtin: bool) -> tuple:
                 order = None
             if order in CHANNEL_ORDERS:
                 return order, f"its data layer {layer.name!r} reads {source}, recorded as {order.upper()}"
-            named = [o for o, layout in cifar10_convert.LAYOUTS.items()      # not there: its name says
-                     if source.name in {layout["lmdb"].format(split=split) for split in ("train", "test")}]
+            named = cifar10_convert.order_named(source.name)                 # not recorded: its name says
             if named:
-                return named[0], f"its data layer {layer.name!r} reads {source.name}, the name of the " \
-                                 f"{named[0].upper()} LMDBs `caffe-prune data cifar10` writes"
+                return named, f"its data layer {layer.name!r} reads {source.name}, the name of the " \
+                              f"{named.upper()} LMDBs `caffe-prune data cifar10` writes"
     return "rgb", "as Caffe's convert_cifar_data wrote CIFAR-10 for a net trained the Caffe way"
 
 
